@@ -1,0 +1,34 @@
+# megafox — the commands users type. `make test` and `make demo` set up .venv themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast preprocess demo demo-clean clean bench
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+
+# Tokenizer (if the plan asks for one and it is missing) + every stage of the data plan
+# into data/<stage>/ indexed shards and a blend.json per stage.
+DATA_PLAN ?= configs/data/fox1.yaml
+preprocess: venv
+	$(PY) -m data_prep.plan --plan $(DATA_PLAN)
