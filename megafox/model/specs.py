@@ -1,0 +1,49 @@
+"""Layer-spec choice: which megatron-core modules make up one Fox-1 decoder layer.
+
+te     megatron-core's Transformer Engine spec (fused kernels, FP8); only when TE is importable.
+local  megatron-core's plain-PyTorch spec (the reference; materializes attention scores).
+native local's spec with `SDPAttention` as core attention (flash/cuDNN through torch SDPA).
+auto   te when Transformer Engine is installed, else native.
+"""
+from __future__ import annotations
+
+import copy
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megafox.config import ConfigError
+from megafox.model.attention import SDPAttention
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_impl(impl: str) -> str:
+    if impl == "auto":
+        return "te" if transformer_engine_available() else "native"
+    if impl == "te" and not transformer_engine_available():
+        raise ConfigError("model.transformer_impl: 'te' needs Transformer Engine, which is not "
+                          "installed here; use 'native' or 'local' (or 'auto')")
+    if impl not in ("te", "local", "native"):
+        raise ConfigError(f"model.transformer_impl: unknown implementation {impl!r}")
+    return impl
+
+
+def layer_spec(impl: str) -> ModuleSpec:
+    impl = resolve_impl(impl)
+    if impl == "te":
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    if impl == "native":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec

@@ -1,0 +1,160 @@
+"""One optimizer step with megatron-core's pieces: DDP, the (distributed) optimizer and the
+pipeline schedule. The training loop, the equivalence tests and the benchmark all step through
+here, so the three measure the same code.
+
+The loss is a per-token mean over the whole global batch (`calculate_per_token_loss`): summed
+over micro-batches and data-parallel ranks, divided by the total count of loss tokens, so any
+TP/PP/DP layout of the same global batch gives the same loss and the same gradients.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megafox.config import ParallelConfig
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW; defaults follow common practice for 1-2B LLM pretraining (see configs/train)."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class StepResult:
+    loss: float  # per-token mean over the global batch
+    grad_norm: float
+    num_tokens: int  # loss tokens in the global batch
+    skipped: bool  # True when the step was not applied (non-finite loss or grads)
+
+
+def wrap_ddp(chunks: List[torch.nn.Module], config: TransformerConfig, parallel: ParallelConfig,
+             overlap_grad_reduce: bool = False) -> List[DistributedDataParallel]:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # the loop applies the configured NaN policy instead
+    )
+    wrapped = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=(i > 0))
+        for i, chunk in enumerate(chunks)
+    ]
+    for chunk in wrapped:
+        chunk.broadcast_params()
+    return wrapped
+
+
+def build_optimizer(chunks: List[DistributedDataParallel], settings: OptimizerSettings,
+                    parallel: ParallelConfig, bf16: bool = False):
+    config = OptimizerConfig(
+        optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
+        adam_beta1=settings.beta1, adam_beta2=settings.beta2, adam_eps=settings.eps,
+        clip_grad=settings.clip_grad, bf16=bf16, params_dtype=torch.float32,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def configure_schedule_hooks(chunks: List[DistributedDataParallel]) -> None:
+    """What megatron-core's schedule calls around backward: grad sync and finalization."""
+    config = chunks[0].config
+    assert config.calculate_per_token_loss, "build the model with megafox.model.build"
+    config.finalize_model_grads_func = finalize_model_grads
+    no_sync = [c.no_sync for c in chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if chunks[0].ddp_config.overlap_grad_reduce:  # as Megatron-LM: only when overlapping
+        grad_sync = [c.start_grad_sync for c in chunks]
+        config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Summed masked loss and token count; the schedule divides by the global token count."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model: torch.nn.Module):
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    else:
+        position_ids = position_ids.to(device, non_blocking=True)
+    output = model(tokens, position_ids, None, labels=labels)
+    return output, partial(loss_func, loss_mask)
+
+
+def train_step(chunks: List[DistributedDataParallel], optimizer, data_iterator, num_microbatches: int,
+               seq_length: int, micro_batch_size: int, skip_nonfinite: bool = True,
+               forward_only: bool = False) -> StepResult:
+    """Forward/backward over `num_microbatches` micro-batches, then one optimizer step.
+
+    `data_iterator` yields micro-batch dicts (tokens, labels, loss_mask[, position_ids]); with
+    virtual pipeline stages pass one iterator per chunk.
+    """
+    if not forward_only:
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    losses = forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=data_iterator,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    loss, tokens = _global_loss(losses)
+    if forward_only:
+        return StepResult(loss, float("nan"), tokens, skipped=True)
+    if skip_nonfinite and not math.isfinite(loss):
+        return StepResult(loss, float("nan"), tokens, skipped=True)
+    ok, grad_norm, _ = optimizer.step()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    skipped = not ok
+    if skip_nonfinite and not math.isfinite(grad_norm):
+        skipped = True  # megatron-core has already refused the update when grads were non-finite
+    return StepResult(loss, grad_norm, tokens, skipped)
+
+
+def _global_loss(losses: List[Dict[str, torch.Tensor]]):
+    """Sum (loss, tokens) over micro-batches and DP ranks; share it with every PP stage."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for item in losses or []:
+        total += item["lm loss"].detach().to("cpu", torch.float64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    total = total.to(device)
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        # only the last stage computed a loss; the others hold zeros
+        torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    loss_sum, tokens = total.tolist()
+    return (loss_sum / tokens if tokens else float("nan")), int(tokens)

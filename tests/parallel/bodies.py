@@ -1,0 +1,35 @@
+"""Test bodies run on several ranks by megafox.testing.distributed (not collected by pytest)."""
+import torch
+from megatron.core import parallel_state as ps
+
+from megafox.config import fox1_tiny
+from megafox.model.build import BuildOptions, build_model, transformer_config
+from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from megafox.training.step import OptimizerSettings, build_optimizer, configure_schedule_hooks, train_step, wrap_ddp
+
+
+def one_step(hf_path, batch_path, micro_batch_size, impl="native", use_distributed_optimizer=True):
+    """Load the same HF weights, take one optimizer step on the same global batch."""
+    model = fox1_tiny()
+    model.transformer_impl = impl
+    parallel = current_parallel(use_distributed_optimizer)
+    chunks = build_model(model, parallel, BuildOptions())
+    load_hf_weights(chunks, torch.load(hf_path), model, parallel)
+    ddp = wrap_ddp(chunks, transformer_config(model, parallel), parallel)
+    configure_schedule_hooks(ddp)
+    # Adam's first step is lr * g / (|g| + eps): with a tiny eps it is ~lr * sign(g), so rounding
+    # noise in near-zero grads would flip whole updates. eps = 1 keeps it linear in g, so the
+    # comparison checks the sharded grads and optimizer, not the sign of noise.
+    settings = OptimizerSettings(lr=0.5, eps=1.0, weight_decay=0.01, clip_grad=1.0)
+    optimizer = build_optimizer(ddp, settings, parallel)
+
+    batch = torch.load(batch_path)  # tokens/labels/loss_mask: [global_batch, seq]
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    local = {k: v.chunk(dp)[dp_rank] for k, v in batch.items()}
+    n_micro = local["tokens"].shape[0] // micro_batch_size
+    micro = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in local.items()}
+             for i in range(n_micro)]
+    iterators = [iter(micro) for _ in ddp] if len(ddp) > 1 else iter(micro)
+    result = train_step(ddp, optimizer, iterators, n_micro, batch["tokens"].shape[1], micro_batch_size)
+    weights = gather_hf_weights(ddp, model, parallel)
+    return {"loss": result.loss, "grad_norm": result.grad_norm, "tokens": result.num_tokens, "weights": weights}

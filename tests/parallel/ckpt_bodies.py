@@ -1,0 +1,20 @@
+import torch
+from megafox.checkpoint import load_model, save_checkpoint
+from megafox.config import fox1_tiny
+from megafox.model.build import build_model
+from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+
+
+def save(hf_path, root):
+    model, parallel = fox1_tiny(), current_parallel()
+    chunks = build_model(model, parallel)
+    load_hf_weights(chunks, torch.load(hf_path), model, parallel)
+    save_checkpoint(root, 5, chunks, {"stage": "stage1"})
+    return True
+
+
+def load(root):
+    model, parallel = fox1_tiny(), current_parallel()
+    chunks = build_model(model, parallel)
+    meta = load_model(root, chunks)
+    return {"weights": gather_hf_weights(chunks, model, parallel), "iteration": meta["iteration"]}
