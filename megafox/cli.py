@@ -1,0 +1,45 @@
+"""`megafox` command: `megafox info --preset fox1-1.6b --seq-length 8192 --tp 1 --pp 1 --dp 64`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megafox.config import MODEL_PRESETS, ConfigError, ParallelConfig, model_preset, validate_seq_length
+
+
+def _info(args: argparse.Namespace) -> int:
+    model = model_preset(args.preset).validate()
+    validate_seq_length(args.seq_length, model, "--seq-length")
+    ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp).validate(model)
+    if args.dp < 1:
+        raise ConfigError(f"--dp: must be >= 1, got {args.dp}")
+    from megafox.info import format_report
+
+    print(format_report(model, args.seq_length, args.tp, args.pp, args.dp, args.micro_batch_size,
+                        args.recompute, not args.no_fused_loss))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="megafox", description="megafox: Fox-1 pretraining on megatron-core")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="parameters, FLOPs per token and per-GPU memory for a preset and layout")
+    info.add_argument("--preset", default="fox1-1.6b", help=f"one of: {', '.join(MODEL_PRESETS)}")
+    info.add_argument("--seq-length", type=int, default=2048)
+    info.add_argument("--tp", type=int, default=1)
+    info.add_argument("--pp", type=int, default=1)
+    info.add_argument("--dp", type=int, default=1)
+    info.add_argument("--micro-batch-size", type=int, default=1)
+    info.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    info.add_argument("--no-fused-loss", action="store_true", help="estimate with full logits materialized")
+    info.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"megafox: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
