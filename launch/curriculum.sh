@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Submit the whole curriculum: stage1 -> stage2 -> stage3, each waiting for the previous one to
+# finish successfully (--dependency=afterok) and cancelled if it fails (--kill-on-invalid-dep=yes).
+#
+#   launch/curriculum.sh [sbatch options applied to every stage...]
+#   e.g. MEGAFOX_CONFIG=configs/train/fox1_1p6b.yaml launch/curriculum.sh --account=proj --partition=gpu
+#
+# Run it from the directory the jobs should run in (normally the repository root): relative paths
+# in the config (checkpoint.dir, data_dir) and logs/ are relative to it.
+# Prints one line per stage on stdout, "<stage> <job id>" or "<stage> done", in order.
+# Safe to rerun: a stage whose <checkpoint.dir>/<stage>.done exists is skipped, and a stage that
+# is still queued or running from an earlier submission (same checkpoint.dir) is reused, not
+# submitted twice. After a failure, fix the cause and rerun: training resumes from `latest`.
+# Environment: as for the stage scripts (launch/common.sh): MEGAFOX_CONFIG, MEGAFOX_OVERRIDES,
+# MEGAFOX_PYTHON, MEGAFOX_ENV_SETUP, ...; MEGAFOX_STAGES (default "stage1 stage2 stage3").
+set -euo pipefail
+
+MEGAFOX_HOME=${MEGAFOX_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+export MEGAFOX_HOME
+if [ -n "${MEGAFOX_ENV_SETUP:-}" ]; then
+  # shellcheck disable=SC1090
+  source "$MEGAFOX_ENV_SETUP"
+fi
+if [ -z "${MEGAFOX_PYTHON:-}" ]; then
+  if [ -x "$MEGAFOX_HOME/.venv/bin/python" ]; then MEGAFOX_PYTHON=$MEGAFOX_HOME/.venv/bin/python
+  else MEGAFOX_PYTHON=python3; fi
+fi
+export MEGAFOX_PYTHON
+export MEGAFOX_CONFIG=${MEGAFOX_CONFIG:-$MEGAFOX_HOME/configs/train/fox1_1p6b.yaml}
+export MEGAFOX_OVERRIDES=${MEGAFOX_OVERRIDES:-}
+STAGES=${MEGAFOX_STAGES:-stage1 stage2 stage3}
+command -v sbatch >/dev/null || { echo "curriculum.sh: sbatch not found (not on a SLURM login node?)" >&2; exit 2; }
+
+# The trainer's own loader reads the config with the overrides, so a bad config fails here,
+# before anything is queued, and checkpoint.dir is exactly the one the trainer will use.
+ckpt=$(PYTHONPATH=$MEGAFOX_HOME${PYTHONPATH:+:$PYTHONPATH} "$MEGAFOX_PYTHON" -c '
+import os, shlex, sys
+from megafox.config import ConfigError, load_train_config
+try:
+    cfg = load_train_config(sys.argv[1], shlex.split(os.environ.get("MEGAFOX_OVERRIDES", "")))
+    for s in sys.argv[2:]:
+        cfg.stage(s)
+except ConfigError as exc:
+    sys.exit(f"curriculum.sh: {exc}")
+print(os.path.abspath(os.path.expanduser(cfg.checkpoint.dir)))
+' "$MEGAFOX_CONFIG" $STAGES) || exit 2
+
+mkdir -p logs   # the stage scripts write logs/%x-%j.out; SLURM does not create the directory
+me=$(id -un)
+prev=""
+for stage in $STAGES; do
+  if [ -f "$ckpt/$stage.done" ]; then
+    echo "$stage: already complete ($ckpt/$stage.done), skipped" >&2
+    echo "$stage done"
+    prev=""
+    continue
+  fi
+  tag="megafox:$ckpt:$stage"
+  job=$(squeue -h -u "$me" -t PENDING,RUNNING,REQUEUED,SUSPENDED,CONFIGURING -o '%i %k' 2>/dev/null |
+        awk -v t="$tag" '$2 == t {print $1; exit}')
+  if [ -n "$job" ]; then
+    echo "$stage: job $job from an earlier submission is still queued or running; reusing it" >&2
+  else
+    dep=()
+    [ -n "$prev" ] && dep=(--dependency="afterok:$prev" --kill-on-invalid-dep=yes)
+    job=$(sbatch --parsable --export=ALL --comment="$tag" ${dep[@]+"${dep[@]}"} "$@" "$MEGAFOX_HOME/launch/$stage.slurm")
+    job=${job%%;*}
+    echo "$stage: submitted job $job${prev:+ (after $prev)}" >&2
+  fi
+  echo "$stage $job"
+  prev=$job
+done
