@@ -1,0 +1,643 @@
+"""Tokenize documents into Megatron's indexed format (PREFIX.bin + PREFIX.idx + PREFIX.manifest.json).
+
+    python -m data_prep.preprocess --input GLOB [GLOB ...] --tokenizer MODEL --output-prefix PREFIX
+        [--json-key text] [--workers N] [--append-eod | --no-append-eod] [--dtype auto|uint16|int32]
+        [--format auto|jsonl|parquet|text] [--shards K] [--keep-shards]
+        [--array-index I --array-count N]   # one deterministic slice of the shards (SLURM array task)
+        [--merge]                           # merge finished shards into PREFIX (the finalize job)
+
+Work is split into shards: one per input file by default, or K contiguous groups of files
+(balanced by size) with --shards K.  Each shard is written under PREFIX.shards/ to temporary
+names and renamed when complete; a rerun skips shards that are complete and whose inputs,
+tokenizer and options are unchanged.  The final PREFIX.bin/.idx is the concatenation of the
+shards in input order, so it is byte-identical whatever --workers, --shards or array split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob as globmod
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .common import (DataPrepError, atomic_write_json, detect_format, expand_inputs, file_stat,
+                     human_bytes, log, read_json, run_main, setup_logging, tmp_name)
+from .indexed import choose_dtype, dtype_name, merge_prefixes, write_idx
+from .readers import FileReader, parse_chunk, INVALID_UTF8, EMPTY
+from .tokenizer import load_tokenizer, tokenizer_info
+
+MANIFEST_VERSION = 1
+MAX_EXAMPLES = 20
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+# ---------------------------------------------------------------------------------------
+# Worker side
+
+_W: Dict[str, object] = {}
+
+
+def _worker_init(model_path: str, json_key: str, eos: Optional[int], dtype: str,
+                 spill_dir: Optional[str] = None) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    sp.Load(model_path)
+    _W.update(sp=sp, key=json_key, eos=eos, dtype=np.dtype(dtype), spill=None)
+    if spill_dir is not None:
+        # Pool workers write token bytes to their own spill file and send back only
+        # (path, offset, size): no token data crosses the pipe.
+        path = os.path.join(spill_dir, f".worker{os.getpid()}.spill.tmp")
+        _W["spill"] = (path, open(path, "wb"))
+
+
+def _encode_spill(chunk: tuple):
+    tok, lens, skips, nbytes = _encode_chunk(chunk)
+    path, f = _W["spill"]
+    off = f.tell()
+    f.write(tok)
+    f.flush()
+    return (path, off, len(tok)), lens, skips, nbytes
+
+
+def _encode_chunk(chunk: tuple):
+    """chunk -> (token bytes, int32 lengths bytes, skips, text bytes).  Only bytes cross processes."""
+    sp = _W["sp"]
+    texts, lines, skips = parse_chunk(chunk, _W["key"])
+    nbytes_text = sum(len(t) for t in texts)
+    try:
+        arrs = sp.encode(texts, return_type="numpy", num_threads=1) if texts else []
+    except Exception:  # e.g. lone surrogates from JSON escapes: isolate the bad documents
+        arrs = []
+        for t, ln in zip(texts, lines):
+            try:
+                arrs.append(sp.encode([t], return_type="numpy", num_threads=1)[0])
+            except Exception:
+                skips.append((INVALID_UTF8, ln))
+        skips.sort(key=lambda s: s[1])
+    eos = _W["eos"]
+    if any(len(a) == 0 for a in arrs):  # nothing to train on (possible only without eos)
+        arrs = [a for a in arrs if len(a)]
+        skips.append((EMPTY, chunk[2]))
+    n = len(arrs)
+    lengths = np.fromiter((len(a) for a in arrs), dtype=np.int32, count=n)
+    if eos is not None and n:
+        lengths += 1
+        e = np.array([eos], dtype=np.int32)
+        parts = []
+        for a in arrs:
+            parts.append(a)
+            parts.append(e)
+    else:
+        parts = arrs
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return flat.astype(_W["dtype"], copy=False).tobytes(), lengths.tobytes(), skips, nbytes_text
+
+
+_SPILL_FDS: Dict[str, int] = {}
+
+
+def _copy_range(ref: tuple, out) -> None:
+    path, off, n = ref
+    fd = _SPILL_FDS.get(path)
+    if fd is None:
+        fd = _SPILL_FDS[path] = os.open(path, os.O_RDONLY)
+    out.flush()
+    dst = out.fileno()
+    while n > 0:
+        try:
+            k = os.copy_file_range(fd, dst, n, off)
+        except OSError:
+            k = 0
+        if k <= 0:  # not supported here: plain copy
+            out.write(os.pread(fd, n, off))
+            out.flush()
+            return
+        off += k
+        n -= k
+
+
+def _spill_dir(opts: "Options") -> str:
+    """A private directory for this run's worker spill files; stale ones of dead local runs are removed."""
+    import socket
+
+    base = opts.output_prefix + ".shards"
+    host = socket.gethostname().replace("-", "_")
+    for d in globmod.glob(os.path.join(globmod.escape(base), f".spill-{globmod.escape(host)}-*")):
+        try:
+            pid = int(d.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, OSError):
+            pass
+    d = os.path.join(base, f".spill-{host}-{os.getpid()}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _close_spills(spill_dir: Optional[str]) -> None:
+    for p, fd in list(_SPILL_FDS.items()):
+        os.close(fd)
+        del _SPILL_FDS[p]
+    if spill_dir:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def ready(self):
+        return True
+
+    def get(self):
+        return self.value
+
+
+# ---------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """tqdm bar on a terminal; otherwise quiet key=value log lines every `interval` seconds."""
+
+    def __init__(self, total_bytes: int, label: str, mode: str = "auto", interval: float = 30.0):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode, self.label, self.interval = mode, label, interval
+        self.total = total_bytes
+        self.bytes = self.docs = self.tokens = 0
+        self.t0 = self.t_last = time.monotonic()
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label, dynamic_ncols=True,
+                            smoothing=0.1)
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def add(self, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        now = time.monotonic()
+        if self.mode == "bar" and now - self.t_last > 0.5:
+            self.t_last = now
+            el = max(now - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"docs={self.docs:,} tok/s={self.tokens / el:,.0f}", refresh=False)
+        elif self.mode == "log" and now - self.t_last >= self.interval:
+            self.t_last = now
+            el = max(now - self.t0, 1e-9)
+            rate = self.bytes / el
+            eta = (self.total - self.bytes) / rate if rate > 0 else 0.0
+            log.info("progress %s docs=%d tokens=%d tok/s=%.0f MB/s=%.2f read=%.1f%% eta_s=%.0f",
+                     self.label, self.docs, self.tokens, self.tokens / el, rate / 1e6,
+                     100.0 * self.bytes / max(self.total, 1), eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Shards
+
+
+class Options:
+    def __init__(self, inputs, tokenizer, output_prefix, json_key="text", workers=1, append_eod=True,
+                 dtype="auto", fmt="auto", shards=None, array_index=None, array_count=None,
+                 keep_shards=False, chunk_bytes=DEFAULT_CHUNK_BYTES, progress="auto", log_interval=30.0,
+                 quiet=False):
+        self.inputs = inputs
+        self.tokenizer = tokenizer
+        self.output_prefix = os.path.abspath(output_prefix)
+        self.json_key = json_key
+        self.workers = max(1, int(workers))
+        self.append_eod = append_eod
+        self.dtype = dtype
+        self.fmt = fmt
+        self.shards = shards
+        self.array_index = array_index
+        self.array_count = array_count
+        self.keep_shards = keep_shards
+        self.chunk_bytes = chunk_bytes
+        self.progress = progress
+        self.log_interval = log_interval
+        self.quiet = quiet
+
+
+def group_files(files: List[str], k: Optional[int]) -> List[List[str]]:
+    """One shard per file by default, else k contiguous groups balanced by size."""
+    if not k or k >= len(files):
+        return [[f] for f in files]
+    sizes = [max(os.path.getsize(f), 1) for f in files]
+    total = float(sum(sizes))
+    groups: List[List[str]] = [[] for _ in range(k)]
+    acc, prev, n = 0.0, 0, len(files)
+    for i, (f, s) in enumerate(zip(files, sizes)):
+        g = min(int(acc / total * k), k - 1)
+        g = max(g, prev, k - (n - i))  # monotone; leave a file for every later group
+        g = min(g, prev + 1 if groups[prev] else prev)  # no empty group in between
+        groups[g].append(f)
+        prev = g
+        acc += s
+    return [g for g in groups if g]
+
+
+def array_slice(n: int, index: int, count: int) -> range:
+    return range(index * n // count, (index + 1) * n // count)
+
+
+class Shard:
+    def __init__(self, index: int, files: List[str], opts: Options, sig_common: dict, fmts: Dict[str, str]):
+        self.index = index
+        self.files = files
+        self.prefix = os.path.join(opts.output_prefix + ".shards", f"shard-{index:05d}")
+        self.signature = dict(sig_common, files=[[f, file_stat(f)["size"], file_stat(f)["mtime_ns"]] for f in files])
+        self.fmts = fmts
+
+    def meta_path(self) -> str:
+        return self.prefix + ".json"
+
+    def is_complete(self) -> bool:
+        try:
+            meta = read_json(self.meta_path())
+        except (OSError, ValueError):
+            return False
+        if meta.get("signature") != self.signature:
+            return False
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        return (os.path.exists(self.prefix + ".idx") and os.path.exists(self.prefix + ".bin")
+                and os.path.getsize(self.prefix + ".bin") == meta["tokens"] * itemsize)
+
+    def clean_stale(self) -> None:
+        d, b = os.path.split(self.prefix)
+        for p in globmod.glob(os.path.join(globmod.escape(d), "." + globmod.escape(b) + ".*.tmp*")):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+class ShardWriter:
+    def __init__(self, shard: Shard, dtype):
+        self.shard = shard
+        self.dtype = dtype
+        os.makedirs(os.path.dirname(shard.prefix), exist_ok=True)
+        shard.clean_stale()
+        self.bin_tmp = tmp_name(shard.prefix + ".bin")
+        self.idx_tmp = tmp_name(shard.prefix + ".idx")
+        self.f = open(self.bin_tmp, "wb")
+        self.lengths: List[np.ndarray] = []
+        self.skipped: collections.Counter = collections.Counter()
+        self.examples: List[dict] = []
+        self.inputs: List[dict] = []
+        self.docs = self.tokens = self.text_bytes = 0
+        self.t0 = time.monotonic()
+
+    def skip(self, reason: str, path: str, line: int, count: int = 1) -> None:
+        self.skipped[reason] += count
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append({"reason": reason, "file": path, "line": line})
+
+    def add(self, path: str, result) -> tuple:
+        tok, lens, skips, nbytes = result
+        if isinstance(tok, tuple):  # (spill file, offset, size) written by a pool worker
+            _copy_range(tok, self.f)
+        else:
+            self.f.write(tok)
+        lengths = np.frombuffer(lens, dtype=np.int32)
+        self.lengths.append(lengths)
+        n, t = len(lengths), int(lengths.sum(dtype=np.int64))
+        self.docs += n
+        self.tokens += t
+        self.text_bytes += nbytes
+        for reason, line in skips:
+            self.skip(reason, path, line)
+        return n, t
+
+    def file_done(self, path: str, reader: FileReader) -> None:
+        st = file_stat(path)
+        self.inputs.append({"path": path, "size": st["size"], "sha256": reader.sha.hexdigest()})
+
+    def finish(self) -> dict:
+        self.f.close()
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
+        write_idx(self.idx_tmp, lengths, self.dtype)
+        os.replace(self.idx_tmp, self.shard.prefix + ".idx")  # a .bin under its final name always
+        os.replace(self.bin_tmp, self.shard.prefix + ".bin")  # has its matching .idx
+
+        meta = {
+            "signature": self.shard.signature,
+            "dtype": dtype_name(self.dtype),
+            "inputs": self.inputs,
+            "documents": self.docs,
+            "tokens": self.tokens,
+            "text_bytes": self.text_bytes,
+            "skipped": dict(sorted(self.skipped.items())),
+            "skipped_examples": self.examples,
+            "elapsed_s": round(time.monotonic() - self.t0, 3),
+        }
+        atomic_write_json(self.shard.meta_path(), meta)  # written last: marks the shard complete
+        return meta
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            for p in (self.bin_tmp, self.idx_tmp):
+                if os.path.exists(p):
+                    os.unlink(p)
+
+
+# ---------------------------------------------------------------------------------------
+# Driver
+
+
+def _setup(opts: Options):
+    sp = load_tokenizer(opts.tokenizer)
+    tok = tokenizer_info(sp, opts.tokenizer)
+    dtype = choose_dtype(opts.dtype, tok["vocab_size"])
+    eos = None
+    if opts.append_eod:
+        eos = tok["eos_id"]
+        if eos is None or eos < 0:
+            raise DataPrepError(f"tokenizer {tok['path']} has no eos id; use --no-append-eod")
+    fmts = {f: detect_format(f, opts.fmt) for f in opts.inputs}
+    sig_common = {"tokenizer_sha256": tok["sha256"], "json_key": opts.json_key,
+                  "append_eod": bool(opts.append_eod), "dtype": dtype_name(dtype), "format": opts.fmt}
+    groups = group_files(opts.inputs, opts.shards)
+    shards = [Shard(i, g, opts, sig_common, fmts) for i, g in enumerate(groups)]
+    return sp, tok, dtype, eos, shards, sig_common
+
+
+def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: str) -> dict:
+    pending = [s for s in shards if not s.is_complete()]
+    done_before = len(shards) - len(pending)
+    if done_before and not opts.quiet:
+        log.info("%s: %d of %d shards already complete, skipping them", label, done_before, len(shards))
+    total = sum(os.path.getsize(f) for s in pending for f in s.files)
+    stats = {"documents": 0, "tokens": 0, "bytes": total, "shards_done": 0}
+    if not pending:
+        return stats
+    mode = "none" if opts.quiet else opts.progress
+    prog = Progress(total, os.path.basename(label), mode, opts.log_interval)
+    pool = None
+    spill_dir = None
+    nworkers = min(opts.workers, max(1, sum(len(s.files) for s in pending) * 1000))
+    if nworkers > 1:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        spill_dir = _spill_dir(opts)
+        pool = ctx.Pool(nworkers, initializer=_worker_init,
+                        initargs=(tok["path"], opts.json_key, eos, dtype_name(dtype), spill_dir))
+    else:
+        _worker_init(tok["path"], opts.json_key, eos, dtype_name(dtype))
+
+    def produce():
+        for sh in pending:
+            yield ("begin", sh, None, None)
+            for path in sh.files:
+                reader = FileReader(path, sh.fmts[path], opts.json_key, opts.chunk_bytes)
+                reader.progress_cb = prog.add_bytes
+                for ch in reader.chunks():
+                    yield ("chunk", sh, path, ch)
+                yield ("file_end", sh, path, reader)
+            yield ("end", sh, None, None)
+
+    writers: Dict[int, ShardWriter] = {}
+    window: collections.deque = collections.deque()
+    max_inflight = 3 * nworkers if pool else 1
+
+    def handle(item, res) -> None:
+        kind, sh, path, payload = item
+        if kind == "begin":
+            writers[sh.index] = ShardWriter(sh, dtype)
+        elif kind == "chunk":
+            w = writers[sh.index]
+            if payload[0] == "skip":
+                w.skip(payload[1], path, payload[2], payload[3])
+            else:
+                n, t = w.add(path, res.get())
+                prog.add(n, t)
+        elif kind == "file_end":
+            writers[sh.index].file_done(path, payload)
+        elif kind == "end":
+            meta = writers.pop(sh.index).finish()
+            stats["documents"] += meta["documents"]
+            stats["tokens"] += meta["tokens"]
+            stats["shards_done"] += 1
+
+    try:
+        for item in produce():
+            res = None
+            if item[0] == "chunk" and item[3][0] != "skip":
+                res = pool.apply_async(_encode_spill, (item[3],)) if pool else _Done(_encode_chunk(item[3]))
+            window.append((item, res))
+            while window and (len(window) > max_inflight or window[0][1] is None or window[0][1].ready()):
+                handle(*window.popleft())
+        while window:
+            handle(*window.popleft())
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _close_spills(spill_dir)
+        raise
+    finally:
+        prog.close()
+    if pool is not None:
+        pool.close()
+        pool.join()
+    _close_spills(spill_dir)
+    return stats
+
+
+def _manifest(shards: List[Shard], opts: Options, tok: dict, dtype, elapsed: float, sig: dict) -> dict:
+    metas = [read_json(s.meta_path()) for s in shards]
+    skipped: collections.Counter = collections.Counter()
+    examples: List[dict] = []
+    for m in metas:
+        skipped.update(m["skipped"])
+        examples.extend(m["skipped_examples"][: MAX_EXAMPLES - len(examples)])
+    docs = sum(m["documents"] for m in metas)
+    tokens = sum(m["tokens"] for m in metas)
+    return {
+        "version": MANIFEST_VERSION,
+        "prefix": opts.output_prefix,
+        "inputs": [i for m in metas for i in m["inputs"]],
+        "tokenizer": tok,
+        "dtype": dtype_name(dtype),
+        "json_key": opts.json_key,
+        "append_eod": bool(opts.append_eod),
+        "documents": docs,
+        "tokens": tokens,
+        "text_bytes": sum(m.get("text_bytes", 0) for m in metas),
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_total": int(sum(skipped.values())),
+        "skipped_examples": examples,
+        "shards": len(shards),
+        "shard_prefixes": [s.prefix for s in shards] if opts.keep_shards else [],
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "signature": sig,
+    }
+
+
+def _finalize(shards: List[Shard], opts: Options, tok: dict, dtype, t0: float, sig: dict) -> dict:
+    missing = [s.index for s in shards if not s.is_complete()]
+    if missing:
+        raise DataPrepError(f"{opts.output_prefix}: {len(missing)} of {len(shards)} shards are not finished "
+                            f"(e.g. shard {missing[0]} under {opts.output_prefix}.shards/); rerun them first")
+    man = _manifest(shards, opts, tok, dtype, time.monotonic() - t0, sig)
+    if len(shards) == 1 and not opts.keep_shards:
+        os.replace(shards[0].prefix + ".bin", opts.output_prefix + ".bin")
+        os.replace(shards[0].prefix + ".idx", opts.output_prefix + ".idx")
+    else:
+        merge_prefixes([s.prefix for s in shards], opts.output_prefix, dtype)
+    man["elapsed_s"] = round(time.monotonic() - t0, 3)
+    man["tokens_per_s"] = round(man["tokens"] / man["elapsed_s"], 1) if man["elapsed_s"] > 0 else None
+    atomic_write_json(opts.output_prefix + ".manifest.json", man)
+    if not opts.keep_shards:
+        shutil.rmtree(opts.output_prefix + ".shards", ignore_errors=True)
+    return man
+
+
+def _overall_signature(shards: List[Shard], sig_common: dict) -> dict:
+    return dict(sig_common, shards=[s.signature["files"] for s in shards])
+
+
+def _up_to_date(opts: Options, sig: dict) -> Optional[dict]:
+    p = opts.output_prefix + ".manifest.json"
+    try:
+        man = read_json(p)
+    except (OSError, ValueError):
+        return None
+    if man.get("signature") != sig:
+        return None
+    itemsize = np.dtype(man["dtype"]).itemsize
+    b = opts.output_prefix + ".bin"
+    if not (os.path.exists(b) and os.path.exists(opts.output_prefix + ".idx")
+            and os.path.getsize(b) == man["tokens"] * itemsize):
+        return None
+    return man
+
+
+def preprocess(opts: Options, merge_only: bool = False) -> dict:
+    """Run (a slice of) the preprocessing; returns the manifest (or the slice's stats)."""
+    t0 = time.monotonic()
+    os.makedirs(os.path.dirname(opts.output_prefix) or ".", exist_ok=True)
+    sp, tok, dtype, eos, shards, sig_common = _setup(opts)
+    del sp
+    sig = _overall_signature(shards, sig_common)
+    label = opts.output_prefix
+    array = opts.array_count is not None
+    if not array:
+        man = _up_to_date(opts, sig)
+        if man is not None:
+            if not opts.quiet:
+                print(f"{label}: up to date ({man['documents']} documents, {man['tokens']} tokens)", flush=True)
+            return man
+    if array:
+        if opts.array_index is None or not (0 <= opts.array_index < opts.array_count):
+            raise DataPrepError(f"--array-index must be in [0, {opts.array_count})")
+        mine = [shards[i] for i in array_slice(len(shards), opts.array_index, opts.array_count)]
+        stats = _process(mine, opts, tok, dtype, eos, label) if mine and not merge_only else {}
+        el = time.monotonic() - t0
+        if not opts.quiet:
+            print(f"{label}: array task {opts.array_index}/{opts.array_count}: {len(mine)} of {len(shards)} shards, "
+                  f"{stats.get('documents', 0)} documents, {stats.get('tokens', 0)} tokens, {el:.1f}s", flush=True)
+        return dict(stats, shards=[s.index for s in mine], elapsed_s=el)
+    if not merge_only:
+        _process(shards, opts, tok, dtype, eos, label)
+    man = _finalize(shards, opts, tok, dtype, t0, sig)
+    if not opts.quiet:
+        print_summary(man)
+    return man
+
+
+def print_summary(man: dict) -> None:
+    sk = man["skipped"]
+    sk_s = ", ".join(f"{k}={v}" for k, v in sk.items()) if sk else "none"
+    print(f"{man['prefix']}: {man['documents']:,} documents, {man['tokens']:,} tokens ({man['dtype']}), "
+          f"{human_bytes(man['text_bytes'])} text, skipped {man['skipped_total']} ({sk_s}), "
+          f"{man['elapsed_s']:.1f}s, {man['tokens_per_s'] or 0:,.0f} tokens/s", flush=True)
+    for ex in man["skipped_examples"][:5]:
+        sys.stderr.write(f"  skipped {ex['reason']} at {ex['file']}:{ex['line']}\n")
+    if man["skipped_total"] > 5:
+        sys.stderr.write(f"  (all skip counts in {man['prefix']}.manifest.json)\n")
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep.preprocess", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="GLOB",
+                   help=".jsonl, .jsonl.gz, .jsonl.zst, .parquet or .txt files (globs allowed, repeatable)")
+    p.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model file (or a dir with tokenizer.model)")
+    p.add_argument("--output-prefix", required=True, metavar="PREFIX")
+    p.add_argument("--json-key", default="text")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                   help="append the tokenizer's eos id to every document (default: on)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"])
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "text"],
+                   help="input format (auto: by file name; text: one document per file)")
+    p.add_argument("--shards", type=int, default=None, metavar="K",
+                   help="group the inputs into K shards (default: one shard per input file)")
+    p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
+    p.add_argument("--array-index", type=int, default=None, help="this task's index (SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--array-count", type=int, default=None, help="number of tasks (SLURM_ARRAY_TASK_COUNT)")
+    p.add_argument("--merge", action="store_true", help="only merge finished shards into PREFIX + manifest")
+    p.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / (1 << 20),
+                   help="text per work item sent to a worker (MiB)")
+    p.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "none"])
+    p.add_argument("--log-interval", type=float, default=30.0, help="seconds between log lines when not a TTY")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def options_from_args(a) -> Options:
+    if (a.array_index is None) != (a.array_count is None) and not a.merge:
+        raise DataPrepError("--array-index and --array-count go together")
+    if a.array_count is not None and a.array_count < 1:
+        raise DataPrepError("--array-count must be >= 1")
+    if a.shards is not None and a.shards < 1:
+        raise DataPrepError("--shards must be >= 1")
+    inputs = expand_inputs(a.input)
+    return Options(inputs, a.tokenizer, a.output_prefix, json_key=a.json_key, workers=a.workers,
+                   append_eod=a.append_eod, dtype=a.dtype, fmt=a.format, shards=a.shards,
+                   array_index=a.array_index, array_count=None if a.merge else a.array_count,
+                   keep_shards=a.keep_shards, chunk_bytes=max(1024, int(a.chunk_mb * (1 << 20))),
+                   progress=a.progress, log_interval=a.log_interval, quiet=a.quiet)
+
+
+def _main(argv=None) -> int:
+    setup_logging()
+    a = build_parser().parse_args(argv)
+    opts = options_from_args(a)
+    preprocess(opts, merge_only=a.merge)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Reading inputs robustly.
+
+The main process streams each file into chunks (cheap: decompression and cutting at line
+boundaries); workers turn chunks into documents (UTF-8 decoding, JSON parsing, validation).
+Nothing here raises on bad data: every skipped record gets a reason and a line number.
+
+Chunk kinds sent to workers:
+  ("lines", bytes, first_line)  complete JSONL lines
+  ("list",  [values], first_row) parquet column values
+  ("text",  bytes, 1)           one whole document (plain text file)
+Events handled by the main process itself:
+  ("skip", reason, line, count)  e.g. a truncated / corrupt compressed file
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from typing import Iterator, List, Tuple
+
+READ_BLOCK = 1 << 20
+
+# Skip reasons (manifest keys).
+MALFORMED_JSON = "malformed_json"
+NOT_OBJECT = "not_object"
+MISSING_KEY = "missing_key"
+NOT_STRING = "not_string"
+INVALID_UTF8 = "invalid_utf8"
+EMPTY = "empty"
+TRUNCATED = "truncated_file"
+CORRUPT = "corrupt_file"
+UNREADABLE = "unreadable_file"
+
+
+class FileReader:
+    """Iterates chunks of one input file; records size read, sha256, truncation."""
+
+    def __init__(self, path: str, fmt: str, json_key: str, chunk_bytes: int):
+        self.path = path
+        self.fmt = fmt
+        self.json_key = json_key
+        self.chunk_bytes = chunk_bytes
+        self.sha = hashlib.sha256()
+        self.bytes_read = 0  # raw (on-disk) bytes consumed so far, for progress
+        self.progress_cb = None
+
+    def _tick(self, n: int) -> None:
+        self.bytes_read += n
+        if self.progress_cb is not None:
+            self.progress_cb(n)
+
+    # -- raw byte streams ---------------------------------------------------------------
+    def _raw(self, f) -> Iterator[bytes]:
+        while True:
+            b = f.read(READ_BLOCK)
+            if not b:
+                return
+            self.sha.update(b)
+            self._tick(len(b))
+            yield b
+
+    def _decompressed(self, f, errors: List[Tuple[str, str]]) -> Iterator[bytes]:
+        name = self.path.lower()
+        if name.endswith(".gz"):
+            new = lambda: zlib.decompressobj(zlib.MAX_WBITS | 16)  # noqa: E731
+            exc: tuple = (zlib.error,)
+        elif name.endswith(".zst"):
+            import zstandard
+
+            dctx = zstandard.ZstdDecompressor()
+            new = dctx.decompressobj  # noqa: E731
+            exc = (zstandard.ZstdError,)
+        else:
+            yield from self._raw(f)
+            return
+        d = new()
+        started = False
+        for block in self._raw(f):
+            data = block
+            while data:
+                try:
+                    out = d.decompress(data)
+                except exc as e:
+                    errors.append((CORRUPT, str(e)[:120]))
+                    return
+                started = True
+                if out:
+                    yield out
+                if d.eof:
+                    data = d.unused_data
+                    d = new()  # concatenated members / frames
+                    started = False
+                    if data.strip(b"\x00") == b"":
+                        data = b""
+                else:
+                    data = b""
+        if started and not d.eof:
+            errors.append((TRUNCATED, "compressed stream ends early"))
+
+    # -- chunks ---------------------------------------------------------------------------
+    def chunks(self) -> Iterator[tuple]:
+        try:
+            if self.fmt == "parquet":
+                yield from self._parquet_chunks()
+                return
+            with open(self.path, "rb") as f:
+                if self.fmt == "text":
+                    errors: List[Tuple[str, str]] = []
+                    data = b"".join(self._decompressed(f, errors))
+                    if errors:
+                        yield ("skip", errors[0][0], 1, 1)
+                    else:
+                        yield ("text", data, 1)
+                    return
+                yield from self._jsonl_chunks(f)
+        except OSError as e:
+            yield ("skip", UNREADABLE, 0, 1)
+            self.error = str(e)
+
+    def _jsonl_chunks(self, f) -> Iterator[tuple]:
+        errors: List[Tuple[str, str]] = []
+        carry = b""
+        line = 1
+        pending: List[bytes] = []
+        pending_len = 0
+        for out in self._decompressed(f, errors):
+            cut = out.rfind(b"\n")
+            if cut < 0:
+                carry += out
+                continue
+            pending.append(carry)
+            pending.append(out[: cut + 1])
+            pending_len += len(carry) + cut + 1
+            carry = out[cut + 1:]
+            if pending_len >= self.chunk_bytes:
+                block = b"".join(pending)
+                pending, pending_len = [], 0
+                yield ("lines", block, line)
+                line += block.count(b"\n")
+        if pending:
+            block = b"".join(pending)
+            yield ("lines", block, line)
+            line += block.count(b"\n")
+        if errors:
+            # The partial last line (if any) of a damaged stream is dropped and reported.
+            yield ("skip", errors[0][0], line, 1)
+        elif carry:
+            yield ("lines", carry, line)
+
+    def _parquet_chunks(self) -> Iterator[tuple]:
+        import pyarrow.parquet as pq
+
+        self.sha = _FileSha(self.path)
+        try:
+            pf = pq.ParquetFile(self.path)
+        except Exception:
+            yield ("skip", CORRUPT, 0, 1)
+            return
+        size = os.path.getsize(self.path)
+        nrows = pf.metadata.num_rows
+        names = pf.schema_arrow.names
+        if self.json_key not in names:
+            self._tick(size)
+            if nrows:
+                yield ("skip", MISSING_KEY, 1, nrows)
+            return
+        row = 1
+        done = 0
+        try:
+            for batch in pf.iter_batches(batch_size=4096, columns=[self.json_key]):
+                vals = batch.column(0).to_pylist()
+                yield ("list", vals, row)
+                row += len(vals)
+                step = int(size * row / max(nrows, 1)) - done
+                done += step
+                self._tick(step)
+        except Exception:
+            yield ("skip", CORRUPT, row, max(nrows - row + 1, 1))
+        self._tick(size - done)
+
+
+class _FileSha:
+    """sha256 computed lazily over the whole file (parquet is read by pyarrow)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def hexdigest(self) -> str:
+        from .common import sha256_file
+
+        return sha256_file(self.path)
+
+
+# ---------------------------------------------------------------------------------------
+# Worker side: chunk -> (list of texts, skips)
+
+
+def parse_chunk(chunk: tuple, json_key: str) -> Tuple[List[str], List[int], List[Tuple[str, int]]]:
+    """Return (texts, line number of each text, [(skip reason, line)])."""
+    kind = chunk[0]
+    texts: List[str] = []
+    good: List[int] = []
+    skips: List[Tuple[str, int]] = []
+    if kind == "lines":
+        _, block, first = chunk
+        try:
+            lines = block.decode("utf-8").split("\n")
+            decoded = True
+        except UnicodeDecodeError:
+            lines = block.split(b"\n")
+            decoded = False
+        if lines and not lines[-1]:
+            lines.pop()
+        loads = json.loads
+        for i, ln in enumerate(lines):
+            if not decoded:
+                try:
+                    ln = ln.decode("utf-8")
+                except UnicodeDecodeError:
+                    skips.append((INVALID_UTF8, first + i))
+                    continue
+            if not ln or ln.isspace():
+                continue  # blank line: not a record
+            try:
+                obj = loads(ln)
+            except ValueError:
+                skips.append((MALFORMED_JSON, first + i))
+                continue
+            if not isinstance(obj, dict):
+                skips.append((NOT_OBJECT, first + i))
+                continue
+            if json_key not in obj:
+                skips.append((MISSING_KEY, first + i))
+                continue
+            t = obj[json_key]
+            if not isinstance(t, str):
+                skips.append((NOT_STRING, first + i))
+                continue
+            if not t or t.isspace():
+                skips.append((EMPTY, first + i))
+                continue
+            texts.append(t)
+            good.append(first + i)
+    elif kind == "list":
+        _, vals, first = chunk
+        for i, t in enumerate(vals):
+            if not isinstance(t, str):
+                skips.append((NOT_STRING, first + i))
+            elif not t or t.isspace():
+                skips.append((EMPTY, first + i))
+            else:
+                texts.append(t)
+                good.append(first + i)
+    elif kind == "text":
+        _, data, first = chunk
+        try:
+            t = data.decode("utf-8")
+        except UnicodeDecodeError:
+            skips.append((INVALID_UTF8, first))
+        else:
+            if not t or t.isspace():
+                skips.append((EMPTY, first))
+            else:
+                texts.append(t)
+                good.append(first)
+    else:
+        raise ValueError(f"unknown chunk kind {kind!r}")
+    return texts, good, skips
+
+
+def iter_documents(path: str, fmt: str, json_key: str) -> Iterator[str]:
+    """All good documents of one file (used by tokenizer training)."""
+    r = FileReader(path, fmt, json_key, 1 << 22)
+    for ch in r.chunks():
+        if ch[0] == "skip":
+            continue
+        texts, _, _ = parse_chunk(ch, json_key)
+        yield from texts

@@ -1,0 +1,99 @@
+"""Bad input never crashes and never loses a good record; skips are counted by reason."""
+
+import gzip
+import json
+
+from conftest import write_jsonl
+from dp_helpers import expected, pp, read_megatron
+
+
+def test_bad_records_counted_good_kept(tmp_path, corpus, tokenizer, sp):
+    good = corpus[:12]
+    lines = []
+    bad = {"malformed_json": 0, "missing_key": 0, "not_string": 0, "invalid_utf8": 0, "empty": 0, "not_object": 0}
+    for i, d in enumerate(good):
+        lines.append(json.dumps({"text": d}).encode())
+        k = i % 6
+        if k == 0:
+            lines.append(b'{"text": "unterminated'); bad["malformed_json"] += 1
+        elif k == 1:
+            lines.append(json.dumps({"content": "no text key"}).encode()); bad["missing_key"] += 1
+        elif k == 2:
+            lines.append(json.dumps({"text": 42}).encode()); bad["not_string"] += 1
+        elif k == 3:
+            lines.append(b'{"text": "bad \xff\xfe bytes"}'); bad["invalid_utf8"] += 1
+        elif k == 4:
+            lines.append(json.dumps({"text": "   \n"}).encode()); bad["empty"] += 1
+        else:
+            lines.append(b"[1, 2, 3]"); bad["not_object"] += 1
+    lines.append(b"")  # blank line: not a record
+    lines.append(b'{"text": "lone surrogate \\ud800 here"}'); bad["invalid_utf8"] += 1
+    lines.append(json.dumps({"text": "last line without newline"}).encode())
+    (tmp_path / "bad.jsonl").write_bytes(b"\n".join(lines))
+    for w in ("1", "2"):
+        r = pp(tmp_path / "bad.jsonl", tokenizer, tmp_path / f"o{w}", "--workers", w, "--chunk-mb", "0.02")
+        docs, _ = read_megatron(tmp_path / f"o{w}")
+        assert docs == expected(sp, good + ["last line without newline"])
+        man = json.loads((tmp_path / f"o{w}.manifest.json").read_text())
+        assert man["skipped"] == bad and man["skipped_total"] == sum(bad.values())
+        ex = man["skipped_examples"][0]
+        assert ex == {"reason": "malformed_json", "file": str(tmp_path / "bad.jsonl"), "line": 2}
+        assert "skipped malformed_json at " + str(tmp_path / "bad.jsonl") + ":2" in r.stderr
+        assert "skipped 13" in r.stdout
+
+
+def test_truncated_gzip_keeps_complete_records(tmp_path, corpus, tokenizer, sp):
+    docs, tail = corpus[:30], corpus[30:35]
+    blob = gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+    (tmp_path / "t.jsonl.gz").write_bytes(blob[: len(blob) * 2 // 3])
+    good = write_jsonl(tmp_path / "u.jsonl", tail)
+    pp([tmp_path / "t.jsonl.gz", good], tokenizer, tmp_path / "o", "--workers", "2")
+    out, _ = read_megatron(tmp_path / "o")
+    # every complete line before the cut survives, in order; the second file is untouched
+    n_complete = len(out) - len(tail)
+    assert 10 <= n_complete < len(docs)
+    assert out == expected(sp, docs[:n_complete] + tail)
+    man = json.loads((tmp_path / "o.manifest.json").read_text())
+    assert man["skipped"] == {"truncated_file": 1}
+    assert man["skipped_examples"][0]["line"] == n_complete + 1
+
+
+def test_garbage_zst_and_gz_do_not_crash(tmp_path, corpus, tokenizer, sp):
+    (tmp_path / "x.jsonl.zst").write_bytes(b"not zstd at all" * 10)
+    (tmp_path / "y.jsonl.gz").write_bytes(b"\x1f\x8b garbage")
+    good = write_jsonl(tmp_path / "z.jsonl", corpus[:3])
+    pp([tmp_path / "x.jsonl.zst", tmp_path / "y.jsonl.gz", good], tokenizer, tmp_path / "o", "--workers", "1")
+    out, _ = read_megatron(tmp_path / "o")
+    assert out == expected(sp, corpus[:3])
+    man = json.loads((tmp_path / "o.manifest.json").read_text())
+    assert man["skipped"] == {"corrupt_file": 2}
+
+
+def test_parquet_bad_values(tmp_path, tokenizer, sp):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["ok one", None, "", "ok two"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"body": ["x", "y"]}), tmp_path / "b.parquet")
+    pp([tmp_path / "a.parquet", tmp_path / "b.parquet"], tokenizer, tmp_path / "o", "--workers", "1")
+    out, _ = read_megatron(tmp_path / "o")
+    assert out == expected(sp, ["ok one", "ok two"])
+    man = json.loads((tmp_path / "o.manifest.json").read_text())
+    assert man["skipped"] == {"empty": 1, "missing_key": 2, "not_string": 1}
+
+
+def test_missing_input_fails_fast(tmp_path, tokenizer):
+    r = pp(tmp_path / "nope.jsonl", tokenizer, tmp_path / "o", check=False)
+    assert r.returncode == 2 and "nope.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
+    r = pp(str(tmp_path / "none*.jsonl"), tokenizer, tmp_path / "o", check=False)
+    assert r.returncode == 2 and "matches no file" in r.stderr
+
+
+def test_unreadable_tokenizer_fails_fast(tmp_path, corpus):
+    f = write_jsonl(tmp_path / "a.jsonl", corpus[:2])
+    (tmp_path / "bad.model").write_bytes(b"this is not a model")
+    for tok, msg in ((tmp_path / "bad.model", "not a readable SentencePiece model"),
+                     (tmp_path / "missing.model", "no such file")):
+        r = pp(f, tok, tmp_path / "o", check=False)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o.bin").exists()

@@ -1,0 +1,106 @@
+"""Data plan -> per-stage blend.json -> load_blend."""
+
+import json
+import os
+
+import pytest
+
+from dp_helpers import REPO, read_megatron, run_cli
+
+TINY = os.path.join(REPO, "configs", "data", "tiny.yaml")
+
+
+def test_tiny_plan_blend_roundtrip(tmp_path):
+    import sentencepiece as spm
+
+    from data_prep.blend import blend_to_megatron_args, load_blend
+
+    r = run_cli("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "data", "--quiet")
+    for stage in ("stage1", "stage2", "stage3"):
+        raw = json.loads((tmp_path / "data" / stage / "blend.json").read_text())
+        assert raw["stage"] == stage and raw["token_budget"] > 0
+        assert all(not os.path.isabs(d["prefix"]) for d in raw["datasets"])
+        b = load_blend(tmp_path / "data" / stage / "blend.json")
+        sp = spm.SentencePieceProcessor(model_file=b["tokenizer"])
+        assert sp.GetPieceSize() == 2000
+        for d in b["datasets"]:
+            assert os.path.isabs(d["prefix"]) and d["prefix"].startswith(str(tmp_path / "data" / stage))
+            docs, _ = read_megatron(d["prefix"])
+            assert len(docs) == d["documents"] and sum(map(len, docs)) == d["tokens"]
+        assert len(blend_to_megatron_args(b)) == 2 * len(b["datasets"])
+    b1 = load_blend(tmp_path / "data" / "stage1" / "blend.json")
+    assert [(d["weight"]) for d in b1["datasets"]] == [0.7, 0.3]
+    # rerun: everything up to date, same blend
+    run_cli("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "data", "--quiet")
+    assert load_blend(tmp_path / "data" / "stage1" / "blend.json")["datasets"] == b1["datasets"]
+    # the blend directory can be moved: prefixes are relative
+    os.rename(tmp_path / "data", tmp_path / "moved")
+    assert load_blend(tmp_path / "moved" / "stage2" / "blend.json")["datasets"][0]["prefix"].startswith(
+        str(tmp_path / "moved"))
+
+
+def test_load_blend_errors(tmp_path):
+    from data_prep.blend import BlendError, load_blend
+
+    with pytest.raises(BlendError, match="not found"):
+        load_blend(tmp_path / "nope.json")
+    (tmp_path / "t.model").write_bytes(b"x")
+    (tmp_path / "b.json").write_text(json.dumps({"stage": "s", "tokenizer": "t.model",
+                                                  "datasets": [{"prefix": "missing", "weight": 1}]}))
+    with pytest.raises(BlendError, match=r"datasets\[0\]\.prefix: .*missing\.bin does not exist"):
+        load_blend(tmp_path / "b.json")
+    (tmp_path / "b.json").write_text(json.dumps({"stage": "s", "tokenizer": "t.model",
+                                                  "datasets": [{"prefix": "m", "weight": -1}]}))
+    with pytest.raises(BlendError, match=r"datasets\[0\]\.weight"):
+        load_blend(tmp_path / "b.json")
+
+
+@pytest.mark.parametrize("mutate, msg", [
+    (lambda p: p["stages"]["stage1"]["sources"][0].update(weight="heavy"), "stages.stage1.sources[0].weight"),
+    (lambda p: p["stages"]["stage2"].pop("token_budget"), "stages.stage2.token_budget: required"),
+    (lambda p: p["tokenizer"].update(model="x.model"), "tokenizer: give exactly one"),
+    (lambda p: p["stages"]["stage1"]["sources"][1].update(name="email"), "duplicate source name"),
+    (lambda p: p["stages"]["stage3"]["sources"][0].update(globs=["/nonexistent/*.jsonl"]),
+     "stages.stage3.sources[0].globs: glob /nonexistent/*.jsonl: matches no file"),
+    (lambda p: p["stages"]["stage1"]["sources"][0].update(wieght=1), "unknown field(s) wieght"),
+])
+def test_plan_errors_name_file_and_field(tmp_path, mutate, msg):
+    import yaml
+
+    plan = yaml.safe_load(open(TINY))
+    mutate(plan)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    r = run_cli("data_prep.plan", "--plan", path, "--output-dir", tmp_path / "d", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(path) in r.stderr and msg in r.stderr, r.stderr
+
+
+def test_fox1_plan_validates():
+    r = run_cli("data_prep.plan", "--plan", os.path.join(REPO, "configs", "data", "fox1.yaml"), "--validate")
+    assert "ok (3 stages" in r.stdout
+
+
+def test_slurm_steps_match_local_run(tmp_path):
+    """launch/preprocess.slurm steps run by hand (as SLURM would) == a local `data_prep.plan` run."""
+    import subprocess
+    import sys
+
+    from dp_helpers import same_files
+
+    run_cli("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "local", "--quiet")
+    env = dict(os.environ, PYTHON=sys.executable, DATA_PLAN=TINY, OUTPUT_DIR=str(tmp_path / "slurm"),
+               STAGES="stage1 stage2", PYTHONPATH=REPO, WORKERS="1")
+    script = os.path.join(REPO, "launch", "preprocess.slurm")
+    steps = [("tokenizer", {})] + [("array", {"SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_COUNT": "3"})
+                                   for i in range(3)] + [("merge", {})]
+    for step, extra in steps:
+        r = subprocess.run(["bash", script], env=dict(env, MEGAFOX_PREP_STEP=step, **extra), cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (step, r.stdout, r.stderr)
+    for stage, src in (("stage1", "email"), ("stage1", "json"), ("stage2", "http")):
+        assert same_files(tmp_path / "local" / stage / src, tmp_path / "slurm" / stage / src)
+    assert not (tmp_path / "slurm" / "stage3").exists()
+    a = json.loads((tmp_path / "local" / "stage1" / "blend.json").read_text())
+    b = json.loads((tmp_path / "slurm" / "stage1" / "blend.json").read_text())
+    assert a["datasets"] == b["datasets"]
