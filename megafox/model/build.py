@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megafox.config import ModelConfig, ParallelConfig
+from megafox.config import ConfigError, ModelConfig, ParallelConfig
 from megafox.model.specs import layer_spec, resolve_impl
 
 
@@ -33,6 +33,10 @@ class BuildOptions:
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
                        options: BuildOptions = BuildOptions()) -> TransformerConfig:
     impl = resolve_impl(model.transformer_impl)
+    if parallel.sequence_parallel and impl != "te":
+        # megatron-core's plain-torch RMSNorm refuses sequence parallelism
+        raise ConfigError("parallel.sequence_parallel: needs transformer_impl 'te' (Transformer Engine); "
+                          f"the {impl!r} spec's RMSNorm does not support it")
     on_gpu = torch.cuda.is_available()
     cpu_init = options.use_cpu_initialization
     if cpu_init is None:

@@ -5,11 +5,68 @@ layer differs, so that a 256K-vocabulary model never materializes its full logit
 """
 from __future__ import annotations
 
+import inspect
+
+import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+from megafox.model.fused_loss import fused_linear_cross_entropy
+
+_POSTPROCESS_SIGNATURE = inspect.signature(GPTModel._postprocess)
 
 
 class FoxGPTModel(GPTModel):
+    """With `fused_loss`, a forward with labels returns the same per-token losses [b, s] as
+    GPTModel (loss_func is unchanged) through `megafox.model.fused_loss`.
+
+    Passing `loss_mask=` to forward as well selects the faster variant that computes the LM-head
+    gradients during the forward; the caller must then reduce the losses as
+    c * sum(loss_mask * losses), which megafox's loss_func does (anything else raises).
+    """
+
     def __init__(self, *args, fused_loss: bool = False, loss_chunk_tokens: int = 4096, **kwargs):
         super().__init__(*args, **kwargs)
+        if loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens: must be >= 1, got {loss_chunk_tokens}")
+        if fused_loss and self.config.mtp_num_layers is not None:
+            raise ValueError("fused_loss does not support multi-token prediction (mtp_num_layers)")
         self.fused_loss = fused_loss
         self.loss_chunk_tokens = loss_chunk_tokens
+
+    def _postprocess(self, *args, **kwargs):
+        bound = _POSTPROCESS_SIGNATURE.bind(self, *args, **kwargs)
+        a = bound.arguments
+        labels = a.get("labels")
+        inference = a.get("inference_context") is not None and not self.training
+        if not (self.fused_loss and self.post_process and labels is not None and not inference
+                and not a.get("mtp_in_postprocess")):
+            return super()._postprocess(*args, **kwargs)
+        return self._fused_loss(a["hidden_states"], labels, a.get("loss_mask"))
+
+    def _fused_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, loss_mask) -> torch.Tensor:
+        tp = self.pg_collection.tp
+        # The same communication ColumnParallelLinear wraps around its GEMM: all-gather the
+        # sequence-parallel shards (reduce-scatter their gradient), or an identity whose gradient
+        # is all-reduced over TP (each rank's vocab shard contributes part of it).
+        if self.config.sequence_parallel:
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, True, group=tp)
+        elif tp is not None and tp.size() > 1:
+            hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp)
+        s, b, h = hidden_states.shape
+        if labels.shape != (b, s):
+            raise ValueError(f"fused loss: labels {tuple(labels.shape)} do not match [batch, seq] = {(b, s)}")
+        if self.share_embeddings_and_output_weights:
+            weight = self.shared_embedding_or_output_weight()
+        else:
+            weight = self.output_layer.weight
+        # tokens in [s, b] order, as the decoder produces them: no copy of the hidden states
+        token_weights = None if loss_mask is None else loss_mask.transpose(0, 1).reshape(-1)
+        losses = fused_linear_cross_entropy(
+            hidden_states.reshape(s * b, h), weight, labels.transpose(0, 1).reshape(-1),
+            token_weights=token_weights, chunk_tokens=self.loss_chunk_tokens,
+            group=tp if tp is not None and tp.size() > 1 else None)
+        return losses.view(s, b).transpose(0, 1).contiguous()

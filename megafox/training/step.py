@@ -106,7 +106,8 @@ def forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model: torch.
         position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     else:
         position_ids = position_ids.to(device, non_blocking=True)
-    output = model(tokens, position_ids, None, labels=labels)
+    # loss_mask lets the fused LM-head loss compute its weight gradient during the forward
+    output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
     return output, partial(loss_func, loss_mask)
 
 

@@ -1,0 +1,151 @@
+"""Rank bodies for the fused-loss and recompute tests (run by megafox.testing.distributed)."""
+import dataclasses
+
+import torch
+from megatron.core import parallel_state as ps
+
+from megafox.config import fox1_tiny
+from megafox.model.build import BuildOptions, build_model, transformer_config
+from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from megafox.training.step import OptimizerSettings, build_optimizer, configure_schedule_hooks, train_step, wrap_ddp
+
+
+def _setup(sequence_parallel):
+    model = fox1_tiny()
+    model.transformer_impl = "native"
+    parallel = dataclasses.replace(current_parallel(), sequence_parallel=sequence_parallel)
+    return model, parallel
+
+
+def _build(model, parallel, hf, **options):
+    chunks = build_model(model, parallel, BuildOptions(**options))
+    load_hf_weights(chunks, hf, model, parallel)
+    return chunks[0]
+
+
+def grads(hf_path, batch_path, sequence_parallel=False, loss_chunk_tokens=5):
+    """Per-token losses and every local gradient: unfused vs fused (recomputing) vs fused with
+    loss_mask (precomputed grads). Returns max |difference| over all ranks and the scale."""
+    model, parallel = _setup(sequence_parallel)
+    hf, batch = torch.load(hf_path), torch.load(batch_path)
+    tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+
+    def run(fused, pass_mask):
+        net = _build(model, parallel, hf, fused_loss=fused, loss_chunk_tokens=loss_chunk_tokens)
+        kwargs = {"loss_mask": mask} if pass_mask else {}
+        losses = net(tokens, pos, None, labels=labels, **kwargs)
+        (losses * mask).sum().mul(0.5).backward()
+        return losses.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    ref_losses, ref_grads = run(False, False)
+    out = {"loss_shape": tuple(ref_losses.shape), "grad_scale": max(g.abs().max().item() for g in ref_grads.values())}
+    for name, (fused, pass_mask) in {"recompute": (True, False), "precompute": (True, True)}.items():
+        losses, got = run(fused, pass_mask)
+        assert set(got) == set(ref_grads)
+        diff = torch.tensor([(losses - ref_losses).abs().max().item(),
+                             max((got[n] - ref_grads[n]).abs().max().item() for n in ref_grads)])
+        torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+        out[name] = {"loss_diff": diff[0].item(), "grad_diff": diff[1].item()}
+    return out
+
+
+def train(hf_path, batch_path, micro_batch_size, variants, sequence_parallel=False):
+    """One optimizer step from the same weights per variant (a dict of BuildOptions fields)."""
+    model, parallel = _setup(sequence_parallel)
+    hf, batch = torch.load(hf_path), torch.load(batch_path)
+    results = []
+    for options in variants:
+        chunks = build_model(model, parallel, BuildOptions(**options))
+        load_hf_weights(chunks, hf, model, parallel)
+        ddp = wrap_ddp(chunks, transformer_config(model, parallel, BuildOptions(**options)), parallel)
+        configure_schedule_hooks(ddp)
+        # eps = 1 keeps Adam's first step linear in the grads (see tests/parallel/bodies.py)
+        optimizer = build_optimizer(ddp, OptimizerSettings(lr=0.5, eps=1.0, weight_decay=0.01), parallel)
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        local = {k: v.chunk(dp)[dp_rank] for k, v in batch.items()}
+        n_micro = local["tokens"].shape[0] // micro_batch_size
+        micro = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in local.items()}
+                 for i in range(n_micro)]
+        result = train_step(ddp, optimizer, iter(micro), n_micro, batch["tokens"].shape[1], micro_batch_size)
+        results.append({"loss": result.loss, "grad_norm": result.grad_norm,
+                        "weights": gather_hf_weights(ddp, model, parallel)})
+    return results
+
+
+def heads(seq=12, batch=2, hidden=8, vocab=64):
+    """`sp_head` for each of (sequence_parallel, pass_mask)."""
+    return {(sp, m): sp_head(sp, m, seq, batch, hidden, vocab) for sp in (False, True) for m in (False, True)}
+
+
+def sp_head(sequence_parallel, pass_mask, seq, batch, hidden, vocab):
+    """FoxGPTModel's fused head on this rank's shards vs a full single-device reference.
+
+    The native spec has no sequence-parallel norm, so the SP path of the head is driven directly
+    with a stand-in model object holding just what `_fused_loss` reads."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from megafox.model.gpt import FoxGPTModel
+
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    g = torch.Generator().manual_seed(3)
+    h_full = torch.randn(seq, batch, hidden, generator=g, requires_grad=True)
+    w_full = torch.randn(vocab, hidden, generator=g, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = (torch.rand(batch, seq, generator=g) > 0.25).float()
+    ref = F.cross_entropy(torch.einsum("sbh,vh->bsv", h_full, w_full).reshape(-1, vocab),
+                          labels.reshape(-1), reduction="none").view(batch, seq)
+    (ref * mask).sum().backward()
+
+    v_local = vocab // tp
+    s_local, s_rank = (seq // tp, rank) if sequence_parallel else (seq, 0)
+    rows = slice(s_rank * s_local, (s_rank + 1) * s_local)
+    h = h_full.detach()[rows].clone().requires_grad_()
+    w = w_full.detach()[rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
+    stand_in = SimpleNamespace(
+        config=SimpleNamespace(sequence_parallel=sequence_parallel),
+        pg_collection=SimpleNamespace(tp=ps.get_tensor_model_parallel_group()),
+        share_embeddings_and_output_weights=False, output_layer=SimpleNamespace(weight=w),
+        loss_chunk_tokens=5)
+    losses = FoxGPTModel._fused_loss(stand_in, h, labels, mask if pass_mask else None)
+    (losses * mask).sum().backward()
+    diff = torch.tensor([
+        (losses - ref.detach()).abs().max().item(),
+        (h.grad - h_full.grad[rows]).abs().max().item(),
+        (w.grad - w_full.grad[rank * v_local:(rank + 1) * v_local]).abs().max().item()])
+    torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+    return {"shape": tuple(losses.shape), "diff": diff.tolist()}
+
+
+def native_vs_local(hf_path, batch_path):
+    """Logits of the native (SDPA) and local specs and of HF Llama, same weights, on the device
+    this machine has (CUDA when present: flash/cuDNN/efficient SDPA kernels)."""
+    from megafox.testing.hf_reference import hf_llama
+
+    model = fox1_tiny()
+    parallel = current_parallel()
+    cuda = torch.cuda.is_available()
+    hf, batch = torch.load(hf_path), torch.load(batch_path)
+    tokens = batch["tokens"].cuda() if cuda else batch["tokens"]
+    pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    logits = {}
+    for impl in ("native", "local"):
+        model.transformer_impl = impl
+        net = _build(model, parallel, hf)
+        if cuda:
+            net = net.cuda()
+        mask = None
+        if impl == "local":  # megatron-core's local attention takes an explicit causal mask
+            s = tokens.shape[1]
+            mask = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril().logical_not().view(1, 1, s, s)
+        with torch.no_grad():
+            logits[impl] = net(tokens, pos, mask).float().cpu()[..., :model.vocab_size]
+    ref = hf_llama(model)
+    ref.load_state_dict(hf)
+    if cuda:
+        ref = ref.cuda()
+    with torch.no_grad():
+        logits["hf"] = ref(input_ids=tokens).logits.float().cpu()
+    return {"device": "cuda" if cuda else "cpu", "logits": logits}

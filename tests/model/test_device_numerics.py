@@ -1,0 +1,69 @@
+"""Numerics on whatever device this machine has: CPU in CI, CUDA on a GPU machine
+(bench/gpu_check.sh runs this file there), where cuBLAS GEMMs and SDPA's flash / efficient
+kernels replace the CPU ones."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megafox.config import fox1_tiny
+from megafox.model.fused_loss import fused_linear_cross_entropy
+from megafox.testing.distributed import run_distributed
+from megafox.testing.hf_reference import hf_state
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _problem(dtype, n=300, h=64, v=4096):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=g).to(DEV, dtype).requires_grad_()
+    weight = (0.3 * torch.randn(v, h, generator=g)).to(DEV, dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g).to(DEV)
+    mask = (torch.rand(n, generator=g) > 0.2).float().to(DEV)
+    return hidden, weight, labels, mask
+
+
+def _unfused(hidden, weight, labels, mask):
+    losses = F.cross_entropy((hidden @ weight.t()).float(), labels, reduction="none")
+    return (losses.detach(), *torch.autograd.grad((losses * mask).sum(), (hidden, weight)))
+
+
+def _fused(hidden, weight, labels, mask, variant):
+    losses = fused_linear_cross_entropy(hidden, weight, labels, mask if variant == "precompute" else None, 64)
+    return (losses.detach(), *torch.autograd.grad((losses * mask).sum(), (hidden, weight)))
+
+
+@pytest.mark.parametrize("variant", ["recompute", "precompute"])
+def test_fused_loss_fp32_equals_reference(variant):
+    if DEV.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    inputs = _problem(torch.float32)
+    for got, want in zip(_fused(*inputs, variant), _unfused(*inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["recompute", "precompute"])
+def test_fused_loss_bf16_no_worse_than_unfused(variant):
+    exact = _unfused(*(t.detach().double().requires_grad_() if t.is_floating_point() else t
+                       for t in _problem(torch.float32)))
+    inputs = _problem(torch.bfloat16)
+    fused, unfused = _fused(*inputs, variant), _unfused(*inputs)
+    for name, f, u, e in zip(("loss", "grad hidden", "grad weight"), fused, unfused, exact):
+        err_f = (f.double() - e).abs().max().item()
+        err_u = (u.double() - e).abs().max().item()
+        scale = e.abs().max().item()
+        assert err_f <= 2 * err_u + 1e-2 * scale, (name, err_f, err_u, scale)
+
+
+@pytest.mark.multirank
+def test_native_and_local_specs_give_hf_logits(tmp_path):
+    model = fox1_tiny()
+    torch.save(hf_state(model, seed=9), tmp_path / "hf.pt")
+    tokens = torch.randint(0, model.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    torch.save({"tokens": tokens}, tmp_path / "batch.pt")
+    out = run_distributed("tests/model/fused_bodies.py:native_vs_local", 1, {},
+                          {"hf_path": str(tmp_path / "hf.pt"), "batch_path": str(tmp_path / "batch.pt")})
+    assert out["device"] == DEV.type
+    logits = out["logits"]
+    assert logits["native"].shape == logits["hf"].shape == (2, 48, model.vocab_size)
+    torch.testing.assert_close(logits["native"], logits["local"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits["native"], logits["hf"], rtol=1e-4, atol=1e-4)
