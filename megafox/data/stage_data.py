@@ -1,0 +1,395 @@
+"""One curriculum stage's training and validation samples, on megatron-core's GPT datasets.
+
+A stage is a blend.json (weighted Megatron indexed datasets + a SentencePiece tokenizer + a token
+budget) read at one sequence length.  `StageData` builds it with `BlendedMegatronDatasetBuilder`
+(`GPTDataset` per prefix, `BlendedDataset` over them when there are several), caching the
+document/sample/shuffle indices under `cache_dir`.  The stage's samples form ONE global order:
+sample id k (0 <= k < num_samples) is the k-th sample of the stage; the training loop only keeps
+`consumed_samples`, and `micro_batches(consumed_samples, mbs, dp_rank, dp_size)` hands this DP rank
+its share of ids [consumed_samples, consumed_samples + global_batch_size).
+
+What is guaranteed
+------------------
+Resume.  The global order depends only on the blend's prefixes and weights, the token budget (the
+blend's `token_budget`, or the `token_budget` argument), seq_length, seed, valid_fraction and the
+previous stages' specs - never on the data-parallel size, the micro-batch size or the global batch
+size.  num_samples = ceil(token_budget / seq_length).  Batch b at DP size d covers exactly
+ids [c, c + global_batch_size): micro-batch m of rank r holds ids
+c + m*mbs*d + r*mbs + [0, mbs) (megatron's pretraining-sampler layout), so the union over ranks is
+the global batch, consecutive batches neither overlap nor leave gaps, and resuming from a saved
+`consumed_samples` at any DP size (or a different global batch size) continues the same sequence.
+
+Stage change (Megatron-LM issue #1002).  `previous_stages` lists the earlier stages in order, each
+as (blend_path, consumed_samples, seq_length) or a dict {"blend", "consumed_samples",
+"seq_length"[, "token_budget", "seed"]}.  Each earlier stage is rebuilt exactly as it was trained
+(from the cache; each with the stages before it), the documents its first `consumed_samples`
+samples read - wholly or in part - are collected per prefix, and this stage's GPTDataset over a
+shared prefix (same real path) exposes only the remaining training documents.  So no document that
+an earlier stage trained on, even partly, is read again in this stage, whatever the sequence
+lengths.  The unread tail of a document the last earlier sample cut is dropped, not resumed.  If the
+remaining documents hold fewer tokens than this stage's budget, megatron repeats them (epochs)
+within this stage; documents of earlier stages are never reused.  Prefixes are matched by real
+path: a copy of the same data under another name counts as other data.
+
+Validation.  With valid_fraction f > 0 the last max(1, round(f * N)) documents of each prefix with
+N >= 2 documents are held out in every stage (the same documents at any seq_length, so no stage
+trains on them while valid_fraction is unchanged across stages).  The held-out order has
+num_valid_samples = as many samples as the held-out documents give without repeating any prefix's,
+but at least one global batch.  `valid_micro_batches(start, mbs, dp_rank, dp_size)` is
+`micro_batches` over that order; a global batch that would pass its end yields nothing.
+
+Samples.  Each sample is seq_length + 1 consecutive tokens of the shuffled, concatenated documents
+(documents end with the tokenizer's eos); tokens = the first seq_length, labels = the last
+seq_length (shifted by one).  Training samples are never padded, so loss_mask is 1 everywhere
+unless eod_mask_loss=True, which zeroes the positions whose input token is eos (the prediction
+across a document boundary).
+
+Building.  With torch.distributed initialized every rank calls the constructor; rank 0 builds
+missing indices first under an exclusive file lock on cache_dir/.lock (so separate jobs sharing the
+cache never write the same files at once), the other ranks load them after megatron's barrier.
+Only the train split (and the valid split when f > 0) of this stage are built; earlier stages are
+built for their train split only; no attention masks are made.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from megafox.data.blend import Blend, DataError, read_blend
+from megafox.data.tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
+
+from megatron.core.datasets import blended_dataset
+from megatron.core.datasets.blended_dataset import BlendedDataset
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.megatron_dataset import MegatronDataset
+
+
+@dataclass(frozen=True)
+class PreviousStage:
+    blend: str
+    consumed_samples: int
+    seq_length: int
+    token_budget: Optional[int] = None  # None: the blend's own token_budget, as StageData defaults to
+    seed: Optional[int] = None  # None: the current stage's seed
+
+    @classmethod
+    def coerce(cls, spec, index: int) -> "PreviousStage":
+        where = f"previous_stages[{index}]"
+        if isinstance(spec, PreviousStage):
+            return spec
+        if isinstance(spec, dict):
+            known = {"blend", "blend_path", "consumed_samples", "samples_consumed", "seq_length",
+                     "token_budget", "seed", "global_batch_size", "name"}
+            unknown = set(spec) - known
+            if unknown:
+                raise DataError(f"{where}: unknown keys {sorted(unknown)}")
+            blend = spec.get("blend", spec.get("blend_path"))
+            consumed = spec.get("consumed_samples", spec.get("samples_consumed"))
+            seq = spec.get("seq_length")
+            budget, seed = spec.get("token_budget"), spec.get("seed")
+        elif isinstance(spec, (tuple, list)) and len(spec) == 3:
+            (blend, consumed, seq), budget, seed = spec, None, None
+        else:
+            raise DataError(f"{where}: expected (blend_path, consumed_samples, seq_length) or a dict, got {spec!r}")
+        if not blend:
+            raise DataError(f"{where}: no blend path")
+        for name, v in (("consumed_samples", consumed), ("seq_length", seq)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "consumed_samples" else 1):
+                raise DataError(f"{where}.{name}: must be a {'non-negative' if name == 'consumed_samples' else 'positive'} "
+                                f"integer, got {v!r}")
+        return cls(str(blend), consumed, seq, budget, seed)
+
+
+@dataclass
+class _StageDatasetConfig(GPTDatasetConfig):
+    # {prefix: {"train": doc ids, "valid": doc ids}}; the digest keys megatron's index cache
+    documents: Dict[str, Dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    documents_digest: str = ""
+
+
+class _StageGPTDataset(GPTDataset):
+    """GPTDataset over a chosen document subset instead of the builder's contiguous split range."""
+
+    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
+        indexed_indices = config.documents[dataset_path][index_split.name]
+        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
+
+    @staticmethod
+    def _key_config_attributes() -> List[str]:
+        return MegatronDataset._key_config_attributes() + ["documents_digest"]
+
+
+class _StageBlendedDataset(BlendedDataset):
+    def __init__(self, datasets, weights, size, config):
+        if not torch.distributed.is_initialized():
+            # megatron's BlendedDataset cache path calls torch.distributed.get_rank(), which fails
+            # in a single process; its blending index is cheap to rebuild, so keep it in memory
+            config = copy.copy(config)
+            config.path_to_cache = None
+        super().__init__(datasets, weights, size, config)
+
+
+class _Builder(BlendedMegatronDatasetBuilder):
+    @staticmethod
+    def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
+        cls = _StageBlendedDataset if cls is BlendedDataset else cls
+        return BlendedMegatronDatasetBuilder.build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args)
+
+
+class _DropUncachedWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "because path_to_cache is None" not in record.getMessage()
+
+
+logging.getLogger(blended_dataset.__name__).addFilter(_DropUncachedWarning())
+
+
+def _digest(documents: Dict[str, Dict[str, np.ndarray]]) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    for prefix in sorted(documents):
+        for split in sorted(documents[prefix]):
+            h.update(f"{prefix}\0{split}\0".encode())
+            h.update(np.ascontiguousarray(documents[prefix][split], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _dist_rank() -> Optional[int]:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else None
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_dir: str):
+    if _dist_rank() not in (None, 0):  # these ranks only read, after rank 0's barrier
+        yield
+        return
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        handle = open(os.path.join(cache_dir, ".lock"), "a")
+    except OSError as exc:
+        raise DataError(f"data cache_dir {cache_dir}: not writable ({exc.strerror})") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _split_documents(num_documents: int, valid_fraction: float):
+    n_valid = 0
+    if valid_fraction > 0 and num_documents >= 2:
+        n_valid = min(num_documents - 1, max(1, int(round(valid_fraction * num_documents))))
+    cut = num_documents - n_valid
+    return np.arange(cut, dtype=np.int32), np.arange(cut, num_documents, dtype=np.int32)
+
+
+def _documents_of(ds: GPTDataset, local_ids: np.ndarray) -> np.ndarray:
+    """Document ids that GPTDataset samples `local_ids` read (same spans as its __getitem__)."""
+    if len(local_ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    rows = np.asarray(ds.shuffle_index)[local_ids].astype(np.int64)
+    sample_index = np.asarray(ds.sample_index)
+    beg, end = sample_index[rows, 0].astype(np.int64), sample_index[rows + 1, 0].astype(np.int64)
+    cover = np.zeros(len(ds.document_index) + 1, dtype=np.int64)
+    np.add.at(cover, beg, 1)
+    np.add.at(cover, end + 1, -1)
+    return np.unique(np.asarray(ds.document_index)[np.cumsum(cover)[:-1] > 0]).astype(np.int64)
+
+
+class _Stage:
+    """A blend at one sequence length: the built train (and valid) datasets."""
+
+    def __init__(self, blend: Blend, tokenizer: SentencePieceTokenizer, seq_length: int, seed: int,
+                 token_budget: int, valid_fraction: float, excluded: Dict[str, np.ndarray],
+                 cache_dir: str, valid_min_samples: Optional[int], eod_mask_loss: bool):
+        self.blend, self.seq_length = blend, seq_length
+        self.num_samples = math.ceil(token_budget / seq_length)
+        documents: Dict[str, Dict[str, np.ndarray]] = {}
+        valid_samples: Dict[str, int] = {}
+        for e in blend.datasets:
+            train, valid = _split_documents(e.num_documents, valid_fraction)
+            gone = excluded.get(e.prefix)
+            if gone is not None and len(gone):
+                train = np.setdiff1d(train, gone).astype(np.int32)
+                if len(train) == 0:
+                    raise DataError(f"{e.field}.prefix: all training documents of {e.prefix} were read by earlier "
+                                    f"stages; stage {blend.stage} has nothing left to draw from it")
+            tokens = int(e.lengths[train].sum())
+            if tokens < seq_length + 1:
+                raise DataError(f"{e.field}.prefix: seq_length {seq_length} is larger than the data allows: "
+                                f"{e.prefix} has {tokens} tokens for training"
+                                f"{' after earlier stages' if gone is not None and len(gone) else ''}, and one "
+                                f"sample needs seq_length + 1 = {seq_length + 1}")
+            documents[e.prefix] = {"train": train, "valid": valid}
+            if len(valid):
+                valid_samples[e.prefix] = max(0, (int(e.lengths[valid].sum()) - 1) // seq_length)
+
+        def config(split: str, prefixes: List[str], weights: List[float]) -> _StageDatasetConfig:
+            # one prefix: no BlendedDataset around its GPTDataset (the builder's weights=None case)
+            return _StageDatasetConfig(
+                blend=(prefixes, weights if len(prefixes) > 1 else None), random_seed=seed, sequence_length=seq_length, split=split, tokenizer=tokenizer,
+                path_to_cache=cache_dir, reset_position_ids=False, reset_attention_mask=False,
+                eod_mask_loss=eod_mask_loss, create_attention_mask=False, mid_level_dataset_surplus=0.005,
+                documents=documents, documents_digest=_digest(documents))
+
+        prefixes = [e.prefix for e in blend.datasets]
+        weights = [e.weight for e in blend.datasets]
+        self.train = self._build([self.num_samples, 0, 0], config("1,0,0", prefixes, weights), 0)
+        self.valid, self.num_valid_samples = None, 0
+        if valid_min_samples is not None and valid_samples:
+            vp = [p for p in prefixes if p in valid_samples]
+            vw = [w for p, w in zip(prefixes, weights) if p in valid_samples]
+            total = sum(vw)
+            # as many samples as the held-out documents hold without repeating any prefix's,
+            # but at least one global batch (small held-out sets then repeat, still never trained on)
+            natural = min(int(valid_samples[p] * total / w) for p, w in zip(vp, vw))
+            self.num_valid_samples = max(natural, valid_min_samples)
+            self.valid = self._build([0, self.num_valid_samples, 0], config("0,1,0", vp, vw), 1)
+
+    @staticmethod
+    def _build(sizes: List[int], config: _StageDatasetConfig, split: int):
+        # every rank reads its own micro-batches, so every rank holds the datasets
+        builder = _Builder(_StageGPTDataset, sizes, lambda: True, config)
+        return builder.build()[split]
+
+    def documents_read(self, num_samples: int) -> Dict[str, np.ndarray]:
+        if num_samples > self.num_samples:
+            raise DataError(f"{self.blend.path}: {num_samples} samples consumed, but the stage has only "
+                            f"{self.num_samples} (token_budget / seq_length {self.seq_length})")
+        ids = np.arange(num_samples, dtype=np.int64)
+        if isinstance(self.train, BlendedDataset):
+            which = np.asarray(self.train.dataset_index)[ids]
+            local = np.asarray(self.train.dataset_sample_index)[ids]
+            parts = [(ds, local[which == k]) for k, ds in enumerate(self.train.datasets)]
+        else:
+            parts = [(self.train, ids)]
+        return {ds.dataset_path: _documents_of(ds, np.asarray(sel, dtype=np.int64)) for ds, sel in parts}
+
+
+def _load_stage_tokenizer(blend: Blend) -> SentencePieceTokenizer:
+    try:
+        return load_tokenizer(blend.tokenizer)
+    except TokenizerError as exc:
+        raise DataError(f"{blend.path}: field 'tokenizer': {exc}") from None
+
+
+class StageData:
+    def __init__(self, blend_path: str, seq_length: int, global_batch_size: int, seed: int = 1234,
+                 cache_dir: Optional[str] = None, valid_fraction: float = 0.01,
+                 previous_stages: Sequence = (), token_budget: Optional[int] = None,
+                 eod_mask_loss: bool = False):
+        for name, v in (("seq_length", seq_length), ("global_batch_size", global_batch_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise DataError(f"{name}: must be a positive integer, got {v!r}")
+        if not (isinstance(valid_fraction, (int, float)) and 0 <= valid_fraction < 1):
+            raise DataError(f"valid_fraction: must be in [0, 1), got {valid_fraction!r}")
+        self.seq_length, self.global_batch_size, self.seed = seq_length, global_batch_size, int(seed)
+        self.valid_fraction = float(valid_fraction)
+        blend = read_blend(blend_path)
+        self.blend_path, self.stage = blend.path, blend.stage
+        self.tokenizer = _load_stage_tokenizer(blend)
+        self.cache_dir = os.path.abspath(cache_dir or os.path.join(os.path.dirname(blend.path), ".cache"))
+        self.token_budget = self._budget(blend, token_budget, "token_budget")
+        previous = [PreviousStage.coerce(p, i) for i, p in enumerate(previous_stages)]
+
+        with _cache_lock(self.cache_dir):
+            excluded: Dict[str, np.ndarray] = {}
+            for i, prev in enumerate(previous):
+                pblend = read_blend(prev.blend)
+                earlier = _Stage(pblend, _load_stage_tokenizer(pblend), prev.seq_length,
+                                 self.seed if prev.seed is None else int(prev.seed),
+                                 self._budget(pblend, prev.token_budget, f"previous_stages[{i}].token_budget"),
+                                 self.valid_fraction, excluded, self.cache_dir, None, eod_mask_loss)
+                for prefix, docs in earlier.documents_read(prev.consumed_samples).items():
+                    excluded[prefix] = np.union1d(excluded.get(prefix, np.zeros(0, np.int64)), docs)
+            self._stage = _Stage(blend, self.tokenizer, seq_length, self.seed, self.token_budget,
+                                 self.valid_fraction, excluded, self.cache_dir,
+                                 global_batch_size if self.valid_fraction > 0 else None, eod_mask_loss)
+        self.excluded_documents = excluded
+        self.num_samples = self._stage.num_samples
+        self.num_valid_samples = self._stage.num_valid_samples
+
+    @staticmethod
+    def _budget(blend: Blend, override: Optional[int], name: str) -> int:
+        if override is not None:
+            if isinstance(override, bool) or not isinstance(override, int) or override < 1:
+                raise DataError(f"{name}: must be a positive integer, got {override!r}")
+            return override
+        if blend.token_budget is None:
+            raise DataError(f"{blend.path}: missing field 'token_budget' (or pass token_budget)")
+        return blend.token_budget
+
+    # ------------------------------------------------------------------------------ batches
+    def micro_batches(self, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                      dp_size: int) -> Iterator[Dict[str, torch.Tensor]]:
+        """This DP rank's micro-batches of the global batch starting at stage sample `consumed_samples`."""
+        ids = self._plan(consumed_samples, micro_batch_size, dp_rank, dp_size)
+        if consumed_samples + self.global_batch_size > self.num_samples:
+            raise DataError(
+                f"stage {self.stage}: samples [{consumed_samples}, {consumed_samples + self.global_batch_size}) are "
+                f"past its end: {self.blend_path} gives {self.num_samples} samples (token_budget "
+                f"{self.token_budget} / seq_length {self.seq_length}); raise its token_budget or train fewer steps")
+        return (self._collate(self._stage.train, chunk) for chunk in ids)
+
+    def valid_micro_batches(self, start_sample: int, micro_batch_size: int, dp_rank: int,
+                            dp_size: int) -> Iterator[Dict[str, torch.Tensor]]:
+        """`micro_batches` over the held-out split; nothing when [start, start + global batch) passes its end."""
+        ids = self._plan(start_sample, micro_batch_size, dp_rank, dp_size)
+        if self._stage.valid is None or start_sample + self.global_batch_size > self.num_valid_samples:
+            return iter(())
+        return (self._collate(self._stage.valid, chunk) for chunk in ids)
+
+    def _plan(self, start: int, mbs: int, dp_rank: int, dp_size: int) -> List[np.ndarray]:
+        for name, v, low in (("consumed_samples", start, 0), ("micro_batch_size", mbs, 1),
+                             ("dp_size", dp_size, 1), ("dp_rank", dp_rank, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise DataError(f"{name}: must be an integer >= {low}, got {v!r}")
+        if dp_rank >= dp_size:
+            raise DataError(f"dp_rank: {dp_rank} is not below dp_size {dp_size}")
+        per_step = mbs * dp_size
+        if self.global_batch_size % per_step:
+            raise DataError(f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size x "
+                            f"dp_size = {mbs} x {dp_size}")
+        first = int(start) + dp_rank * mbs
+        return [np.arange(first + m * per_step, first + m * per_step + mbs, dtype=np.int64)
+                for m in range(self.global_batch_size // per_step)]
+
+    @staticmethod
+    def _collate(dataset, ids: np.ndarray) -> Dict[str, torch.Tensor]:
+        items = [dataset[int(i)] for i in ids]
+        return {"tokens": torch.stack([it["tokens"] for it in items]).long(),
+                "labels": torch.stack([it["labels"] for it in items]).long(),
+                "loss_mask": torch.stack([it["loss_mask"] for it in items]).float(),
+                "sample_index": torch.from_numpy(ids.copy())}
+
+    @property
+    def train_dataset(self):
+        """megatron's top-level training dataset (BlendedDataset, or GPTDataset for one prefix)."""
+        return self._stage.train
+
+    @property
+    def valid_dataset(self):
+        return self._stage.valid
+
+    # ------------------------------------------------------------------------------ checks
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """Raise DataError when the blend's tokenizer has ids the model's embedding cannot hold."""
+        if self.tokenizer.vocab_size > model_vocab_size:
+            raise DataError(f"model.vocab_size: {model_vocab_size} is smaller than the vocabulary "
+                            f"({self.tokenizer.vocab_size}) of tokenizer {self.tokenizer.path} used by "
+                            f"{self.blend_path}")
+
+    def documents_read(self, num_samples: int) -> Dict[str, np.ndarray]:
+        """{prefix: sorted document ids} that this stage's first `num_samples` training samples read."""
+        return self._stage.documents_read(num_samples)

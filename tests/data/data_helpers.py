@@ -1,0 +1,114 @@
+"""Builders of tiny real datasets for megafox.data tests, and an independent reader of samples:
+`window_check` recomputes each sample from the raw document tokens the test wrote (not from the
+.bin file nor megatron's sample index) and returns the documents it spans."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+
+import numpy as np
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_texts(patterns):
+    files = []
+    for pat in patterns:
+        files += sorted(glob.glob(os.path.join(STDLIB, pat)))
+    assert files, f"no stdlib sources under {STDLIB}"
+    out = []
+    for p in files:
+        with open(p, encoding="utf-8", errors="replace") as f:
+            out.append(f.read())
+    return out
+
+
+def paragraphs(texts, limit):
+    """Blank-line separated blocks of the sources: many documents of very different lengths."""
+    out = []
+    for t in texts:
+        out += [p for p in t.split("\n\n") if p.strip()]
+    return out[:limit]
+
+
+def encode_docs(model, texts, max_tokens):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model)
+    return [sp.encode(t)[:max_tokens] + [sp.eos_id()] for t in texts]
+
+
+def write_indexed(prefix, docs, dtype=np.uint16):
+    """Megatron .bin/.idx with one sequence per document (as data_prep writes them)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for ids in docs:
+        builder.add_document(np.asarray(ids, dtype=np.int64), [len(ids)])
+    builder.finalize(prefix + ".idx")
+
+
+def write_blend(path, tokenizer, datasets, token_budget, stage="stage", extra=None):
+    """datasets: [(prefix, weight)]; paths written relative to the blend's directory."""
+    path = str(path)
+    base = os.path.dirname(path)
+    os.makedirs(base, exist_ok=True)
+    blend = {"stage": stage, "tokenizer": os.path.relpath(tokenizer, base),
+             "datasets": [{"prefix": os.path.relpath(p, base), "weight": w} for p, w in datasets],
+             "token_budget": token_budget}
+    blend.update(extra or {})
+    with open(path, "w") as f:
+        json.dump(blend, f)
+    return path
+
+
+def mid_level(train, ids):
+    """(GPTDataset, its local sample id) for stage-global sample ids."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+
+    if isinstance(train, BlendedDataset):
+        return [(train.datasets[int(train.dataset_index[i])], int(train.dataset_sample_index[i])) for i in ids]
+    return [(train, int(i)) for i in ids]
+
+
+def window_check(train, ids, tokens, labels, raw_docs, seq):
+    """Assert every sample is seq+1 consecutive tokens of its GPTDataset's document stream (the
+    raw documents concatenated in megatron's document order); return {prefix: set(documents)}."""
+    streams = {}
+    read = {}
+    for (ds, local), tok, lab in zip(mid_level(train, ids), tokens, labels):
+        key = id(ds)
+        if key not in streams:
+            docs = raw_docs[ds.dataset_path]
+            order = np.asarray(ds.document_index)
+            lengths = np.array([len(docs[d]) for d in order])
+            streams[key] = (np.concatenate([docs[d] for d in order]), np.cumsum(lengths), order)
+        stream, ends, order = streams[key]
+        row = int(ds.shuffle_index[local])
+        start, last = row * seq, row * seq + seq  # seq + 1 tokens: [start, last]
+        window = stream[start:last + 1]
+        assert len(window) == seq + 1
+        assert np.array_equal(np.asarray(tok), window[:-1]), f"sample {local} tokens differ from the raw data"
+        assert np.array_equal(np.asarray(lab), window[1:]), f"sample {local} labels are not tokens shifted by one"
+        first, final = np.searchsorted(ends, start, "right"), np.searchsorted(ends, last, "right")
+        read.setdefault(ds.dataset_path, set()).update(int(d) for d in order[first:final + 1])
+    return read
+
+
+def gather(stage_data, start, count, mbs=None, dp=1):
+    """tokens, labels, loss_mask, sample ids of global batches covering [start, start + count)."""
+    gbs = stage_data.global_batch_size
+    mbs = mbs or gbs // dp
+    out = {"tokens": [], "labels": [], "loss_mask": [], "sample_index": []}
+    for c in range(start, start + count, gbs):
+        for r in range(dp):
+            for mb in stage_data.micro_batches(c, mbs, r, dp):
+                for k in out:
+                    out[k].append(mb[k])
+    import torch
+
+    out = {k: torch.cat(v) for k, v in out.items()}
+    order = torch.argsort(out["sample_index"])
+    return {k: v[order] for k, v in out.items()}
