@@ -23,6 +23,7 @@ setup(
             "megafox-train=megafox.train:main",
             "megafox-to-hf=checkpoints_tools.to_hf:main",
             "megafox-from-hf=checkpoints_tools.from_hf:main",
+            "megafox-ckpt=checkpoints_tools.cli:main",
         ]
     },
 )

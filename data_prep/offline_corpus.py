@@ -55,9 +55,11 @@ def stdlib_code() -> List[Tuple[str, str]]:
         if rel.parts[0] in ("site-packages", "test", "idlelib", "lib2to3") or "tests" in rel.parts:
             continue
         try:
-            files.append((str(rel), path.read_text(encoding="utf-8")))
+            text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
+        if text.strip():  # empty __init__.py files carry nothing to learn
+            files.append((str(rel), text))
     return files
 
 

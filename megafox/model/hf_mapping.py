@@ -254,6 +254,7 @@ def hf_config_dict(model: ModelConfig, torch_dtype: Optional[str] = "bfloat16") 
 
 def model_config_from_hf(cfg: Dict, name: str = "from-hf") -> ModelConfig:
     """A ModelConfig from a HF config.json dict; rejects what megafox cannot represent."""
+    cfg = _fold_rope_parameters(cfg)
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") not in ("llama", "mistral") or (archs and archs[0] not in ("LlamaForCausalLM", "MistralForCausalLM")):
         raise ValueError(f"not a Llama-compatible model: model_type={cfg.get('model_type')!r}, architectures={archs}")
@@ -282,6 +283,20 @@ def model_config_from_hf(cfg: Dict, name: str = "from-hf") -> ModelConfig:
         eos_token_id=_first(cfg.get("eos_token_id"), 2),
         init_std=cfg.get("initializer_range", 0.02),
     ).validate()
+
+
+def _fold_rope_parameters(cfg: Dict) -> Dict:
+    """transformers 5 writes `rope_parameters: {rope_theta, rope_type}` instead of 4.x's
+    `rope_theta` / `rope_scaling`; fold it back so the theta is never silently the default."""
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict):
+        return cfg
+    cfg = dict(cfg)
+    if params.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = params  # rejected below, by name
+    if "rope_theta" in params:
+        cfg["rope_theta"] = params["rope_theta"]
+    return cfg
 
 
 def _first(value, default):

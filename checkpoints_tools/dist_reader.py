@@ -1,0 +1,274 @@
+"""Read a megafox (megatron-core torch_dist) checkpoint tensor by tensor, without a model.
+
+dist_checkpointing stores each parameter as one *global* tensor (the TP=1 layout, decoder layers
+stacked on a leading axis) cut into the chunks the saving ranks owned. Reading goes through
+torch.distributed.checkpoint's FileSystemReader with our own load plan, so one call fetches just
+the chunks covering the requested slice (e.g. one layer) and memory stays at that slice.
+No process group, no model, works for any TP/PP/VPP the checkpoint was saved with.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from checkpoints_tools.common import ToolError
+from megafox.checkpoint import CheckpointError, checkpoint_path, read_metadata
+from megafox.config import ConfigError, ModelConfig, from_dict
+
+LAYER_PREFIX = "decoder.layers."
+EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+# Local-spec layers save their norms under TE's names (megatron-core's sharded_state_dict_keys_map),
+# so both spellings can appear in a checkpoint; `te_names` says which one this one uses.
+LAYER_TENSORS_TE = ("self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight",
+                    "self_attention.linear_proj.weight", "mlp.linear_fc1.layer_norm_weight",
+                    "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
+LAYER_TENSORS_LOCAL = ("input_layernorm.weight",) + LAYER_TENSORS_TE[1:3] + ("pre_mlp_layernorm.weight",) + LAYER_TENSORS_TE[4:]
+
+
+class _SliceLoadPlanner(LoadPlanner):
+    """Loads `{key: (tensor, offsets)}`: each destination tensor is the slice at `offsets`."""
+
+    def __init__(self, targets: Dict[str, Tuple[torch.Tensor, Tuple[int, ...]]]):
+        self.targets = targets
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items: List[ReadItem] = []
+        for key, (tensor, offsets) in self.targets.items():
+            md = self.metadata.state_dict_metadata[key]
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=tensor.shape)
+            items.extend(create_read_items_for_chunk_list(key, md, [chunk]))
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan):
+        return global_plan
+
+    def finish_plan(self, central_plan):
+        return central_plan
+
+    def load_bytes(self, read_item, value):
+        raise AssertionError("byte items are never requested")
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        tensor = self.targets[read_item.dest_index.fqn][0]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            tensor = tensor.narrow(dim, start, length)
+        return tensor
+
+    def commit_tensor(self, read_item, tensor):
+        pass
+
+
+class _FileSlice(io.RawIOBase):
+    """A read-only window [offset, offset + length) of an open file, seekable, for torch.load."""
+
+    def __init__(self, f, offset: int, length: int):
+        self.f, self.start, self.length, self.pos = f, offset, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, min(self.length, base + pos))
+        return self.pos
+
+    def readinto(self, buf):
+        view = memoryview(buf).cast("B")
+        n = min(len(view), self.length - self.pos)
+        if n <= 0:
+            return 0
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(view[:n])
+        self.pos += got
+        return got
+
+
+class DistCheckpoint:
+    """One iteration of a megafox checkpoint: its metadata, model config and tensor index."""
+
+    def __init__(self, root: Union[str, Path], iteration: Union[int, str, None] = "latest"):
+        try:
+            self.path = checkpoint_path(root, iteration)
+            self.meta = read_metadata(root, iteration)
+        except (CheckpointError, ValueError, json.JSONDecodeError) as exc:
+            raise ToolError(str(exc) if isinstance(exc, CheckpointError) else f"{root}: not a megafox checkpoint ({exc})") from None
+        if not (self.path / ".metadata").is_file():
+            raise ToolError(f"{self.path}: no torch_dist '.metadata' file (not a megatron-core dist checkpoint)")
+        self.reader = FileSystemReader(str(self.path))
+        try:
+            self.metadata = self.reader.read_metadata()
+        except Exception as exc:  # a truncated/corrupt pickle
+            raise ToolError(f"{self.path / '.metadata'}: unreadable ({type(exc).__name__}: {exc})") from None
+        self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        self._check_shard_files()
+        self.model = self._model_config()
+        self.te_names = LAYER_PREFIX + LAYER_TENSORS_TE[0] in self.tensors
+        self.layer_tensors = LAYER_TENSORS_TE if self.te_names else LAYER_TENSORS_LOCAL
+
+    # -- index -----------------------------------------------------------------------------
+    @property
+    def tensors(self) -> Dict[str, TensorStorageMetadata]:
+        return {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+    @property
+    def iteration(self) -> int:
+        return int(self.meta["iteration"])
+
+    def model_keys(self) -> List[str]:
+        return sorted(k for k in self.tensors if k.startswith(("embedding.", "decoder.", "output_layer.")))
+
+    def has(self, key: str) -> bool:
+        return key in self.tensors
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return tuple(self.tensors[key].size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].properties.dtype
+
+    def _check_shard_files(self) -> None:
+        files = sorted({info.relative_path for info in self.metadata.storage_data.values()})
+        missing = [f for f in files if not (self.path / f).is_file()]
+        if missing:
+            raise ToolError(f"{self.path}: missing shard file(s) {', '.join(missing[:4])}"
+                            f"{' ...' if len(missing) > 4 else ''} ({len(missing)} of {len(files)})")
+        for f in files:
+            size = (self.path / f).stat().st_size
+            need = max(i.offset + i.length for i in self.metadata.storage_data.values() if i.relative_path == f)
+            if size < need:
+                raise ToolError(f"{self.path / f}: truncated shard file ({size} bytes, index needs {need})")
+
+    def _model_config(self) -> ModelConfig:
+        cfg = self.meta.get("model")
+        if not isinstance(cfg, dict):
+            raise ToolError(f"{self.path / 'megafox.json'}: no 'model' entry (the ModelConfig the checkpoint was trained with)")
+        try:
+            return from_dict(ModelConfig, cfg, f"{self.path / 'megafox.json'}: model").validate()
+        except ConfigError as exc:
+            raise ToolError(str(exc)) from None
+
+    # -- reading ---------------------------------------------------------------------------
+    def read(self, requests: Dict[str, Optional[int]], dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+        """`{key: layer or None}` -> `{key: tensor}`; a layer index reads that slice of a stacked tensor.
+
+        A slice stored as one chunk (any layer of a TP1 save, norms at any TP) is returned as the
+        loaded chunk itself; only slices spread over several TP chunks are assembled by copying.
+        """
+        targets, items = {}, {}
+        for key, layer in requests.items():
+            if key not in self.tensors:
+                raise ToolError(f"{self.path}: checkpoint has no tensor {key!r}")
+            shape = self.shape(key)
+            size = shape if layer is None else (1,) + shape[1:]
+            offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(size))
+            items[key] = create_read_items_for_chunk_list(key, self.tensors[key], [chunk])
+            targets[key] = (size, offsets)
+        out = {}
+        try:
+            for key, reads in items.items():
+                size, _ = targets[key]
+                parts = [(item, self._load_item(item)) for item in reads]
+                if len(parts) == 1 and tuple(parts[0][1].shape) == tuple(size):
+                    tensor = parts[0][1]
+                else:
+                    tensor = torch.empty(size, dtype=self.dtype(key))
+                    for item, part in parts:
+                        dest = tensor
+                        for dim, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
+                            dest = dest.narrow(dim, start, length)
+                        dest.copy_(part)
+                if requests[key] is not None:
+                    tensor = tensor[0]
+                out[key] = tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+                del parts
+        except (OSError, RuntimeError, EOFError, ValueError) as exc:
+            raise ToolError(f"{self.path}: reading {', '.join(requests)[:200]} failed: {exc}") from None
+        return out
+
+    def _load_item(self, item: ReadItem) -> torch.Tensor:
+        info = self.metadata.storage_data[item.storage_index]
+        if info.transform_descriptors:  # compressed/extended storage: let torch's reader decode it
+            return self._load_item_via_reader(item)
+        with open(self.path / info.relative_path, "rb") as f:
+            tensor = torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+            tensor = tensor.narrow(dim, start, length)
+        return tensor
+
+    def _load_item_via_reader(self, item: ReadItem) -> torch.Tensor:
+        target = torch.empty(tuple(item.lengths), dtype=self.metadata.state_dict_metadata[item.dest_index.fqn].properties.dtype)
+
+        class _One(_SliceLoadPlanner):
+            def resolve_tensor(self, read_item):
+                return target
+
+        one = ReadItem(type=item.type, dest_index=item.dest_index, dest_offsets=torch.Size([0] * len(item.lengths)),
+                       storage_index=item.storage_index, storage_offsets=item.storage_offsets, lengths=item.lengths)
+        self.reader.read_data(LoadPlan([one]), _One({})).wait()
+        return target
+
+    def read_layer(self, layer: int, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+        """One decoder layer as local keys (`self_attention.linear_qkv.weight`, ...), TP=1 layout."""
+        got = self.read({LAYER_PREFIX + name: layer for name in self.layer_tensors}, dtype)
+        return {k[len(LAYER_PREFIX):]: v for k, v in got.items()}
+
+    # -- validation ------------------------------------------------------------------------
+    def expected_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Global shapes the model config implies (vocab rows checked separately: they are padded)."""
+        m = self.model
+        L, h, d = m.num_layers, m.hidden_size, m.head_dim
+        qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * d
+        per_layer = dict(zip(self.layer_tensors, [
+            (L, h), (L, qkv_rows, h), (L, h, m.num_attention_heads * d), (L, h), (L, 2 * m.ffn_hidden_size, h),
+            (L, h, m.ffn_hidden_size)]))
+        shapes = {LAYER_PREFIX + k: v for k, v in per_layer.items()}
+        shapes[FINAL_NORM] = (h,)
+        return shapes
+
+    def validate(self) -> None:
+        """Every tensor the config needs is there with the config's shape; else one clear error."""
+        where = f"{self.path}"
+        for key, shape in self.expected_shapes().items():
+            if key not in self.tensors:
+                raise ToolError(f"{where}: missing tensor {key!r} (saved with a different model spec?)")
+            if self.shape(key) != shape:
+                raise ToolError(f"{where}: tensor {key} has shape {list(self.shape(key))}, but the model config "
+                                f"in megafox.json implies {list(shape)} (config/tensor mismatch)")
+        heads = [EMBEDDING] if self.model.tie_word_embeddings else [EMBEDDING, OUTPUT_LAYER]
+        for key in heads:
+            if key not in self.tensors:
+                raise ToolError(f"{where}: missing tensor {key!r}" + (
+                    " (megafox.json says tie_word_embeddings=false)" if key == OUTPUT_LAYER else ""))
+            rows, cols = self.shape(key)
+            if cols != self.model.hidden_size or rows < self.model.vocab_size:
+                raise ToolError(f"{where}: tensor {key} has shape {[rows, cols]}, but the model config implies "
+                                f"[>= vocab_size {self.model.vocab_size}, hidden_size {self.model.hidden_size}]")
+        if self.model.tie_word_embeddings and OUTPUT_LAYER in self.tensors:
+            raise ToolError(f"{where}: has a separate {OUTPUT_LAYER} but megafox.json says tie_word_embeddings=true")
+
+    def nbytes(self) -> int:
+        total = 0
+        for key in self.model_keys():
+            md = self.tensors[key]
+            total += md.size.numel() * torch.empty((), dtype=md.properties.dtype).element_size()
+        return total
