@@ -7,12 +7,20 @@ Layout of a checkpoint root:
 
 Shared by the trainer and `checkpoints_tools`, so it sits below both. dist_checkpointing stores
 global (unsharded) tensor layouts, so a checkpoint saved at one TP/PP loads at another.
+
+Training checkpoints (`save_training_checkpoint`) add the optimizer state (the distributed
+optimizer in the `fully_reshardable` format: one global tensor per parameter, so it
+reloads at any TP/PP/DP), every rank's RNG states, and in megafox.json the scheduler position
+and the data state (consumed samples per stage). Old ones are rotated: the newest `keep_last`
+plus every stage end are kept.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import random
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -72,20 +80,28 @@ def save_checkpoint(root: Union[str, Path], iteration: int, chunks: List[torch.n
     Every rank calls this. `metadata` (JSON-serializable) is written by rank 0 after all shards
     are on disk, and only then does `latest` move.
     """
+    state = model_sharded_state_dict(chunks)
+    if extra_sharded:
+        state.update(extra_sharded)
+    return _save_state(root, iteration, state, metadata, update_latest)
+
+
+def _save_state(root: Union[str, Path], iteration: int, state: Dict[str, Any], metadata: Dict[str, Any],
+                update_latest: bool = True) -> Path:
     from megatron.core import dist_checkpointing
 
     path = iteration_dir(root, iteration)
     if _rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
         stale = path / METADATA_FILE
         if stale.exists():
             stale.unlink()  # re-saving an iteration: incomplete until the new metadata lands
+        elif path.exists():
+            shutil.rmtree(path)  # leftovers of a crashed save: start clean
+        path.mkdir(parents=True, exist_ok=True)
     _barrier()
-    state = model_sharded_state_dict(chunks)
-    if extra_sharded:
-        state.update(extra_sharded)
     dist_checkpointing.save(state, str(path))
     _barrier()
+    _maybe_crash_for_test()
     if _rank() == 0:
         meta = dict(metadata, format=FORMAT, iteration=iteration)
         tmp = path / f".{METADATA_FILE}.tmp"
@@ -152,6 +168,219 @@ def load_model(root: Union[str, Path], chunks: List[torch.nn.Module],
             unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=False)
     meta["loaded"] = loaded
     return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints: model + optimizer + RNG + (in megafox.json) scheduler and data state.
+
+# mcore 0.16 rejects flattened ShardedTensors, so `fully_sharded_model_space` cannot save;
+# `fully_reshardable` (gathered over DP to per-parameter tensors) loads at any TP/PP/DP.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+_saves_in_process = 0
+
+
+def _maybe_crash_for_test() -> None:
+    """MEGAFOX_TEST_CRASH_IN_SAVE=k: die in this process's k-th save, after the shards are
+    written and before megafox.json, as a node failure would. Tests only."""
+    global _saves_in_process
+    _saves_in_process += 1
+    target = os.environ.get("MEGAFOX_TEST_CRASH_IN_SAVE")
+    if target and int(target) == _saves_in_process:
+        print(f"[test hook] crashing in save #{_saves_in_process} before metadata", flush=True)
+        os._exit(1)
+
+
+def layout_signature() -> Dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+            "dp": ps.get_data_parallel_world_size(),
+            "world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+
+
+def get_rng_state() -> Dict[str, Any]:
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(state: Any):
+    """One object per (pp, tp, dp) rank: RNG streams only mean something on the same layout."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    lay = layout_signature()
+    return ShardedObject("rng_state", state, (lay["pp"], lay["tp"], lay["dp"]),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                          ps.get_data_parallel_rank()), replica_id=0)
+
+
+def save_training_checkpoint(root: Union[str, Path], iteration: int, chunks: List[torch.nn.Module],
+                             optimizer, metadata: Dict[str, Any], keep_last: Optional[int] = None) -> Path:
+    """Everything needed to continue bit-exactly (same layout) or equivalently (any layout).
+
+    `metadata` must be JSON-serializable and carries the scheduler and data state; its
+    `stage_end: true` protects the checkpoint from rotation.
+    """
+    model_state = model_sharded_state_dict(chunks)
+    extra = {"optimizer": optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA),
+             "rng_state": _rng_sharded(get_rng_state())}
+    meta = dict(metadata, layout=layout_signature())
+    path = _save_state(root, iteration, dict(model_state, **extra), meta)
+    if keep_last is not None and _rank() == 0:
+        rotate_checkpoints(root, keep_last)
+    _barrier()
+    return path
+
+
+def load_training_checkpoint(root: Union[str, Path], chunks: List[torch.nn.Module], optimizer,
+                             iteration: Union[int, str, None] = "latest", load_optimizer: bool = True) -> Dict[str, Any]:
+    """Load model, optimizer and (when saved on this same layout) RNG states; return metadata.
+
+    The optimizer loads at any TP/PP/DP layout; RNG streams are per-rank and restored only when
+    the layout matches (the caller reseeds otherwise). `meta["rng_restored"]` says which.
+    """
+    from megatron.core import dist_checkpointing
+
+    meta = read_metadata(root, iteration)
+    state = model_sharded_state_dict(chunks)
+    if load_optimizer:
+        if "optimizer" not in _saved_top_keys(meta["path"]):
+            raise CheckpointError(f"{meta['path']}: has no optimizer state (a model-only checkpoint); "
+                                  "it can initialize weights but not resume training")
+        _init_torch_adam_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
+    same_layout = meta.get("layout") == layout_signature()
+    if same_layout:
+        state["rng_state"] = _rng_sharded(None)
+    loaded = dist_checkpointing.load(state, meta["path"])
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=False)
+    if load_optimizer:
+        _load_optimizer_state(optimizer, loaded["optimizer"])
+    if same_layout:
+        set_rng_state(loaded["rng_state"])
+    meta["rng_restored"] = same_layout
+    return meta
+
+
+def _init_torch_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam (megatron-core's fallback without Apex/TE) a full state, 'step'
+    included: the distributed optimizer's state_dict() asserts one common step and fails on an
+    optimizer that has not stepped yet. The loaded checkpoint overwrites every value."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(inner, "optimizer", None)
+        if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in torch_opt.param_groups:
+            for p in group["params"]:
+                if len(torch_opt.state[p]) == 0:
+                    torch_opt.state[p]["step"] = torch.tensor(0.0)
+                    torch_opt.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                    torch_opt.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+def _load_optimizer_state(optimizer, state: Dict[str, Any]) -> None:
+    """optimizer.load_state_dict, working around mcore 0.16 with torch Adam (no Apex/TE): the
+    fully_reshardable loader copies every key of the live per-parameter state, 'step' included,
+    from the checkpoint tensors that never hold 'step' (it lives in the param groups) -> KeyError.
+    So load the param groups (and step) first, then the tensors with 'step' briefly set aside."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    inner = chained[0] if chained and len(chained) == 1 else optimizer
+    param_state = state.get("param_state") if isinstance(state, dict) else None
+    if (state.get("param_state_sharding_type") != "fully_reshardable" or param_state is None
+            or not hasattr(inner, "load_parameter_state_from_fully_reshardable")):
+        optimizer.load_state_dict(state)
+    else:
+        rest = {k: v for k, v in state.items() if k not in ("param_state", "param_state_sharding_type")}
+        inner.load_state_dict(rest)
+        torch_state = inner.optimizer.state
+        steps = {p: st.pop("step") for p, st in torch_state.items() if "step" in st}
+        try:
+            inner.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for p, step in steps.items():
+                torch_state[p]["step"] = step
+    _unalias_adam_steps(optimizer)
+
+
+def _unalias_adam_steps(optimizer) -> None:
+    """mcore's loader gives every parameter the SAME 'step' tensor; torch Adam then adds 1 per
+    parameter per step to it, corrupting bias correction (and rank-dependent: ranks hold
+    different parameter counts). One tensor per parameter, as a fresh Adam has."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(inner, "optimizer", None)
+        if isinstance(torch_opt, torch.optim.Optimizer):
+            for st in torch_opt.state.values():
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].detach().clone()
+
+
+def _saved_top_keys(path: Union[str, Path]) -> set:
+    from megatron.core import dist_checkpointing
+
+    return {key.split(".")[0] for key in dist_checkpointing.load_tensors_metadata(str(path))}
+
+
+def list_checkpoints(root: Union[str, Path]) -> List[int]:
+    """Iterations with a complete checkpoint under `root`, oldest first."""
+    root = Path(root)
+    found = []
+    for path in root.glob("iter_*"):
+        if (path / METADATA_FILE).is_file():
+            try:
+                found.append(int(path.name[len("iter_"):]))
+            except ValueError:
+                continue
+    return sorted(found)
+
+
+def rotate_checkpoints(root: Union[str, Path], keep_last: int) -> List[int]:
+    """Delete periodic checkpoints beyond the newest `keep_last`, and crash leftovers older than
+    `latest`; keep `latest` and every stage end. Returns the deleted iterations."""
+    root = Path(root)
+    latest = resolve_iteration(root) if (root / LATEST_FILE).is_file() else None
+    complete = list_checkpoints(root)
+    keep = set(complete[-keep_last:])
+    if latest is not None:
+        keep.add(latest)
+    deleted = []
+    for it in complete:
+        if it in keep:
+            continue
+        meta = json.loads((iteration_dir(root, it) / METADATA_FILE).read_text())
+        if meta.get("stage_end"):
+            continue
+        # Metadata goes first: a half-deleted checkpoint then reads as incomplete, never as valid.
+        (iteration_dir(root, it) / METADATA_FILE).unlink()
+        shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+        deleted.append(it)
+    for path in root.glob("iter_*"):
+        try:
+            it = int(path.name[len("iter_"):])
+        except ValueError:
+            continue
+        if not (path / METADATA_FILE).is_file() and latest is not None and it < latest:
+            shutil.rmtree(path, ignore_errors=True)
+    return deleted
 
 
 def _json_default(obj):

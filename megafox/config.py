@@ -164,10 +164,11 @@ def fox1_tiny() -> ModelConfig:
 
 
 def fox1_demo() -> ModelConfig:
-    """The CPU demo: deep-narrow like Fox-1 (8 layers, hidden 128, GQA 4:1), a 4K vocab."""
+    """The CPU demo: deep-narrow like Fox-1 (8 layers, hidden 128, GQA 4:1 with 2 KV heads so
+    TP2 splits it), a 4K vocab."""
     return ModelConfig(
         name="fox1-demo", num_layers=8, hidden_size=128, ffn_hidden_size=256,
-        num_attention_heads=4, num_query_groups=1, kv_channels=32, vocab_size=4096,
+        num_attention_heads=8, num_query_groups=2, vocab_size=4096,
         max_position_embeddings=1024)
 
 
@@ -232,3 +233,332 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Training run: the curriculum (stages), optimizer, LR schedule, checkpoints, logging.
+# One YAML file holds all of it (configs/train/*.yaml); `load_train_config` validates it once.
+
+PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULE_STYLES = ("cosine", "wsd", "linear", "constant")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+NAN_POLICIES = ("skip", "halt")
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage: only data and sequence length change from the stage before."""
+
+    name: str
+    seq_length: int
+    token_budget: int  # tokens to train on in this stage (rounded down to whole batches)
+    batch_tokens: int  # global batch in tokens = global_batch_size x seq_length
+    data: str  # blend.json from `make preprocess`; relative paths are under `data_dir`
+    micro_batch_size: Optional[int] = None  # default: the run's micro_batch_size
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_tokens // self.seq_length
+
+    @property
+    def num_steps(self) -> int:
+        return self.token_budget // self.batch_tokens
+
+    @property
+    def trained_tokens(self) -> int:
+        return self.num_steps * self.batch_tokens
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (megatron-core's optimizer; the distributed one when parallel says so)."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """One LR schedule over the whole curriculum, counted in tokens, never reset at a stage.
+
+    cosine/linear: warmup, then decay from lr to min_lr over the rest of the run.
+    wsd: warmup, constant, then decay over the last `decay_tokens` tokens of the run.
+    """
+
+    style: str = "cosine"
+    warmup_tokens: int = 0
+    decay_tokens: Optional[int] = None  # wsd only
+    wsd_decay_style: str = "linear"
+    init_lr: float = 0.0  # lr at token 0 (warmup starts here)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    interval: int = 1000  # steps between saves; every stage end is saved too
+    keep_last: int = 2  # periodic checkpoints kept (stage-end ones are always kept)
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # steps between log lines
+    tensorboard_dir: Optional[str] = None  # default <checkpoint.dir>/tensorboard; "" disables
+    wandb_project: Optional[str] = None  # W&B when set and wandb is installed
+    wandb_run_name: Optional[str] = None
+    peak_flops: float = 989e12  # per device, for MFU (H100 dense bf16)
+
+
+@dataclass
+class ValidationConfig:
+    interval: int = 0  # steps between validation runs; 0 = off
+    batches: int = 4  # global batches of the held-out split per validation
+    valid_fraction: float = 0.01  # share of each dataset's documents held out
+
+
+@dataclass
+class DataConfig:
+    seed: int = 1234
+    cache_dir: Optional[str] = None  # megatron's sample-index cache; default <checkpoint.dir>/data_cache
+
+
+@dataclass
+class DebugConfig:
+    log_samples: bool = False  # write every step's sample ids to <checkpoint.dir>/samples/
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    stages: list
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    data_dir: str = "data"
+    micro_batch_size: int = 1
+    seed: int = 1234
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    recompute: str = "none"  # none | selective | full
+    fused_loss: bool = False
+    nan_policy: str = "skip"  # skip the step, or halt (exit 3)
+    source: str = ""  # the YAML file, for messages
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(f"--stage: unknown stage {name!r}; the config has {', '.join(s.name for s in self.stages)}")
+
+    def stage_index(self, name: str) -> int:
+        return self.stages.index(self.stage(name))
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.trained_tokens for s in self.stages)
+
+    def tokens_before(self, name: str) -> int:
+        return sum(s.trained_tokens for s in self.stages[:self.stage_index(name)])
+
+    def blend_path(self, stage: StageConfig) -> Path:
+        path = Path(stage.data).expanduser()
+        return path if path.is_absolute() else Path(self.data_dir).expanduser() / path
+
+    def mbs(self, stage: StageConfig) -> int:
+        return stage.micro_batch_size or self.micro_batch_size
+
+    def validate(self) -> "TrainConfig":
+        self.model.validate()
+        self.parallel.validate(self.model)
+        _require(isinstance(self.stages, list) and len(self.stages) > 0, "stages", "must be a non-empty list")
+        _require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _require(self.recompute in RECOMPUTE, "recompute", f"must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+        _require(self.nan_policy in NAN_POLICIES, "nan_policy",
+                 f"must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}")
+        seen = set()
+        for i, s in enumerate(self.stages):
+            where = f"stages[{i}]"
+            _require(isinstance(s.name, str) and s.name != "", f"{where}.name", "must be a non-empty string")
+            _require(s.name not in seen, f"{where}.name", f"duplicate stage name {s.name!r}")
+            seen.add(s.name)
+            where = f"stages.{s.name}"
+            for name in ("seq_length", "token_budget", "batch_tokens"):
+                value = getattr(s, name)
+                _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                         f"{where}.{name}", f"must be a positive integer, got {value!r}")
+            validate_seq_length(s.seq_length, self.model, f"{where}.seq_length")
+            _require(s.batch_tokens % s.seq_length == 0, f"{where}.batch_tokens",
+                     f"{s.batch_tokens} is not a multiple of seq_length ({s.seq_length})")
+            _require(s.token_budget >= s.batch_tokens, f"{where}.token_budget",
+                     f"{s.token_budget} is less than one batch ({s.batch_tokens} tokens)")
+            mbs = self.mbs(s)
+            _require(mbs >= 1, f"{where}.micro_batch_size", f"must be >= 1, got {mbs}")
+            _require(s.global_batch_size % mbs == 0, f"{where}.batch_tokens",
+                     f"global batch of {s.global_batch_size} sequences is not a multiple of "
+                     f"micro_batch_size ({mbs})")
+            _require(isinstance(s.data, str) and s.data != "", f"{where}.data", "must be a path to a blend.json")
+        o = self.optimizer
+        _require(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+        _require(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, lr={o.lr}], got {o.min_lr}")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(o, name) < 1, f"optimizer.{name}", f"must be in [0, 1), got {getattr(o, name)}")
+        _require(o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps}")
+        _require(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+        _require(o.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0 (0 = off), got {o.clip_grad}")
+        sc, total = self.schedule, self.total_tokens
+        _require(sc.style in SCHEDULE_STYLES, "schedule.style",
+                 f"must be one of {', '.join(SCHEDULE_STYLES)}, got {sc.style!r}")
+        _require(0 <= sc.warmup_tokens < total, "schedule.warmup_tokens",
+                 f"must be in [0, total trained tokens = {total}), got {sc.warmup_tokens}")
+        _require(0 <= sc.init_lr <= o.lr, "schedule.init_lr", f"must be in [0, optimizer.lr], got {sc.init_lr}")
+        if sc.style == "wsd":
+            _require(sc.decay_tokens is not None and 0 < sc.decay_tokens <= total - sc.warmup_tokens,
+                     "schedule.decay_tokens", f"wsd needs 0 < decay_tokens <= total - warmup "
+                     f"({total - sc.warmup_tokens}), got {sc.decay_tokens}")
+            _require(sc.wsd_decay_style in WSD_DECAY_STYLES, "schedule.wsd_decay_style",
+                     f"must be one of {', '.join(WSD_DECAY_STYLES)}, got {sc.wsd_decay_style!r}")
+        else:
+            _require(sc.decay_tokens is None, "schedule.decay_tokens", f"only used by style wsd, not {sc.style}")
+        c = self.checkpoint
+        _require(bool(c.dir), "checkpoint.dir", "must be set")
+        _require(c.interval >= 1, "checkpoint.interval", f"must be >= 1, got {c.interval}")
+        _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
+        _require(self.logging.interval >= 1, "logging.interval", f"must be >= 1, got {self.logging.interval}")
+        _require(self.logging.peak_flops > 0, "logging.peak_flops", f"must be > 0, got {self.logging.peak_flops}")
+        v = self.validation
+        _require(v.interval >= 0, "validation.interval", f"must be >= 0, got {v.interval}")
+        _require(v.batches >= 1, "validation.batches", f"must be >= 1, got {v.batches}")
+        _require(0 <= v.valid_fraction < 1, "validation.valid_fraction", f"must be in [0, 1), got {v.valid_fraction}")
+        _require(v.interval == 0 or v.valid_fraction > 0, "validation.valid_fraction",
+                 "must be > 0 when validation.interval is set")
+        return self
+
+
+_TRAIN_SECTIONS = {"parallel": ParallelConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
+                   "checkpoint": CheckpointConfig, "logging": LoggingConfig, "validation": ValidationConfig,
+                   "data": DataConfig, "debug": DebugConfig}
+
+
+def parse_override(text: str):
+    """`a.b=value` -> (["a", "b"], value parsed as YAML, so 2 is an int and true a bool)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: Dict[str, Any], overrides) -> Dict[str, Any]:
+    """Set `a.b.c=v` paths in the raw config; stages are addressed by name (or list index)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                match = [s for s in node if isinstance(s, dict) and s.get("name") == part]
+                if match:
+                    idx = node.index(match[0])
+                elif part.isdigit() and int(part) < len(node):
+                    idx = int(part)
+                else:
+                    raise ConfigError(f"override {text!r}: no list entry named {part!r}")
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ConfigError(f"override {text!r}: {'.'.join(path[:i])} is not a section")
+    return data
+
+
+def _coerce(obj, where: str):
+    """Check/convert scalar field types from their annotations, naming the field on error.
+
+    YAML reads `3e-4` as a string and `1e12` may arrive as a float; both are accepted where a
+    number is meant, but a value that is not a number at all is reported here, by name.
+    """
+    for f in fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type).replace("Optional[", "").rstrip("]")
+        if value is None or kind not in ("int", "float", "bool", "str"):
+            continue
+        name = f"{where}.{f.name}" if where else f.name
+        if kind == "bool":
+            _require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
+        elif kind == "str":
+            _require(isinstance(value, str), name, f"must be a string, got {value!r}")
+        else:
+            number = value
+            if isinstance(value, str):
+                try:
+                    number = float(value)
+                except ValueError:
+                    number = None
+            ok = isinstance(number, (int, float)) and not isinstance(number, bool)
+            if ok and kind == "int":
+                ok = float(number).is_integer()
+                number = int(number) if ok else number
+            _require(ok, name, f"must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+            setattr(obj, f.name, float(number) if kind == "float" else number)
+    return obj
+
+
+def train_config_from_dict(data: Dict[str, Any], source: str = "") -> TrainConfig:
+    data = dict(data or {})
+    if "model" not in data:
+        raise ConfigError("model: missing (e.g. `model: {preset: fox1-1.6b}`)")
+    if "stages" not in data:
+        raise ConfigError("stages: missing (a list of {name, seq_length, token_budget, batch_tokens, data})")
+    known = {f.name for f in fields(TrainConfig)} - {"source"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs: Dict[str, Any] = {"model": model_from_dict(data.pop("model"), "model")}
+    stages = data.pop("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError("stages: must be a non-empty list")
+    kwargs["stages"] = []
+    for i, s in enumerate(stages):
+        where = f"stages.{s['name']}" if isinstance(s, dict) and isinstance(s.get("name"), str) else f"stages[{i}]"
+        kwargs["stages"].append(_coerce(from_dict(StageConfig, s, where), where))
+    for name, cls in _TRAIN_SECTIONS.items():
+        if name in data:
+            kwargs[name] = _coerce(from_dict(cls, data.pop(name), name), name)
+    kwargs.update(data)
+    return _coerce(TrainConfig(source=source, **kwargs), "")
+
+
+def load_train_config(path: str | Path, overrides=()) -> TrainConfig:
+    """Read, override and validate a training config; every error names the file and field."""
+    data = load_yaml(path)
+    try:
+        apply_overrides(data, overrides)
+        return train_config_from_dict(data, str(path)).validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # e.g. a string where a number belongs
+        raise ConfigError(f"{path}: {exc}") from None

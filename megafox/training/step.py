@@ -138,12 +138,27 @@ def train_step(chunks: List[DistributedDataParallel], optimizer, data_iterator, 
         return StepResult(loss, float("nan"), tokens, skipped=True)
     if skip_nonfinite and not math.isfinite(loss):
         return StepResult(loss, float("nan"), tokens, skipped=True)
+    if skip_nonfinite and not _grads_finite(chunks):
+        # Without an fp16 grad scaler megatron-core's optimizer does not check for inf/NaN: a
+        # NaN grad norm makes clipping a no-op and the update would write NaN into the weights.
+        return StepResult(loss, float("nan"), tokens, skipped=True)
     ok, grad_norm, _ = optimizer.step()
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     skipped = not ok
     if skip_nonfinite and not math.isfinite(grad_norm):
         skipped = True  # megatron-core has already refused the update when grads were non-finite
     return StepResult(loss, grad_norm, tokens, skipped)
+
+
+def _grads_finite(chunks: List[DistributedDataParallel]) -> bool:
+    """Whether every rank's gradient buffers are finite (one flag all-reduced over all ranks)."""
+    finite = True
+    for chunk in chunks:
+        for buffer in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
+            finite = finite and bool(torch.isfinite(buffer.grad_data).all())
+    flag = torch.tensor([0.0 if finite else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
 
 
 def _global_loss(losses: List[Dict[str, torch.Tensor]]):

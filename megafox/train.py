@@ -1,0 +1,107 @@
+"""`megafox-train --config CONFIG.yaml --stage STAGE` (= `python -m megafox.train`).
+
+Runs one curriculum stage under torchrun (or srun: ranks from SLURM_* variables). Overrides come
+from `--override key.sub=value` (repeatable) and the environment variable MEGAFOX_OVERRIDES
+("a.b=1 c.d=x"; command-line overrides win). Exit statuses: see megafox/training/signals.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import traceback
+
+from megafox.config import ConfigError, load_train_config
+from megafox.training.signals import EXIT_CONFIG, EXIT_FAILURE, EXIT_NAN, EXIT_OK
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="megafox-train", description="Train one curriculum stage of a megafox run.",
+        epilog="exit status: 0 stage complete, 75 stopped after saving (requeue), 2 bad config, "
+               "3 halted on NaN/inf (nan_policy: halt), 1 other failure")
+    parser.add_argument("--config", required=True, help="training YAML (configs/train/*.yaml)")
+    parser.add_argument("--stage", required=True, help="stage name from the config's `stages`")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a config field, e.g. checkpoint.dir=/scratch/run1 or stages.stage1.token_budget=1e6")
+    parser.add_argument("--load", default=None, metavar="DIR",
+                        help="checkpoint root to start from when checkpoint.dir has none yet (its `latest`)")
+    parser.add_argument("--exit-after-minutes", type=float, default=None, metavar="M",
+                        help="save and exit 75 once M minutes have passed (checked after every step)")
+    return parser.parse_args(argv)
+
+
+def _error(message: str) -> None:
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank == "0":
+        print(f"megafox-train: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    status = _run(parse_args(argv))
+    _report_status(status)
+    return status
+
+
+def _report_status(status: int) -> None:
+    """torchrun exits 1 whatever its workers' statuses were; with MEGAFOX_EXIT_FILE set, rank 0
+    also writes its status there so a launcher (launch/local.sh, SLURM scripts) can exit with
+    it and requeue on 75."""
+    path = os.environ.get("MEGAFOX_EXIT_FILE")
+    if path and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        try:
+            with open(path, "w") as f:
+                f.write(f"{status}\n")
+        except OSError as exc:
+            print(f"megafox-train: cannot write MEGAFOX_EXIT_FILE {path}: {exc}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from megafox.checkpoint import CheckpointError
+    from megafox.training.loop import Trainer, TrainingHalted, check_stage_order, log
+
+    overrides = shlex.split(os.environ.get("MEGAFOX_OVERRIDES", "")) + list(args.override)
+    if args.exit_after_minutes is not None and args.exit_after_minutes <= 0:
+        _error(f"--exit-after-minutes: must be > 0, got {args.exit_after_minutes}")
+        return EXIT_CONFIG
+    trainer = None
+    try:
+        config = load_train_config(args.config, overrides)
+        config.stage(args.stage)
+        complete = check_stage_order(config, args.stage)
+        if complete:
+            log(f"{complete}; nothing to do")
+            return EXIT_OK
+        trainer = Trainer(config, args.stage, args.load, args.exit_after_minutes)
+        trainer.setup()
+        return trainer.run()
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    except CheckpointError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    except TrainingHalted as exc:
+        _error(f"halted: {exc}")
+        return EXIT_NAN
+    except Exception:
+        traceback.print_exc()
+        return EXIT_FAILURE
+    finally:
+        if trainer is not None:
+            trainer.stop.uninstall()
+            _shutdown()
+
+
+def _shutdown() -> None:
+    try:
+        from megafox.parallel import destroy_distributed
+
+        destroy_distributed()
+    except Exception:  # tearing down after a failure must not hide the exit status
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The real trainer CLI end to end: launch/local.sh -> torchrun (2 CPU ranks, gloo) -> megafox-train
+on real indexed data through StageData. Resume, crashes, signals, layouts, stage change, NaN."""
+import json
+import math
+import shutil
+import signal
+
+import pytest
+
+from megafox import checkpoint as ckpt
+from tests.training.harness import (adam_step, kill_session, latest, losses, metrics, model_tensors, run_stage,
+                                    sample_ids, track, wait_for_line, worker_with_rank)
+
+pytestmark = [pytest.mark.slow, pytest.mark.multirank]
+
+STAGE1_STEPS, GBS1 = 8, 8  # SMALL in harness.py: 4096 tokens / (8 x 64)
+STAGE2_STEPS, GBS2 = 4, 8
+
+
+def _ok(rc, out, expected=0):
+    assert rc == expected, f"exit {rc}, expected {expected}:\n{out[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """stage1 uninterrupted on DP2: the losses every interrupted run must reproduce."""
+    root = tmp_path_factory.mktemp("reference") / "ckpt"
+    rc, out = run_stage("stage1", root, tiny_data)
+    _ok(rc, out)
+    assert f"stage stage1 complete: iteration={STAGE1_STEPS}" in out
+    ref = losses(root, "stage1")
+    assert sorted(ref) == list(range(1, STAGE1_STEPS + 1))
+    assert all(math.isfinite(v) for v in ref.values())
+    assert ref[STAGE1_STEPS] < ref[1]  # it learns
+    return root
+
+
+def _assert_samples_exact(root, stage, steps, gbs, first_iteration=1):
+    """Over all runs of the stage (a re-run step replaces the killed run's), the global batches
+    are exactly stage samples [0, steps x gbs) in order: none repeated, none skipped."""
+    ids = sample_ids(root, stage)
+    assert sorted(ids) == list(range(first_iteration, first_iteration + steps))
+    for it, batch in ids.items():
+        k = it - first_iteration
+        assert sorted(batch) == list(range(k * gbs, (k + 1) * gbs)), it
+
+
+def test_crash_in_save_then_kill9_then_resume_is_bit_exact(reference, tiny_data, tmp_path):
+    root = tmp_path / "ckpt"
+    interval = ["checkpoint.interval=2"]
+    # 1. every rank dies inside the 2nd save (iteration 4), after its shards, before megafox.json
+    rc, out = run_stage("stage1", root, tiny_data, overrides=interval, env={"MEGAFOX_TEST_CRASH_IN_SAVE": "2"})
+    assert rc != 0 and "crashing in save #2" in out, out[-4000:]
+    assert latest(root) == 2
+    assert (root / "iter_0000004").is_dir() and not (root / "iter_0000004" / ckpt.METADATA_FILE).exists()
+    assert ckpt.read_metadata(root)["iteration"] == 2
+    # 2. the restart resumes from 2, saves 4 and 6, and is killed -9 at the start of step 7
+    rc, out = run_stage("stage1", root, tiny_data, overrides=interval, env={"MEGAFOX_TEST_KILL_AT_STEP": "7"})
+    assert rc != 0, out[-4000:]
+    assert "resumed from" in out and "iter_0000002" in out
+    assert latest(root) == 6
+    # 3. the final restart finishes; every step's loss equals the uninterrupted run's, bit for bit
+    rc, out = run_stage("stage1", root, tiny_data, overrides=interval)
+    _ok(rc, out)
+    assert "iter_0000006" in out and f"stage stage1 complete: iteration={STAGE1_STEPS}" in out
+    assert losses(root, "stage1") == losses(reference, "stage1")
+    _assert_samples_exact(root, "stage1", STAGE1_STEPS, GBS1)
+
+
+def test_sigusr1_on_one_rank_saves_exits_75_and_resume_matches(reference, tiny_data, tmp_path):
+    root = tmp_path / "ckpt"
+    proc = run_stage("stage1", root, tiny_data, popen=True, env={"MEGAFOX_TEST_STEP_SLEEP": "0.4"})
+    sessions = set()
+    try:
+        wait_for_line(proc, "step 2 ")
+        track(proc, sessions)
+        worker_with_rank(proc.pid, 1).send_signal(signal.SIGUSR1)  # rank 0 must learn it from the all-reduce
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        kill_session(proc, sessions)
+    assert proc.returncode == 75, out[-4000:]
+    assert "stopping: signal received on another rank" in out and "exit 75" in out  # rank 0 was not signalled
+    stopped_at = latest(root)
+    assert 2 <= stopped_at < STAGE1_STEPS
+    assert not (root / "stage1.done").exists()
+    rc, out = run_stage("stage1", root, tiny_data)
+    _ok(rc, out)
+    assert f"resumed from {root / f'iter_{stopped_at:07d}'}" in out
+    ref = losses(reference, "stage1")
+    assert losses(root, "stage1")[STAGE1_STEPS] == ref[STAGE1_STEPS]
+    assert json.loads((root / "stage1.done").read_text())["loss"] == ref[STAGE1_STEPS]
+    _assert_samples_exact(root, "stage1", STAGE1_STEPS, GBS1)
+
+
+def test_exit_after_minutes_saves_and_exits_75(tiny_data, tmp_path):
+    root = tmp_path / "ckpt"
+    rc, out = run_stage("stage1", root, tiny_data, nproc=1, env={"EXIT_AFTER_MINUTES": "0.0001"})
+    assert rc == 75, out[-4000:]
+    assert "--exit-after-minutes reached" in out
+    assert latest(root) == 1 and ckpt.read_metadata(root)["run_state"]["consumed_samples"] == {"stage1": GBS1}
+
+
+@pytest.mark.parametrize("name,source", [
+    ("tp2_to_tp1", ["parallel.tensor_model_parallel_size=2"]),
+    ("pp2_to_pp1", ["parallel.pipeline_model_parallel_size=2"]),
+])
+def test_resume_on_another_layout_continues_the_same_run(tiny_data, tmp_path, name, source):
+    """Saved at TP2 (or PP2) x DP1, resumed at TP1 x PP1 x DP2: model, distributed-optimizer state,
+    schedule and data position all carry over, so the losses follow the uninterrupted run."""
+    short = ["stages.stage1.token_budget=2048", "checkpoint.interval=2"]  # 4 steps, saved at 2
+    src = tmp_path / "src"
+    rc, out = run_stage("stage1", src, tiny_data, overrides=source + short)
+    _ok(rc, out)
+    straight = losses(src, "stage1")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    shutil.copytree(src / "iter_0000002", dst / "iter_0000002")
+    ckpt.write_latest(dst, 2)
+    rc, out = run_stage("stage1", dst, tiny_data, overrides=short)
+    _ok(rc, out)
+    assert "layout changed" in out and "RNG states reseeded" in out
+    resumed = losses(dst, "stage1")
+    assert sorted(resumed) == [3, 4]
+    for it in (3, 4):
+        assert resumed[it] == pytest.approx(straight[it], rel=2e-6, abs=0), (it, resumed[it], straight[it])
+    assert adam_step(dst / "iter_0000004") == 4.0
+
+
+def test_stage_transition_keeps_optimizer_and_schedule_and_reads_no_sample_twice(reference, tiny_data, tmp_path):
+    root = tmp_path / "ckpt"
+    shutil.copytree(reference, root)
+    rc, out = run_stage("stage2", root, tiny_data)
+    _ok(rc, out)
+    # starts from stage1's final checkpoint with its optimizer (Adam step 8) and token count
+    assert f"resumed from {root / 'iter_0000008'}: iteration=8 stage=stage1 tokens=4096" in out
+    assert "optimizer_step=8" in out
+    assert adam_step(root / "iter_0000012") == 12.0  # 8 + 4: continued, not restarted
+    meta = ckpt.read_metadata(root)
+    assert meta["stage"] == "stage2" and meta["stage_end"] and meta["seq_length"] == 128
+    assert meta["scheduler"]["num_steps"] == 4096 + 4096
+    assert meta["run_state"]["consumed_samples"] == {"stage1": STAGE1_STEPS * GBS1, "stage2": STAGE2_STEPS * GBS2}
+    # one cosine schedule over both stages: step 9's LR is the schedule at 5120 tokens, not a restart
+    total, warmup, lr, min_lr = 4096 + 4096 + 16384, 1024, 3e-3, 3e-4
+
+    def cosine(tokens):
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (tokens - warmup) / (total - warmup)))
+
+    m2 = metrics(root, "stage2")
+    assert sorted(m2) == [9, 10, 11, 12]
+    assert m2[9]["lr"] == pytest.approx(cosine(5120), rel=1e-12)
+    assert m2[9]["lr"] != pytest.approx(cosine(1024 + 1024), rel=1e-6)
+    assert all(rec["loss_tokens"] == GBS2 * 128 for rec in m2.values())  # sequence length changed
+    # data: stage2 sample ids are exactly its first 32; the documents they read (email is shared by
+    # both blends) do not overlap what stage1's 64 samples read, and stage2 reads its new http data
+    _assert_samples_exact(root, "stage2", STAGE2_STEPS, GBS2, first_iteration=STAGE1_STEPS + 1)
+    from megafox.data.stage_data import StageData
+
+    common = dict(seed=1234, cache_dir=str(root / "data_cache"), valid_fraction=0.05)
+    s1 = StageData(str(tiny_data / "stage1" / "blend.json"), 64, GBS1, token_budget=4096, **common)
+    s2 = StageData(str(tiny_data / "stage2" / "blend.json"), 128, GBS2, token_budget=4096, **common,
+                   previous_stages=[{"blend": str(tiny_data / "stage1" / "blend.json"), "seq_length": 64,
+                                     "consumed_samples": STAGE1_STEPS * GBS1, "token_budget": 4096}])
+    read1 = s1.documents_read(STAGE1_STEPS * GBS1)
+    read2 = s2.documents_read(STAGE2_STEPS * GBS2)
+    email = str(tiny_data / "shards" / "email")
+    assert len(read1[email]) > 0 and len(read2[email]) > 0
+    assert set(read1[email].tolist()).isdisjoint(read2[email].tolist())
+    assert len(read2[str(tiny_data / "shards" / "http")]) > 0
+
+
+def test_nan_skip_policy_skips_the_step_and_continues(tiny_data, tmp_path):
+    root = tmp_path / "ckpt"
+    rc, out = run_stage("stage1", root, tiny_data, nproc=1, overrides=["checkpoint.interval=1"],
+                        env={"MEGAFOX_TEST_NAN_AT_STEP": "3"})
+    _ok(rc, out)
+    assert "skipped step 3: loss=nan" in out
+    m = metrics(root, "stage1")
+    assert m[3]["skipped"] and math.isnan(m[3]["loss"])
+    assert not any(m[i]["skipped"] for i in m if i != 3) and sorted(m) == list(range(1, STAGE1_STEPS + 1))
+    w2, w3, w4 = (model_tensors(root / f"iter_{i:07d}", tmp_path) for i in (2, 3, 4))
+    assert set(w2) == set(w3) and len(w2) > 0
+    assert all((w2[k] == w3[k]).all() for k in w2), "a skipped step changed the weights"
+    assert any((w3[k] != w4[k]).any() for k in w3), "training did not continue after the skip"
+    assert adam_step(root / "iter_0000003") == 2.0 and adam_step(root / "iter_0000004") == 3.0
+    assert ckpt.read_metadata(root)["run_state"]["skipped_steps"] == 1
+
+
+def test_nan_halt_policy_exits_3_with_a_message(tiny_data, tmp_path):
+    root = tmp_path / "ckpt"
+    rc, out = run_stage("stage1", root, tiny_data, nproc=1, overrides=["nan_policy=halt", "checkpoint.interval=2"],
+                        env={"MEGAFOX_TEST_NAN_AT_STEP": "3"})
+    assert rc == 3, out[-4000:]
+    assert "halted: non-finite loss=nan" in out and "nan_policy is halt" in out
+    assert "last checkpoint is iteration 2" in out
+    assert latest(root) == 2 and not (root / "stage1.done").exists()
