@@ -32,3 +32,10 @@ clean:
 DATA_PLAN ?= configs/data/fox1.yaml
 preprocess: venv
 	$(PY) -m data_prep.plan --plan $(DATA_PLAN)
+
+# The whole pipeline on a real corpus on this machine (see demo/run.sh); reruns reuse finished steps.
+demo: venv
+	bash demo/run.sh
+
+demo-clean:
+	rm -rf demo_out
