@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -86,6 +87,31 @@ def save_checkpoint(root: Union[str, Path], iteration: int, chunks: List[torch.n
     return _save_state(root, iteration, state, metadata, update_latest)
 
 
+# Signals the trainer turns into "save and exit". SLURM delivers them to every process of the job
+# step, including the helper processes dist_checkpointing starts; those must not die of them.
+_STOP_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
+
+
+def _start_writer_processes_shielded() -> None:
+    """Start dist_checkpointing's long-lived results-queue manager with the stop signals blocked.
+
+    The manager process is spawned once and reused by every later save. Started with the
+    default dispositions it dies of the first SIGUSR1 srun forwards, and the next save fails
+    with a BrokenPipeError. A blocked mask is inherited through fork and exec, so the manager
+    never sees these signals, and blocking (unlike ignoring) loses none for the trainer: they
+    stay pending and arrive as soon as the mask is restored.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _save_state(root: Union[str, Path], iteration: int, state: Dict[str, Any], metadata: Dict[str, Any],
                 update_latest: bool = True) -> Path:
     from megatron.core import dist_checkpointing
@@ -99,6 +125,7 @@ def _save_state(root: Union[str, Path], iteration: int, state: Dict[str, Any], m
             shutil.rmtree(path)  # leftovers of a crashed save: start clean
         path.mkdir(parents=True, exist_ok=True)
     _barrier()
+    _start_writer_processes_shielded()
     dist_checkpointing.save(state, str(path))
     _barrier()
     _maybe_crash_for_test()

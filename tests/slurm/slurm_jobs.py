@@ -16,7 +16,9 @@ CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 STUB = REPO / "tests" / "slurm" / "stub_trainer.py"
 PYTHON = REPO / ".venv" / "bin" / "python"
 # The stage scripts' real-cluster header asks for 16 nodes x 8 GPUs; CI runs 2 CPU ranks.
-CI_SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=5"]
+# The stage scripts ask for a 10-minute signal lead; with a 5-minute limit that would signal at once.
+CI_SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=5",
+             "--signal=B:USR1@20"]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 

@@ -70,7 +70,7 @@ def test_stub_time_limit_signal_reaches_every_rank_and_requeues(slurm_cluster, w
     ckpt = workdir / "ckpt"
     ckpt.mkdir()
     (ckpt / "stage1.done").write_text("{}")
-    args = [a for a in CI_SBATCH if not a.startswith("--time")] + ["--time=1", "--signal=B:USR1@45"]
+    args = [a for a in CI_SBATCH if not a.startswith(("--time", "--signal"))] + ["--time=1", "--signal=B:USR1@45"]
     job = sbatch("stage2.slurm", args, stub_env(ckpt, MEGAFOX_STUB="steps=30 step_seconds=1"), workdir)
     info = wait_job(job, 300)
     out = job_output(workdir, job)
@@ -88,7 +88,7 @@ def test_stub_time_limit_signal_reaches_every_rank_and_requeues(slurm_cluster, w
 def test_stub_no_requeue_past_the_limit(slurm_cluster, workdir):
     ckpt = workdir / "ckpt"
     ckpt.mkdir()
-    args = [a for a in CI_SBATCH if not a.startswith("--time")] + ["--time=1", "--signal=B:USR1@45"]
+    args = [a for a in CI_SBATCH if not a.startswith(("--time", "--signal"))] + ["--time=1", "--signal=B:USR1@45"]
     env = stub_env(ckpt, MEGAFOX_STUB="steps=60 step_seconds=1", MEGAFOX_MAX_REQUEUES=0)
     job = sbatch("stage1.slurm", args, env, workdir)
     info = wait_job(job, 120)

@@ -87,7 +87,7 @@ def test_real_time_limit_preemption_requeues_and_matches(stage1_ckpt, stage2_ref
     script requeues; the requeued job resumes from `latest` and ends with the reference loss."""
     (tmp_path / "logs").mkdir()
     ckpt = copy_tree(stage1_ckpt, tmp_path / "ckpt")
-    args = [a for a in CI_SBATCH if not a.startswith("--time")] + ["--time=1", "--signal=B:USR1@30"]
+    args = [a for a in CI_SBATCH if not a.startswith(("--time", "--signal"))] + ["--time=1", "--signal=B:USR1@30"]
     job = sbatch("stage2.slurm", args, real_env(ckpt, tiny_run), tmp_path)
     info = wait_job(job, 600)
     out = job_output(tmp_path, job)
