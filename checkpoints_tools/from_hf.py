@@ -121,8 +121,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         theirs = verify.hf_logits(hf_dir, ids)
         ours = verify.megafox_checkpoint_logits(a.output, a.iteration, model,
                                                 padded_for(model, parallel.tp).padded_vocab_size(1), ids)
-        tol = verify.DEFAULT_TOLERANCE if a.tolerance is None else a.tolerance
-        if not verify.report((theirs - ours).abs().max().item(), tol):
+        if not verify.check(theirs, ours, a.tolerance):
             return EXIT_VERIFY_FAILED
     return 0
 

@@ -110,8 +110,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         theirs = verify.hf_logits(Path(a.output), ids)
         ours = verify.megafox_checkpoint_logits(str(ckpt.path), "latest", ckpt.model,
                                                 ckpt.shape(EMBEDDING)[0], ids, round_to=dtype)
-        tol = verify.DEFAULT_TOLERANCE if a.tolerance is None else a.tolerance
-        if not verify.report((theirs - ours).abs().max().item(), tol):
+        if not verify.check(theirs, ours, a.tolerance):
             return EXIT_VERIFY_FAILED
     return 0
 

@@ -72,3 +72,9 @@ def report(diff: float, tolerance: float) -> bool:
     print(f"verify: max |logit(transformers) - logit(megafox)| = {diff:.3e} "
           f"(tolerance {tolerance:.1e}): {'OK' if ok else 'FAILED'}", flush=True)
     return ok
+
+
+def check(theirs, ours, tolerance=None) -> bool:
+    """Print the max |logit difference| of two [batch, seq, vocab] tensors; True when within tolerance."""
+    tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    return report((theirs - ours).abs().max().item(), tol)

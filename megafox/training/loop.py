@@ -90,7 +90,7 @@ class Trainer:
         from megafox.model.build import BuildOptions, build_model, transformer_config
         from megafox.parallel import init_distributed
         from megafox.training.schedule import build_scheduler
-        from megafox.training.step import OptimizerSettings, build_optimizer, configure_schedule_hooks, wrap_ddp
+        from megafox.training.step import build_optimizer, configure_schedule_hooks, wrap_ddp
 
         cfg = self.config
         self.stop.install()  # before the slow parts, so an early signal is not lost
@@ -112,10 +112,7 @@ class Trainer:
             chunks = [c.cuda() for c in chunks]
         self.ddp = wrap_ddp(chunks, tconfig, cfg.parallel)
         configure_schedule_hooks(self.ddp)
-        o = cfg.optimizer
-        self.optimizer = build_optimizer(self.ddp, OptimizerSettings(
-            lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2,
-            eps=o.eps, clip_grad=o.clip_grad), cfg.parallel, bf16=bf16)
+        self.optimizer = build_optimizer(self.ddp, cfg.optimizer, cfg.parallel, bf16=bf16)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.gbs, self.mbs = self.stage.global_batch_size, cfg.mbs(self.stage)

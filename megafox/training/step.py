@@ -20,20 +20,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+# The optimizer settings are the training config's own section (AdamW hyper-parameters).
+from megafox.config import OptimizerConfig as OptimizerSettings
 from megafox.config import ParallelConfig
-
-
-@dataclass
-class OptimizerSettings:
-    """AdamW; defaults follow common practice for 1-2B LLM pretraining (see configs/train)."""
-
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0
 
 
 @dataclass
