@@ -1,28 +1,17 @@
 """Fixtures for data_prep tests: a real-text corpus (CPython stdlib sources, read from disk)
 and a small SentencePiece BPE tokenizer trained once per session (vocab 2000, ~1 s)."""
 
-import glob
-import gzip
-import json
 import os
-import sysconfig
+import sys
 
 import pytest
 
-STDLIB = sysconfig.get_paths()["stdlib"]
-SLICE = ["email/*.py", "json/*.py", "http/*.py", "html/*.py", "urllib/*.py"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for dp_helpers
+from dp_helpers import stdlib_files  # noqa: E402
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s")
-
-
-def stdlib_files(patterns=SLICE):
-    out = []
-    for pat in patterns:
-        out += sorted(glob.glob(os.path.join(STDLIB, pat)))
-    assert out, f"no stdlib sources under {STDLIB}"
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -55,17 +44,3 @@ def sp(tokenizer):
     return spm.SentencePieceProcessor(model_file=tokenizer)
 
 
-def write_jsonl(path, docs, key="text", opener=open):
-    with opener(path, "wt", encoding="utf-8") as f:
-        for i, d in enumerate(docs):
-            f.write(json.dumps({key: d, "id": i}) + "\n")
-    return str(path)
-
-
-def write_jsonl_gz(path, docs, key="text"):
-    return write_jsonl(path, docs, key, opener=gzip.open)
-
-
-import sys  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for dp_helpers

@@ -1,8 +1,15 @@
+import glob
+import gzip
+import json
 import os
 import subprocess
 import sys
+import sysconfig
 
 import numpy as np
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+SLICE = ["email/*.py", "json/*.py", "http/*.py", "html/*.py", "urllib/*.py"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,3 +48,22 @@ def same_files(a, b):
             if fa.read() != fb.read():
                 return False
     return True
+
+
+def stdlib_files(patterns=SLICE):
+    out = []
+    for pat in patterns:
+        out += sorted(glob.glob(os.path.join(STDLIB, pat)))
+    assert out, f"no stdlib sources under {STDLIB}"
+    return out
+
+
+def write_jsonl(path, docs, key="text", opener=open):
+    with opener(path, "wt", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({key: d, "id": i}) + "\n")
+    return str(path)
+
+
+def write_jsonl_gz(path, docs, key="text"):
+    return write_jsonl(path, docs, key, opener=gzip.open)

@@ -3,7 +3,7 @@
 import gzip
 import json
 
-from conftest import write_jsonl
+from dp_helpers import write_jsonl
 from dp_helpers import expected, pp, read_megatron
 
 

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from conftest import write_jsonl
+from dp_helpers import write_jsonl
 from dp_helpers import REPO, pp, same_files
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from conftest import write_jsonl, write_jsonl_gz
+from dp_helpers import write_jsonl, write_jsonl_gz
 from dp_helpers import expected, pp, read_megatron, same_files
 
 
@@ -89,7 +89,7 @@ def test_eos_taken_from_tokenizer(tmp_path, corpus):
     """Any SentencePiece model is accepted; eos comes from the model (here id 5), never hard-coded."""
     import sentencepiece as spm
 
-    from conftest import stdlib_files
+    from dp_helpers import stdlib_files
 
     prefix = str(tmp_path / "odd")
     spm.SentencePieceTrainer.train(input=stdlib_files(["json/*.py"]), model_prefix=prefix, vocab_size=400,

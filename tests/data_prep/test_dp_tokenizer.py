@@ -20,7 +20,7 @@ def test_conventions(sp, tokenizer):
 
 
 def test_cli_and_reuse(tmp_path):
-    from conftest import stdlib_files
+    from dp_helpers import stdlib_files
 
     args = ["--input", *stdlib_files(["json/*.py"]), "--format", "text", "--vocab-size", "500",
             "--output", tmp_path / "t", "--sample-mb", "0.03"]
