@@ -50,6 +50,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif options.recompute != "none":
         raise ValueError(f"recompute: must be none, selective or full, got {options.recompute!r}")
+    interleaved = (parallel.virtual_pipeline_model_parallel_size or 1) > 1
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -84,6 +85,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         # Loss = mean over every loss token of the global batch, whatever the layout: DDP then
         # sums (not averages) grads and finalize_model_grads divides by the global token count.
         calculate_per_token_loss=True,
+        # With virtual stages and pp=2 a rank's previous and next stage are the same peer, so the
+        # batched isend/irecv pairs a forward activation with a backward gradient of the same
+        # shape (silently wrong). Megatron-LM's default with VPP avoids it: unbatched p2p, which
+        # sends the two directions over different groups, overlapped with compute.
+        batch_p2p_comm=not interleaved,
+        overlap_p2p_comm=interleaved,
         **recompute,
     )
 

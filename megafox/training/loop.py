@@ -121,6 +121,13 @@ class Trainer:
                 f"stages.{self.stage.name}.batch_tokens: global batch of {self.gbs} sequences is not "
                 f"divisible by micro_batch_size x data-parallel size = {self.mbs} x {self.dp_size}")
         self.num_microbatches = self.gbs // (self.mbs * self.dp_size)
+        pp, vpp = cfg.parallel.pp, cfg.parallel.vpp
+        if vpp > 1 and self.num_microbatches % pp != 0:
+            # megatron-core's interleaved schedule runs micro-batches in groups of pp per virtual stage
+            raise ConfigError(
+                f"stages.{self.stage.name}.batch_tokens: {self.num_microbatches} micro-batches per step "
+                f"(global batch {self.gbs} / (micro_batch_size {self.mbs} x data-parallel {self.dp_size})) "
+                f"must be a multiple of pipeline_model_parallel_size ({pp}) with virtual pipeline stages")
         self.is_sample_logger = (ps.get_tensor_model_parallel_rank() == 0
                                  and ps.get_pipeline_model_parallel_rank() == 0)
         self._resume()

@@ -59,6 +59,7 @@ def test_reference_step_changes_weights(reference, inputs):
     ("tp2", 2, {"tensor_model_parallel_size": 2}),
     ("pp2", 2, {"pipeline_model_parallel_size": 2}),
     ("dp2_distopt", 2, {"use_distributed_optimizer": True}),
+    ("pp2_vpp2", 2, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}),
     ("tp2_pp2", 4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}),
 ])
 def test_layout_matches_tp1(reference, inputs, name, nproc, layout):

@@ -103,9 +103,10 @@ def test_exit_after_minutes_saves_and_exits_75(tiny_data, tmp_path):
 @pytest.mark.parametrize("name,source", [
     ("tp2_to_tp1", ["parallel.tensor_model_parallel_size=2"]),
     ("pp2_to_pp1", ["parallel.pipeline_model_parallel_size=2"]),
+    ("pp2_vpp2_to_pp1", ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]),
 ])
 def test_resume_on_another_layout_continues_the_same_run(tiny_data, tmp_path, name, source):
-    """Saved at TP2 (or PP2) x DP1, resumed at TP1 x PP1 x DP2: model, distributed-optimizer state,
+    """Saved at TP2 (or PP2, or PP2 with 2 interleaved virtual stages) x DP1, resumed at TP1 x PP1 x DP2: model, distributed-optimizer state,
     schedule and data position all carry over, so the losses follow the uninterrupted run."""
     short = ["stages.stage1.token_budget=2048", "checkpoint.interval=2"]  # 4 steps, saved at 2
     src = tmp_path / "src"
@@ -193,3 +194,13 @@ def test_nan_halt_policy_exits_3_with_a_message(tiny_data, tmp_path):
     assert "halted: non-finite loss=nan" in out and "nan_policy is halt" in out
     assert "last checkpoint is iteration 2" in out
     assert latest(root) == 2 and not (root / "stage1.done").exists()
+
+
+def test_virtual_stages_with_a_micro_batch_count_the_schedule_cannot_group_exit_2(tiny_data, tmp_path):
+    rc, out = run_stage("stage1", tmp_path / "ckpt", tiny_data, overrides=[
+        "parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
+        "stages.stage1.batch_tokens=384"])  # 6 sequences of 64 in micro-batches of 2: 3, not a multiple of pp=2
+    assert rc == 2, out[-4000:]
+    # refused at start-up by the trainer, not by megatron-core's schedule in the first step
+    assert "megafox-train: error: stages.stage1.batch_tokens: 3 micro-batches per step" in out
+    assert "multiple of pipeline_model_parallel_size (2)" in out and "forward_backward" not in out
