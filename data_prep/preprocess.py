@@ -7,7 +7,8 @@
         [--merge]                           # merge finished shards into PREFIX (the finalize job)
 
 Work is split into shards: one per input file by default, or K contiguous groups of files
-(balanced by size) with --shards K.  Each shard is written under PREFIX.shards/ to temporary
+(balanced by size) with --shards K; with K larger than the number of files, big plain .jsonl
+files are cut into byte ranges at line boundaries, so even one huge file spreads over K array tasks.  Each shard is written under PREFIX.shards/ to temporary
 names and renamed when complete; a rerun skips shards that are complete and whose inputs,
 tokenizer and options are unchanged.  The final PREFIX.bin/.idx is the concatenation of the
 shards in input order, so it is byte-identical whatever --workers, --shards or array split.
@@ -22,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
@@ -235,21 +236,59 @@ class Options:
         self.quiet = quiet
 
 
-def group_files(files: List[str], k: Optional[int]) -> List[List[str]]:
-    """One shard per file by default, else k contiguous groups balanced by size."""
-    if not k or k >= len(files):
-        return [[f] for f in files]
-    sizes = [max(os.path.getsize(f), 1) for f in files]
+class Piece(NamedTuple):
+    """One unit of input: a whole file, or a byte range [start, end) of an uncompressed JSONL file."""
+    path: str
+    start: int = 0
+    end: Optional[int] = None  # None: to the end of the file
+
+    @property
+    def is_range(self) -> bool:
+        return self.start > 0 or self.end is not None
+
+    def size(self) -> int:
+        end = os.path.getsize(self.path) if self.end is None else self.end
+        return max(end - self.start, 0)
+
+
+def splittable(path: str, fmt: str) -> bool:
+    """Only plain JSONL can be cut at a byte offset: a reader can find the next line from there."""
+    return fmt == "jsonl" and not path.lower().endswith((".gz", ".zst"))
+
+
+def plan_pieces(files: List[str], fmts: Dict[str, str], k: Optional[int]) -> List[Piece]:
+    """Whole files, except that with k > len(files) large plain-JSONL files are cut into byte
+    ranges of about total/k bytes, so a few huge files still make k shards (array tasks)."""
+    if not k or k <= len(files):
+        return [Piece(f) for f in files]
+    sizes = [os.path.getsize(f) for f in files]
+    target = max(sum(sizes) / k, 1.0)
+    pieces: List[Piece] = []
+    for f, size in zip(files, sizes):
+        n = int(round(size / target)) if splittable(f, fmts[f]) else 1
+        if n <= 1:
+            pieces.append(Piece(f))
+            continue
+        bounds = [i * size // n for i in range(n)] + [size]
+        pieces.extend(Piece(f, bounds[i], None if i == n - 1 else bounds[i + 1]) for i in range(n))
+    return pieces
+
+
+def group_pieces(pieces: List[Piece], k: Optional[int]) -> List[List[Piece]]:
+    """One shard per piece by default, else k contiguous groups balanced by size."""
+    if not k or k >= len(pieces):
+        return [[p] for p in pieces]
+    sizes = [max(p.size(), 1) for p in pieces]
     total = float(sum(sizes))
-    groups: List[List[str]] = [[] for _ in range(k)]
-    acc, prev, n = 0.0, 0, len(files)
-    for i, (f, s) in enumerate(zip(files, sizes)):
+    groups: List[List[Piece]] = [[] for _ in range(k)]
+    acc, prev, n = 0.0, 0, len(pieces)
+    for i, (f, sz) in enumerate(zip(pieces, sizes)):
         g = min(int(acc / total * k), k - 1)
-        g = max(g, prev, k - (n - i))  # monotone; leave a file for every later group
+        g = max(g, prev, k - (n - i))  # monotone; leave a piece for every later group
         g = min(g, prev + 1 if groups[prev] else prev)  # no empty group in between
         groups[g].append(f)
         prev = g
-        acc += s
+        acc += sz
     return [g for g in groups if g]
 
 
@@ -258,11 +297,15 @@ def array_slice(n: int, index: int, count: int) -> range:
 
 
 class Shard:
-    def __init__(self, index: int, files: List[str], opts: Options, sig_common: dict, fmts: Dict[str, str]):
+    def __init__(self, index: int, pieces: List[Piece], opts: Options, sig_common: dict, fmts: Dict[str, str]):
         self.index = index
-        self.files = files
+        self.pieces = pieces
         self.prefix = os.path.join(opts.output_prefix + ".shards", f"shard-{index:05d}")
-        self.signature = dict(sig_common, files=[[f, file_stat(f)["size"], file_stat(f)["mtime_ns"]] for f in files])
+        files = []
+        for p in pieces:
+            st = file_stat(p.path)
+            files.append([p.path, st["size"], st["mtime_ns"]] + ([p.start, p.end] if p.is_range else []))
+        self.signature = dict(sig_common, files=files)
         self.fmts = fmts
 
     def meta_path(self) -> str:
@@ -304,12 +347,16 @@ class ShardWriter:
         self.docs = self.tokens = self.text_bytes = 0
         self.t0 = time.monotonic()
 
-    def skip(self, reason: str, path: str, line: int, count: int = 1) -> None:
+    def skip(self, reason: str, piece: Piece, line: int, count: int = 1) -> None:
         self.skipped[reason] += count
         if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append({"reason": reason, "file": path, "line": line})
+            example = {"reason": reason, "file": piece.path, "line": line}
+            if piece.start:
+                # line 1 starts at that byte: no task reads the whole file to count lines before it
+                example["from_byte"] = piece.start
+            self.examples.append(example)
 
-    def add(self, path: str, result) -> tuple:
+    def add(self, piece: Piece, result) -> tuple:
         tok, lens, skips, nbytes = result
         if isinstance(tok, tuple):  # (spill file, offset, size) written by a pool worker
             _copy_range(tok, self.f)
@@ -322,12 +369,15 @@ class ShardWriter:
         self.tokens += t
         self.text_bytes += nbytes
         for reason, line in skips:
-            self.skip(reason, path, line)
+            self.skip(reason, piece, line)
         return n, t
 
-    def file_done(self, path: str, reader: FileReader) -> None:
-        st = file_stat(path)
-        self.inputs.append({"path": path, "size": st["size"], "sha256": reader.sha.hexdigest()})
+    def file_done(self, piece: Piece, reader: FileReader) -> None:
+        st = file_stat(piece.path)
+        entry = {"path": piece.path, "size": st["size"], "sha256": reader.sha.hexdigest()}
+        if piece.is_range:  # lines read from [start, range_end); sha256 of those bytes
+            entry["range"] = [reader.range_start, reader.range_end]
+        self.inputs.append(entry)
 
     def finish(self) -> dict:
         self.f.close()
@@ -375,7 +425,7 @@ def _setup(opts: Options):
     fmts = {f: detect_format(f, opts.fmt) for f in opts.inputs}
     sig_common = {"tokenizer_sha256": tok["sha256"], "json_key": opts.json_key,
                   "append_eod": bool(opts.append_eod), "dtype": dtype_name(dtype), "format": opts.fmt}
-    groups = group_files(opts.inputs, opts.shards)
+    groups = group_pieces(plan_pieces(opts.inputs, fmts, opts.shards), opts.shards)
     shards = [Shard(i, g, opts, sig_common, fmts) for i, g in enumerate(groups)]
     return sp, tok, dtype, eos, shards, sig_common
 
@@ -385,7 +435,7 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
     done_before = len(shards) - len(pending)
     if done_before and not opts.quiet:
         log.info("%s: %d of %d shards already complete, skipping them", label, done_before, len(shards))
-    total = sum(os.path.getsize(f) for s in pending for f in s.files)
+    total = sum(p.size() for s in pending for p in s.pieces)
     stats = {"documents": 0, "tokens": 0, "bytes": total, "shards_done": 0}
     if not pending:
         return stats
@@ -393,7 +443,7 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
     prog = Progress(total, os.path.basename(label), mode, opts.log_interval)
     pool = None
     spill_dir = None
-    nworkers = min(opts.workers, max(1, sum(len(s.files) for s in pending) * 1000))
+    nworkers = min(opts.workers, max(1, sum(len(s.pieces) for s in pending) * 1000))
     if nworkers > 1:
         import multiprocessing as mp
 
@@ -407,12 +457,15 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
     def produce():
         for sh in pending:
             yield ("begin", sh, None, None)
-            for path in sh.files:
-                reader = FileReader(path, sh.fmts[path], opts.json_key, opts.chunk_bytes)
+            for piece in sh.pieces:
+                reader = FileReader(piece.path, sh.fmts[piece.path], opts.json_key, opts.chunk_bytes,
+                                    piece.start, piece.end)
                 reader.progress_cb = prog.add_bytes
                 for ch in reader.chunks():
-                    yield ("chunk", sh, path, ch)
-                yield ("file_end", sh, path, reader)
+                    # skipped records of a range are reported by line counted from its first line
+                    where = piece._replace(start=reader.range_start) if piece.is_range else piece
+                    yield ("chunk", sh, where, ch)
+                yield ("file_end", sh, piece, reader)
             yield ("end", sh, None, None)
 
     writers: Dict[int, ShardWriter] = {}
@@ -575,7 +628,10 @@ def print_summary(man: dict) -> None:
           f"{human_bytes(man['text_bytes'])} text, skipped {man['skipped_total']} ({sk_s}), "
           f"{man['elapsed_s']:.1f}s, {man['tokens_per_s'] or 0:,.0f} tokens/s", flush=True)
     for ex in man["skipped_examples"][:5]:
-        sys.stderr.write(f"  skipped {ex['reason']} at {ex['file']}:{ex['line']}\n")
+        where = f"{ex['file']}:{ex['line']}"
+        if ex.get("from_byte"):
+            where = f"{ex['file']}: line {ex['line']} of the lines from byte {ex['from_byte']}"
+        sys.stderr.write(f"  skipped {ex['reason']} at {where}\n")
     if man["skipped_total"] > 5:
         sys.stderr.write(f"  (all skip counts in {man['prefix']}.manifest.json)\n")
 
@@ -599,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "text"],
                    help="input format (auto: by file name; text: one document per file)")
     p.add_argument("--shards", type=int, default=None, metavar="K",
-                   help="group the inputs into K shards (default: one shard per input file)")
+                   help="group the inputs into K shards (default: one shard per input file); with K > files, "
+                        "large plain .jsonl files are cut into byte ranges at line boundaries")
     p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
     p.add_argument("--array-index", type=int, default=None, help="this task's index (SLURM_ARRAY_TASK_ID)")
     p.add_argument("--array-count", type=int, default=None, help="number of tasks (SLURM_ARRAY_TASK_COUNT)")

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import zlib
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 READ_BLOCK = 1 << 20
 
@@ -37,12 +37,17 @@ UNREADABLE = "unreadable_file"
 class FileReader:
     """Iterates chunks of one input file; records size read, sha256, truncation."""
 
-    def __init__(self, path: str, fmt: str, json_key: str, chunk_bytes: int):
+    def __init__(self, path: str, fmt: str, json_key: str, chunk_bytes: int, start: int = 0,
+                 end: Optional[int] = None):
         self.path = path
         self.fmt = fmt
         self.json_key = json_key
         self.chunk_bytes = chunk_bytes
-        self.sha = hashlib.sha256()
+        # A byte range [start, end) of an uncompressed JSONL file: it holds the lines whose first
+        # byte lies in the range, so consecutive ranges hold every line exactly once.
+        self.start, self.end = start, end
+        self.range_start = self.range_end = None  # the range's first line start and where reading stopped
+        self.sha = hashlib.sha256()  # of the bytes read: the whole file, or the range's lines
         self.bytes_read = 0  # raw (on-disk) bytes consumed so far, for progress
         self.progress_cb = None
 
@@ -53,6 +58,9 @@ class FileReader:
 
     # -- raw byte streams ---------------------------------------------------------------
     def _raw(self, f) -> Iterator[bytes]:
+        if self.start or self.end is not None:
+            yield from self._raw_range(f)
+            return
         while True:
             b = f.read(READ_BLOCK)
             if not b:
@@ -60,6 +68,46 @@ class FileReader:
             self.sha.update(b)
             self._tick(len(b))
             yield b
+
+    def _raw_range(self, f) -> Iterator[bytes]:
+        pos = self.start
+        if pos > 0:
+            # The line holding byte start-1 belongs to the previous range unless it ends there.
+            f.seek(pos - 1)
+            while True:
+                b = f.read(READ_BLOCK)
+                if not b:
+                    self.range_start = self.range_end = f.tell()
+                    return
+                i = b.find(b"\n")
+                if i >= 0:
+                    pos = f.tell() - len(b) + i + 1
+                    break
+            f.seek(pos)
+        self.range_start = pos
+        end = self.end if self.end is not None else float("inf")
+        last = b"\n"
+        while pos < end:
+            b = f.read(int(min(READ_BLOCK, end - pos)))
+            if not b:
+                break
+            pos += len(b)
+            last = b[-1:]
+            self.sha.update(b)
+            self._tick(len(b))
+            yield b
+        while last != b"\n":  # finish the line that started inside the range
+            b = f.read(READ_BLOCK)
+            if not b:
+                break
+            i = b.find(b"\n")
+            if i >= 0:
+                b, last = b[: i + 1], b"\n"
+            pos += len(b)
+            self.sha.update(b)
+            self._tick(len(b))
+            yield b
+        self.range_end = pos
 
     def _decompressed(self, f, errors: List[Tuple[str, str]]) -> Iterator[bytes]:
         name = self.path.lower()

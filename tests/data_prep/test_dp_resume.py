@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from dp_helpers import write_jsonl
+from dp_helpers import write_jsonl, write_jsonl_gz
 from dp_helpers import REPO, pp, same_files
 
 
@@ -91,3 +91,59 @@ def test_resume_after_kill_identical(tmp_path, corpus, tokenizer):
     assert r.returncode == 0, r.stderr
     assert same_files(tmp_path / "ref", out)
     assert not [f for f in os.listdir(out.parent) if ".tmp" in f]
+
+
+def _lines_of_ranges(path, cuts):
+    from data_prep.readers import FileReader
+
+    out, ranges = b"", []
+    for start, end in zip(cuts, cuts[1:] + [None]):
+        r = FileReader(str(path), "jsonl", "text", 1 << 20, start, end)
+        out += b"".join(ch[1] for ch in r.chunks())
+        ranges.append((r.range_start, r.range_end))
+    return out, ranges
+
+
+def test_byte_ranges_hold_every_line_exactly_once(tmp_path):
+    """Cut points at line starts, inside lines, inside a line longer than several ranges, at 0."""
+    lines = [b'{"text": "a"}', b"x" * 5000, b"", b'{"text": "' + b"\xc3\xa9" * 300 + b'"}', b"tail no newline"]
+    data = b"\n".join(lines)
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(data)
+    starts = [0] + [i + 1 for i, c in enumerate(data) if c == ord("\n")]
+    for cuts in ([0], [0, starts[1]], [0, 3, 100, 200, 300, 5010, starts[3] + 1, len(data) - 2],
+                 [0, len(data)], list(range(0, len(data), 7))):
+        got, ranges = _lines_of_ranges(path, cuts)
+        assert got == data, cuts
+        if len(cuts) == 1:
+            continue  # [0, EOF): read as a whole file
+        assert ranges[0][0] == 0 and ranges[-1][1] == len(data)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
+        assert all(r[0] in starts + [len(data)] for r in ranges)  # every range starts at a line
+
+
+def test_one_huge_file_spreads_over_array_tasks_identically(tmp_path, corpus, tokenizer):
+    """--shards K > files cuts a plain .jsonl into byte ranges; 3 array tasks + merge give the
+    same bytes, documents, tokens and skip counts as one local run over the whole file."""
+    big = tmp_path / "big.jsonl"
+    rows = [json.dumps({"text": d}) for d in corpus]
+    rows[2], rows[len(rows) // 2] = '{"text": broken', ""  # a skipped record and a blank line
+    big.write_text("\n".join(rows))  # no trailing newline
+    small = write_jsonl_gz(tmp_path / "small.jsonl.gz", corpus[:3])  # compressed: never cut
+    files = [str(big), small]
+    pp(files, tokenizer, tmp_path / "ref", "--workers", "2")
+    out = tmp_path / "arr" / "ds"
+    for i in (1, 2, 0):
+        pp(files, tokenizer, out, "--shards", 7, "--array-index", i, "--array-count", 3, "--workers", "2")
+    r = pp(files, tokenizer, out, "--shards", 7, "--merge")
+    assert same_files(tmp_path / "ref", out)
+    man = json.loads(open(str(out) + ".manifest.json").read())
+    ref = json.loads((tmp_path / "ref.manifest.json").read_text())
+    assert man["shards"] == 7 and ref["shards"] == 2
+    for key in ("documents", "tokens", "skipped"):
+        assert man[key] == ref[key], key
+    assert man["skipped"] == {"malformed_json": 1}
+    ranges = [i["range"] for i in man["inputs"] if i["path"] == str(big)]
+    assert len(ranges) >= 6 and ranges[0][0] == 0 and ranges[-1][1] == big.stat().st_size
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert [i for i in man["inputs"] if i["path"] == small] == [i for i in ref["inputs"] if i["path"] == small]
