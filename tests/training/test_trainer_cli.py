@@ -4,11 +4,17 @@ import json
 import math
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from megafox import checkpoint as ckpt
-from tests.training.harness import (adam_step, kill_session, latest, losses, metrics, model_tensors, run_stage,
+from megafox.config import load_train_config
+from megafox.testing.hf_reference import hf_llama
+from tests.training.harness import (REPO, adam_step, kill_session, latest, losses, metrics, model_tensors, run_stage,
                                     sample_ids, track, wait_for_line, worker_with_rank)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
@@ -204,3 +210,32 @@ def test_virtual_stages_with_a_micro_batch_count_the_schedule_cannot_group_exit_
     # refused at start-up by the trainer, not by megatron-core's schedule in the first step
     assert "megafox-train: error: stages.stage1.batch_tokens: 3 micro-batches per step" in out
     assert "multiple of pipeline_model_parallel_size (2)" in out and "forward_backward" not in out
+
+
+def test_load_hf_converted_weights_trains_and_exports_them_back(tiny_data, tmp_path):
+    """Released weights -> megafox-from-hf -> megafox-train --load (at TP2) -> megafox-to-hf.
+    With a vanishing learning rate the exported tensors are the released ones, bit for bit: the
+    trainer started from exactly those weights (not from its own init) and saved them intact."""
+    model = load_train_config(str(REPO / "configs" / "train" / "tiny.yaml")).model
+    released = hf_llama(model, seed=5)
+    released.save_pretrained(tmp_path / "released", safe_serialization=True)
+    original = {k: v.clone() for k, v in released.state_dict().items()}
+
+    def tool(module, *args):
+        proc = subprocess.run([sys.executable, "-m", f"checkpoints_tools.{module}", *map(str, args)],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    tool("from_hf", "--hf", tmp_path / "released", "--output", tmp_path / "base", "--tp", 1, "--pp", 1)
+    root = tmp_path / "ckpt"
+    rc, out = run_stage("stage1", root, tiny_data, overrides=[
+        "parallel.tensor_model_parallel_size=2", "optimizer.lr=1e-30", "optimizer.min_lr=0",
+        "stages.stage1.token_budget=1024"], env={"LOAD": str(tmp_path / "base")})
+    _ok(rc, out)
+    assert f"initialized weights from {tmp_path / 'base'}" in out
+    assert "stage stage1 complete: iteration=2" in out and adam_step(root / "iter_0000002") == 2.0
+    tool("to_hf", "--checkpoint", root, "--output", tmp_path / "export", "--dtype", "fp32")
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert set(exported) <= set(original) and "model.layers.3.mlp.down_proj.weight" in exported
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, original[name]), name
