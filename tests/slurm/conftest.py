@@ -18,16 +18,15 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    """SLURM_CONF of a running cluster; skipped only where the packages cannot be installed."""
+    """SLURM_CONF of a running cluster. Where the packages cannot be installed (no root or no
+    apt-get) the SLURM tests fail rather than pass unseen: `make test-fast` leaves them out."""
     state = os.environ.get("MEGAFOX_SLURM_DIR", "/var/tmp/megafox-slurm")
     env = dict(os.environ, MEGAFOX_SLURM_DIR=state)
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode == 3:
-        reason = f"SLURM packages missing and not installable: {proc.stderr.strip()}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)  # CI runs as root on Debian: the suite must run there
-        pytest.skip(reason)
+        pytest.fail(f"SLURM packages missing and not installable: {proc.stderr.strip()} "
+                    "(run as root on Debian/Ubuntu, or `make test-fast` to leave the SLURM tests out)")
     assert proc.returncode == 0, f"cluster.sh start failed:\n{proc.stdout}\n{proc.stderr}"
     conf = re.search(r"^SLURM_CONF=(.+)$", proc.stdout, re.M).group(1)
     print(f"SLURM cluster up in {time.monotonic() - t0:.1f}s ({conf})")

@@ -1,8 +1,5 @@
 """The stage scripts and curriculum.sh with the REAL trainer (`python -m megafox.train`) and
 configs/train/tiny.yaml on the local SLURM cluster, 2 CPU ranks (gloo).
-
-Skipped, with the reason, only while the trainer's pieces have not landed in the tree
-(configs/train/tiny.yaml, megafox/data/stage_data.py); once they exist these tests run.
 """
 from __future__ import annotations
 
@@ -15,9 +12,7 @@ import pytest
 from tests.slurm.slurm_jobs import CI_SBATCH, REPO, copy_tree, job_env, job_output, sbatch, wait_job
 
 TINY = REPO / "configs" / "train" / "tiny.yaml"
-_missing = [str(p.relative_to(REPO)) for p in (TINY, REPO / "megafox" / "data" / "stage_data.py") if not p.exists()]
-pytestmark = [pytest.mark.slow, pytest.mark.slurm,
-              pytest.mark.skipif(bool(_missing), reason=f"real trainer not in the tree yet: missing {_missing}")]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 # stage2 must outlast the time-limit warning (it comes 8-30 s into a 1-minute job with a 30 s
 # lead, and start-up takes ~10 s), so the preemption test always has something to interrupt
