@@ -116,13 +116,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
     path = save_model_only(Path(a.output), a.iteration, model, parallel, groups, meta)
     print(f"wrote {path} (model only, for TP={parallel.tp} PP={parallel.pp}; loads at any layout "
           f"with the same vocab padding)", flush=True)
-    if a.verify:
-        ids = verify.verify_ids(model)
-        theirs = verify.hf_logits(hf_dir, ids)
-        ours = verify.megafox_checkpoint_logits(a.output, a.iteration, model,
-                                                padded_for(model, parallel.tp).padded_vocab_size(1), ids)
-        if not verify.check(theirs, ours, a.tolerance):
-            return EXIT_VERIFY_FAILED
+    if a.verify and not verify.hf_matches_checkpoint(hf_dir, a.output, a.iteration, model,
+                                                     padded_for(model, parallel.tp).padded_vocab_size(1), a.tolerance):
+        return EXIT_VERIFY_FAILED
     return 0
 
 

@@ -105,13 +105,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
     result = convert(ckpt, Path(a.output), dtype, shard, tok, progress=not a.no_progress)
     print(f"wrote {a.output}: iteration {ckpt.iteration}, {len(result['files'])} safetensors file(s), "
           f"{result['bytes'] / 1e9:.2f} GB {dtype_name(dtype)}" + (", tokenizer" if tok else ""), flush=True)
-    if a.verify:
-        ids = verify.verify_ids(ckpt.model)
-        theirs = verify.hf_logits(Path(a.output), ids)
-        ours = verify.megafox_checkpoint_logits(str(ckpt.path), "latest", ckpt.model,
-                                                ckpt.shape(EMBEDDING)[0], ids, round_to=dtype)
-        if not verify.check(theirs, ours, a.tolerance):
-            return EXIT_VERIFY_FAILED
+    # ckpt.path is the exported iteration's own directory (iteration None: that directory itself)
+    if a.verify and not verify.hf_matches_checkpoint(Path(a.output), str(ckpt.path), None, ckpt.model,
+                                                     ckpt.shape(EMBEDDING)[0], a.tolerance, round_to=dtype):
+        return EXIT_VERIFY_FAILED
     return 0
 
 

@@ -78,3 +78,12 @@ def check(theirs, ours, tolerance=None) -> bool:
     """Print the max |logit difference| of two [batch, seq, vocab] tensors; True when within tolerance."""
     tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
     return report((theirs - ours).abs().max().item(), tol)
+
+
+def hf_matches_checkpoint(hf_dir: Path, root: str, iteration, model: ModelConfig, padded_rows: int,
+                          tolerance=None, round_to: Optional[torch.dtype] = None) -> bool:
+    """`--verify` of both tools: transformers on HF_DIR vs megafox on the checkpoint, same ids."""
+    ids = verify_ids(model)
+    theirs = hf_logits(hf_dir, ids)
+    ours = megafox_checkpoint_logits(root, iteration, model, padded_rows, ids, round_to=round_to)
+    return check(theirs, ours, tolerance)

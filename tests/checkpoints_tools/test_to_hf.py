@@ -82,3 +82,21 @@ def test_bf16_export_and_inspect(trained):
     assert s["parallel"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": 1}
     assert s["tensors"]["decoder.layers.self_attention.linear_qkv.weight"]["shape"] == [4, (4 + 2 * 2) * 16, 64]
     assert ("output_layer.weight" in s["tensors"]) == (not trained["model"].tie_word_embeddings)
+
+
+def test_verify_checks_the_exported_iteration_not_latest(trained, tmp_path):
+    """--iteration 2 --verify while a different model is `latest`: the check compares HF with
+    iteration 2 (the weights exported), so it passes; comparing with latest would fail."""
+    import shutil
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(trained["root"], root)
+    other = save_hf_dir(trained["model"], tmp_path / "other", seed=99)
+    proc = run_tool("from_hf", "--hf", other, "--output", root, "--iteration", "7", "--tp", 1, "--pp", 1, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    from megafox import checkpoint as ckpt
+    assert ckpt.read_metadata(root)["iteration"] == 7  # the other model is latest
+    proc = run_tool("to_hf", "--checkpoint", root, "--iteration", "2", "--output", tmp_path / "hf", "--dtype", "fp32",
+                    "--no-progress", "--verify", "--tolerance", "1e-5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
