@@ -6,7 +6,7 @@
         [--finalize]                        # merge the slices, write manifests and blend.json files
 
 Outputs: <output_dir>/<stage>/<source>.{bin,idx,manifest.json} and <output_dir>/<stage>/blend.json
-(see data_prep/blend.py for the blend.json contract).  Plan format: see configs/data/tiny.yaml.
+(the blend.json contract: megafox/data/blend.py, the trainer's reader).  Plan format: see configs/data/tiny.yaml.
 Paths in the plan may use environment variables (${VAR}); ${PYTHON_STDLIB} defaults to this
 Python's standard library directory.  Relative paths are relative to the current directory.
 """

@@ -4,8 +4,8 @@
      "datasets": [{"prefix": "web", "weight": 0.7, "documents": N, "tokens": N}, ...],
      "token_budget": N}
 
-Paths are relative to the blend.json's directory (or absolute).  megafox sits below data_prep in
-the import order, so the few lines of parsing live here too; every error names the file and field.
+Paths are relative to the blend.json's directory (or absolute).  This is the one reader of the
+format (data_prep only writes it); every error names the file and field.
 """
 from __future__ import annotations
 

@@ -11,48 +11,35 @@ TINY = os.path.join(REPO, "configs", "data", "tiny.yaml")
 
 
 def test_tiny_plan_blend_roundtrip(tmp_path):
+    """The plan's blend.json files, read by the trainer's own reader (megafox.data.blend)."""
     import sentencepiece as spm
 
-    from data_prep.blend import blend_to_megatron_args, load_blend
+    from megafox.data.blend import read_blend
 
-    r = run_cli("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "data", "--quiet")
+    run_cli("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "data", "--quiet")
     for stage in ("stage1", "stage2", "stage3"):
         raw = json.loads((tmp_path / "data" / stage / "blend.json").read_text())
         assert raw["stage"] == stage and raw["token_budget"] > 0
         assert all(not os.path.isabs(d["prefix"]) for d in raw["datasets"])
-        b = load_blend(tmp_path / "data" / stage / "blend.json")
-        sp = spm.SentencePieceProcessor(model_file=b["tokenizer"])
+        b = read_blend(tmp_path / "data" / stage / "blend.json")
+        assert b.stage == stage and b.token_budget == raw["token_budget"]
+        sp = spm.SentencePieceProcessor(model_file=b.tokenizer)
         assert sp.GetPieceSize() == 2000
-        for d in b["datasets"]:
-            assert os.path.isabs(d["prefix"]) and d["prefix"].startswith(str(tmp_path / "data" / stage))
-            docs, _ = read_megatron(d["prefix"])
-            assert len(docs) == d["documents"] and sum(map(len, docs)) == d["tokens"]
-        assert len(blend_to_megatron_args(b)) == 2 * len(b["datasets"])
-    b1 = load_blend(tmp_path / "data" / "stage1" / "blend.json")
-    assert [(d["weight"]) for d in b1["datasets"]] == [0.7, 0.3]
+        for d, r in zip(b.datasets, raw["datasets"]):
+            assert os.path.isabs(d.prefix) and d.prefix.startswith(str(tmp_path / "data" / stage))
+            docs, _ = read_megatron(d.prefix)
+            assert len(docs) == r["documents"] == d.num_documents and sum(map(len, docs)) == r["tokens"]
+            assert [len(x) for x in docs] == d.lengths.tolist()
+    b1 = read_blend(tmp_path / "data" / "stage1" / "blend.json")
+    assert [d.weight for d in b1.datasets] == [0.7, 0.3]
     # rerun: everything up to date, same blend
     run_cli("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "data", "--quiet")
-    assert load_blend(tmp_path / "data" / "stage1" / "blend.json")["datasets"] == b1["datasets"]
+    again = read_blend(tmp_path / "data" / "stage1" / "blend.json")
+    assert [(d.prefix, d.weight) for d in again.datasets] == [(d.prefix, d.weight) for d in b1.datasets]
     # the blend directory can be moved: prefixes are relative
     os.rename(tmp_path / "data", tmp_path / "moved")
-    assert load_blend(tmp_path / "moved" / "stage2" / "blend.json")["datasets"][0]["prefix"].startswith(
+    assert read_blend(tmp_path / "moved" / "stage2" / "blend.json").datasets[0].prefix.startswith(
         str(tmp_path / "moved"))
-
-
-def test_load_blend_errors(tmp_path):
-    from data_prep.blend import BlendError, load_blend
-
-    with pytest.raises(BlendError, match="not found"):
-        load_blend(tmp_path / "nope.json")
-    (tmp_path / "t.model").write_bytes(b"x")
-    (tmp_path / "b.json").write_text(json.dumps({"stage": "s", "tokenizer": "t.model",
-                                                  "datasets": [{"prefix": "missing", "weight": 1}]}))
-    with pytest.raises(BlendError, match=r"datasets\[0\]\.prefix: .*missing\.bin does not exist"):
-        load_blend(tmp_path / "b.json")
-    (tmp_path / "b.json").write_text(json.dumps({"stage": "s", "tokenizer": "t.model",
-                                                  "datasets": [{"prefix": "m", "weight": -1}]}))
-    with pytest.raises(BlendError, match=r"datasets\[0\]\.weight"):
-        load_blend(tmp_path / "b.json")
 
 
 @pytest.mark.parametrize("mutate, msg", [
