@@ -124,6 +124,14 @@ class DistCheckpoint:
         self.te_names = LAYER_PREFIX + LAYER_TENSORS_TE[0] in self.tensors
         self.layer_tensors = LAYER_TENSORS_TE if self.te_names else LAYER_TENSORS_LOCAL
 
+    @property
+    def progress(self) -> Dict[str, Any]:
+        """Stage and consumed tokens/samples: the trainer keeps them in `run_state`, model-only
+        checkpoints (from_hf, reshard) at the top level."""
+        run = self.meta.get("run_state") or {}
+        found = {k: run.get(k, self.meta.get(k)) for k in ("stage", "consumed_tokens", "consumed_samples")}
+        return {k: v for k, v in found.items() if v is not None}
+
     # -- index -----------------------------------------------------------------------------
     @property
     def tensors(self) -> Dict[str, TensorStorageMetadata]:

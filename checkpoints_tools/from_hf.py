@@ -44,7 +44,8 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
 
 
 def layout_metadata(parallel: ParallelConfig) -> Dict[str, Any]:
-    return {"tp": parallel.tp, "pp": parallel.pp, "vpp": parallel.vpp, "dp": None}
+    """The layout the checkpoint is padded for, in the trainer's `layout` form (no data parallelism yet)."""
+    return {"tp": parallel.tp, "pp": parallel.pp, "vpp": parallel.vpp, "dp": None, "world": None}
 
 
 def model_only_metadata(model: ModelConfig, parallel: ParallelConfig, source: str,
@@ -52,7 +53,7 @@ def model_only_metadata(model: ModelConfig, parallel: ParallelConfig, source: st
     """megafox.json for a checkpoint that holds weights only (the trainer starts its state fresh)."""
     return {
         "model": dataclasses.asdict(model),
-        "parallel": layout_metadata(parallel),
+        "layout": layout_metadata(parallel),
         "stage": None,
         "consumed_tokens": 0,
         "model_only": True,

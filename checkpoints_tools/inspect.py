@@ -27,7 +27,8 @@ def summary(ckpt: DistCheckpoint, all_tensors: bool = False) -> Dict[str, Any]:
     return {
         "path": str(ckpt.path),
         **{k: ckpt.meta.get(k) for k in SHOWN_KEYS if k in ckpt.meta},
-        "parallel": ckpt.meta.get("parallel"),
+        **ckpt.progress,
+        "layout": ckpt.meta.get("layout"),
         "model": ckpt.meta.get("model"),
         "model_bytes": ckpt.nbytes(),
         "has_optimizer_state": any(k.startswith("optimizer") for k in other),
@@ -41,7 +42,7 @@ def _print(s: Dict[str, Any]) -> None:
     for k in SHOWN_KEYS:
         if k in s:
             print(f"{k:<12} {s[k]}")
-    p = s.get("parallel") or {}
+    p = s.get("layout") or {}
     print(f"layout       tp={p.get('tp')} pp={p.get('pp')} vpp={p.get('vpp')} dp={p.get('dp')} (saved with; loads at any)")
     m = s.get("model") or {}
     print(f"model        {m.get('name')}: {m.get('num_layers')} layers, hidden {m.get('hidden_size')}, ffn "

@@ -58,8 +58,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     if Path(a.output).resolve() == Path(a.checkpoint).resolve():
         raise ToolError("--output: must differ from --checkpoint")
     meta = model_only_metadata(ckpt.model, parallel, f"megafox:{ckpt.path}", ckpt.meta.get("tokenizer"))
-    for key in ("stage", "consumed_tokens"):
-        meta[key] = ckpt.meta.get(key, meta[key])
+    meta.update(ckpt.progress)  # for inspection; a model-only checkpoint restarts optimizer and data
     path = save_model_only(Path(a.output), ckpt.iteration, ckpt.model, parallel, groups_from_checkpoint(ckpt), meta)
     print(f"wrote {path} (model only) for TP={a.tp} PP={a.pp}")
     return 0

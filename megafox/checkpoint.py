@@ -131,6 +131,7 @@ def _save_state(root: Union[str, Path], iteration: int, state: Dict[str, Any], m
     _maybe_crash_for_test()
     if _rank() == 0:
         meta = dict(metadata, format=FORMAT, iteration=iteration)
+        meta.setdefault("layout", layout_signature())
         tmp = path / f".{METADATA_FILE}.tmp"
         tmp.write_text(json.dumps(meta, indent=2, default=_json_default))
         os.replace(tmp, path / METADATA_FILE)
@@ -270,8 +271,7 @@ def save_training_checkpoint(root: Union[str, Path], iteration: int, chunks: Lis
     model_state = model_sharded_state_dict(chunks)
     extra = {"optimizer": optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA),
              "rng_state": _rng_sharded(get_rng_state())}
-    meta = dict(metadata, layout=layout_signature())
-    path = _save_state(root, iteration, dict(model_state, **extra), meta)
+    path = _save_state(root, iteration, dict(model_state, **extra), metadata)
     if keep_last is not None and _rank() == 0:
         rotate_checkpoints(root, keep_last)
     _barrier()

@@ -2,7 +2,6 @@
 import dataclasses
 
 import torch
-from megatron.core import parallel_state as ps
 
 from megafox.checkpoint import load_model, save_checkpoint
 from megafox.config import ModelConfig
@@ -27,9 +26,7 @@ def train_and_save(model, hf_path, root, steps=2, seq=16, micro=1, n_micro=2, se
                   "loss_mask": torch.ones(micro, seq)} for i in range(0, n_micro * micro, micro)]
         iterators = [iter(batch) for _ in ddp] if len(ddp) > 1 else iter(batch)
         train_step(ddp, optimizer, iterators, n_micro, seq, micro)
-    meta = {"model": dataclasses.asdict(model), "stage": "stage1", "consumed_tokens": steps * n_micro * micro * seq,
-            "parallel": {"tp": parallel.tp, "pp": parallel.pp, "vpp": parallel.vpp,
-                         "dp": ps.get_data_parallel_world_size()}}
+    meta = {"model": dataclasses.asdict(model), "stage": "stage1", "consumed_tokens": steps * n_micro * micro * seq}
     save_checkpoint(root, steps, ddp, meta)
     return gather_hf_weights(ddp, model, parallel)
 

@@ -47,7 +47,7 @@ def test_hf_megafox_hf_identical(round_trip):
     assert a["rope_parameters"]["rope_theta"] == b["rope_theta"] == 10000.0  # transformers 5 vs 4.x spelling
     meta = json.loads((round_trip["ckpt"] / "iter_0000000" / "megafox.json").read_text())
     assert meta["model_only"] is True and meta["iteration"] == 0 and meta["consumed_tokens"] == 0
-    assert meta["parallel"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": None}
+    assert meta["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": None, "world": None}
     assert meta["model"]["num_query_groups"] == 2 and meta["model"]["vocab_size"] == 1000
 
 
@@ -101,7 +101,7 @@ def test_reshard_repads_vocab_only_when_needed(tmp_path):
     assert proc.returncode == 0, proc.stderr
     info = json.loads(run_tool("inspect", "--checkpoint", tmp_path / "tp2", "--json").stdout)
     assert info["tensors"]["embedding.word_embeddings.weight"]["shape"] == [1280, 64]
-    assert info["parallel"]["tp"] == 2
+    assert info["layout"]["tp"] == 2
     assert run_tool("to_hf", "--checkpoint", tmp_path / "tp2", "--output", tmp_path / "hf", "--dtype", "fp32").returncode == 0
     back, src_sd = _load_dir(tmp_path / "hf"), _load_dir(src)
     for name in back:

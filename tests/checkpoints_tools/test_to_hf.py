@@ -79,7 +79,7 @@ def test_bf16_export_and_inspect(trained):
     assert info.returncode == 0, info.stderr
     s = json.loads(info.stdout)
     assert (s["iteration"], s["stage"], s["consumed_tokens"]) == (2, "stage1", 64)
-    assert s["parallel"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": 1}
+    assert s["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": 1, "world": 4}  # recorded by the save itself
     assert s["tensors"]["decoder.layers.self_attention.linear_qkv.weight"]["shape"] == [4, (4 + 2 * 2) * 16, 64]
     assert ("output_layer.weight" in s["tensors"]) == (not trained["model"].tie_word_embeddings)
 

@@ -225,6 +225,7 @@ def test_load_hf_converted_weights_trains_and_exports_them_back(tiny_data, tmp_p
         proc = subprocess.run([sys.executable, "-m", f"checkpoints_tools.{module}", *map(str, args)],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
 
     tool("from_hf", "--hf", tmp_path / "released", "--output", tmp_path / "base", "--tp", 1, "--pp", 1)
     root = tmp_path / "ckpt"
@@ -234,6 +235,11 @@ def test_load_hf_converted_weights_trains_and_exports_them_back(tiny_data, tmp_p
     _ok(rc, out)
     assert f"initialized weights from {tmp_path / 'base'}" in out
     assert "stage stage1 complete: iteration=2" in out and adam_step(root / "iter_0000002") == 2.0
+    # inspect reads the trainer's own metadata: layout saved with, stage, consumed tokens/samples
+    info = json.loads(tool("inspect", "--checkpoint", root, "--json"))
+    assert info["layout"] == {"tp": 2, "pp": 1, "vpp": 1, "dp": 1, "world": 2}
+    assert (info["iteration"], info["stage"], info["consumed_tokens"]) == (2, "stage1", 1024)
+    assert info["consumed_samples"] == {"stage1": 16} and info["has_optimizer_state"]
     tool("to_hf", "--checkpoint", root, "--output", tmp_path / "export", "--dtype", "fp32")
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert set(exported) <= set(original) and "model.layers.3.mlp.down_proj.weight" in exported
