@@ -346,6 +346,7 @@ class Trainer:
             "run_state": dataclasses.asdict(self.state),
             "model": dataclasses.asdict(self.config.model),
             "config": self.config.source,
+            "tokenizer": self.data.tokenizer.info(),  # what megafox-to-hf ships with the weights
         }
         path = ckpt.save_training_checkpoint(self.root, self.state.iteration, self.ddp, self.optimizer, meta,
                                              keep_last=self.config.checkpoint.keep_last)

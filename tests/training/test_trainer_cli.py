@@ -241,6 +241,9 @@ def test_load_hf_converted_weights_trains_and_exports_them_back(tiny_data, tmp_p
     assert (info["iteration"], info["stage"], info["consumed_tokens"]) == (2, "stage1", 1024)
     assert info["consumed_samples"] == {"stage1": 16} and info["has_optimizer_state"]
     tool("to_hf", "--checkpoint", root, "--output", tmp_path / "export", "--dtype", "fp32")
+    # no --tokenizer: the one the stage trained with, recorded in the checkpoint, is shipped
+    shipped = (tmp_path / "export" / "tokenizer.model").read_bytes()
+    assert shipped == (tiny_data / "tokenizer.model").read_bytes()
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert set(exported) <= set(original) and "model.layers.3.mlp.down_proj.weight" in exported
     for name, tensor in exported.items():
