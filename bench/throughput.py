@@ -109,7 +109,7 @@ def megafox_step(m, seq, mbs, fused: bool, recompute: str, loss_grad: str, impl:
     m.transformer_impl = impl
     parallel = ParallelConfig(use_distributed_optimizer=True)
     options = BuildOptions(params_dtype=torch.bfloat16 if CUDA else torch.float32, bf16=CUDA,
-                           recompute=recompute, fused_loss=fused, loss_chunk_tokens=chunk)
+                           recompute=recompute, fused_loss=fused, loss_chunk_tokens=chunk, loss_grad=loss_grad)
     config = transformer_config(m, parallel, options)
     chunks = build_model(m, parallel, options)
     if CUDA:  # (on CPU the test shim owns device placement)
@@ -117,32 +117,11 @@ def megafox_step(m, seq, mbs, fused: bool, recompute: str, loss_grad: str, impl:
     ddp = wrap_ddp(chunks, config, parallel)
     configure_schedule_hooks(ddp)
     optimizer = build_optimizer(ddp, OptimizerSettings(), parallel, bf16=CUDA)
-    batch = _batch(m, seq, mbs)
-    if fused and loss_grad == "precompute":
-        _pass_loss_mask(step_mod)
+    batch = _batch(m, seq, mbs)  # its loss_mask lets the fused loss compute LM-head grads in the forward
 
     def step():
         step_mod.train_step(ddp, optimizer, iter([batch]), 1, seq, mbs)
     return step
-
-
-def _pass_loss_mask(step_mod) -> None:
-    """Make forward_step hand loss_mask to the model, which selects the fused loss variant that
-    computes LM-head gradients during the forward (see megafox.model.gpt). Only needed until
-    megafox.training.step.forward_step passes it itself."""
-    import inspect
-    from functools import partial
-
-    if "loss_mask=loss_mask" in inspect.getsource(step_mod.forward_step):
-        return
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
-        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-        output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
-        return output, partial(step_mod.loss_func, loss_mask)
-    step_mod.forward_step = forward_step
 
 
 def hf_step(m, seq, mbs):

@@ -28,6 +28,9 @@ class BuildOptions:
     use_cpu_initialization: Optional[bool] = None  # default: True when there is no GPU
     fused_loss: bool = False  # chunked linear + cross-entropy (megafox.model.fused_loss)
     loss_chunk_tokens: int = 4096
+    # precompute: LM-head gradients computed in the forward (needs the loss_mask, which the
+    # trainer passes); recompute: each chunk's logits recomputed in the backward
+    loss_grad: str = "precompute"
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
@@ -118,5 +121,6 @@ def build_model(model: ModelConfig, parallel: ParallelConfig,
             vp_stage=vp_stage,
             fused_loss=options.fused_loss,
             loss_chunk_tokens=options.loss_chunk_tokens,
+            loss_grad=options.loss_grad,
         ))
     return chunks

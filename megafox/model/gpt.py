@@ -23,19 +23,23 @@ class FoxGPTModel(GPTModel):
     """With `fused_loss`, a forward with labels returns the same per-token losses [b, s] as
     GPTModel (loss_func is unchanged) through `megafox.model.fused_loss`.
 
-    Passing `loss_mask=` to forward as well selects the faster variant that computes the LM-head
-    gradients during the forward; the caller must then reduce the losses as
+    Passing `loss_mask=` to forward as well (and loss_grad="precompute", the default) selects the
+    faster variant that computes the LM-head gradients during the forward; the caller must then reduce the losses as
     c * sum(loss_mask * losses), which megafox's loss_func does (anything else raises).
     """
 
-    def __init__(self, *args, fused_loss: bool = False, loss_chunk_tokens: int = 4096, **kwargs):
+    def __init__(self, *args, fused_loss: bool = False, loss_chunk_tokens: int = 4096,
+                 loss_grad: str = "precompute", **kwargs):
         super().__init__(*args, **kwargs)
         if loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens: must be >= 1, got {loss_chunk_tokens}")
+        if loss_grad not in ("precompute", "recompute"):
+            raise ValueError(f"loss_grad: must be precompute or recompute, got {loss_grad!r}")
         if fused_loss and self.config.mtp_num_layers is not None:
             raise ValueError("fused_loss does not support multi-token prediction (mtp_num_layers)")
         self.fused_loss = fused_loss
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.grads_in_forward = loss_grad == "precompute"
 
     def _postprocess(self, *args, **kwargs):
         bound = _POSTPROCESS_SIGNATURE.bind(self, *args, **kwargs)
@@ -45,7 +49,7 @@ class FoxGPTModel(GPTModel):
         if not (self.fused_loss and self.post_process and labels is not None and not inference
                 and not a.get("mtp_in_postprocess")):
             return super()._postprocess(*args, **kwargs)
-        return self._fused_loss(a["hidden_states"], labels, a.get("loss_mask"))
+        return self._fused_loss(a["hidden_states"], labels, a.get("loss_mask") if self.grads_in_forward else None)
 
     def _fused_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, loss_mask) -> torch.Tensor:
         tp = self.pg_collection.tp

@@ -138,6 +138,7 @@ def _assert_same_step(ref, got, before):
 @pytest.mark.slow
 def test_train_step_fused_and_recompute_match_reference(inputs):
     variants = [{}, {"fused_loss": True, "loss_chunk_tokens": 24},
+                {"fused_loss": True, "loss_chunk_tokens": 24, "loss_grad": "recompute"},
                 {"recompute": "selective"}, {"recompute": "full"},
                 {"recompute": "full", "fused_loss": True}]
     results = run_distributed("tests/model/fused_bodies.py:train", 1, {},
