@@ -37,7 +37,7 @@ export MEGAFOX_OVERRIDES="data_dir=$OUT/data checkpoint.dir=$OUT/checkpoints log
 for stage in stage1 stage2 stage3; do
     echo "--- $stage"
     CONFIG="$CONFIG" NPROC=${NPROC:-2} MASTER_PORT=${MASTER_PORT:-29517} \
-        bash launch/local.sh "$stage" 2>&1 | grep -v -i "warn" | tee -a "$OUT/logs/$stage.log"
+        bash launch/local.sh "$stage" 2>&1 | grep --line-buffered -v -i "warn" | tee -a "$OUT/logs/$stage.log"
 done
 
 say "4/5 export to Hugging Face format (megafox-to-hf)"
