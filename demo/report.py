@@ -20,7 +20,6 @@ from typing import Dict, List
 import numpy as np
 
 STAGES = ("stage1", "stage2", "stage3")
-_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 
 
 def read_metrics(metrics_dir: Path) -> Dict[str, List[dict]]:
@@ -50,13 +49,18 @@ def read_validation(metrics_dir: Path) -> Dict[str, List[dict]]:
 
 def stage_tokens(blend_path: Path) -> np.ndarray:
     """All token ids of a stage's datasets (the indexed .bin files named by blend.json)."""
-    blend = json.loads(blend_path.read_text())
+    import warnings
+
+    from data_prep.indexed import read_idx
+    from megafox.data.blend import read_blend
+
+    # read_blend opens the indexes through megatron-core, which warns that TE/apex are absent (fine on CPU)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
     arrays = []
-    for ds in blend["datasets"]:
-        prefix = blend_path.parent / ds["prefix"]
-        with open(f"{prefix}.idx", "rb") as f:
-            header = f.read(18)
-        arrays.append(np.fromfile(f"{prefix}.bin", dtype=_DTYPES[header[17]]))
+    for ds in read_blend(str(blend_path)).datasets:
+        dtype, _, _ = read_idx(f"{ds.prefix}.idx")
+        arrays.append(np.fromfile(f"{ds.prefix}.bin", dtype=dtype))
     return np.concatenate(arrays)
 
 
@@ -127,9 +131,14 @@ def main(argv=None) -> int:
     if missing:
         print(f"report: no training records for {', '.join(missing)} in {ckpt / 'metrics'}", file=sys.stderr)
         return 1
-    import yaml
+    import os
+    import shlex
 
-    seq = {s["name"]: s["seq_length"] for s in yaml.safe_load(Path(args.config).read_text())["stages"]}
+    from megafox.config import load_train_config
+
+    # the config the stages trained with: the file plus the same MEGAFOX_OVERRIDES the trainer read
+    config = load_train_config(args.config, shlex.split(os.environ.get("MEGAFOX_OVERRIDES", "")))
+    seq = {s.name: s.seq_length for s in config.stages}
     for stage in STAGES:
         for rec in metrics[stage]:
             rec.setdefault("seq_length", seq.get(stage))
