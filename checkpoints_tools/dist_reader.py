@@ -119,6 +119,8 @@ class DistCheckpoint:
         except Exception as exc:  # a truncated/corrupt pickle
             raise ToolError(f"{self.path / '.metadata'}: unreadable ({type(exc).__name__}: {exc})") from None
         self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        self.tensors: Dict[str, TensorStorageMetadata] = {
+            k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self._check_shard_files()
         self.model = self._model_config()
         self.te_names = LAYER_PREFIX + LAYER_TENSORS_TE[0] in self.tensors
@@ -133,9 +135,6 @@ class DistCheckpoint:
         return {k: v for k, v in found.items() if v is not None}
 
     # -- index -----------------------------------------------------------------------------
-    @property
-    def tensors(self) -> Dict[str, TensorStorageMetadata]:
-        return {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
     @property
     def iteration(self) -> int:
@@ -159,9 +158,11 @@ class DistCheckpoint:
         if missing:
             raise ToolError(f"{self.path}: missing shard file(s) {', '.join(missing[:4])}"
                             f"{' ...' if len(missing) > 4 else ''} ({len(missing)} of {len(files)})")
-        for f in files:
+        need_by_file: Dict[str, int] = {}
+        for i in self.metadata.storage_data.values():
+            need_by_file[i.relative_path] = max(need_by_file.get(i.relative_path, 0), i.offset + i.length)
+        for f, need in need_by_file.items():
             size = (self.path / f).stat().st_size
-            need = max(i.offset + i.length for i in self.metadata.storage_data.values() if i.relative_path == f)
             if size < need:
                 raise ToolError(f"{self.path / f}: truncated shard file ({size} bytes, index needs {need})")
 
