@@ -2,7 +2,8 @@
 
 The main process streams each file into chunks (cheap: decompression and cutting at line
 boundaries); workers turn chunks into documents (UTF-8 decoding, JSON parsing, validation).
-Nothing here raises on bad data: every skipped record gets a reason and a line number.
+Nothing here raises on bad data: every skipped record gets a reason and a line number. An I/O
+error is not bad data: it raises, so no shard is completed with part of a file missing.
 
 Chunk kinds sent to workers:
   ("lines", bytes, first_line)  complete JSONL lines
@@ -20,6 +21,8 @@ import os
 import zlib
 from typing import Iterator, List, Optional, Tuple
 
+from .common import DataPrepError
+
 READ_BLOCK = 1 << 20
 
 # Skip reasons (manifest keys).
@@ -31,7 +34,6 @@ INVALID_UTF8 = "invalid_utf8"
 EMPTY = "empty"
 TRUNCATED = "truncated_file"
 CORRUPT = "corrupt_file"
-UNREADABLE = "unreadable_file"
 
 
 class FileReader:
@@ -164,8 +166,9 @@ class FileReader:
                     return
                 yield from self._jsonl_chunks(f)
         except OSError as e:
-            yield ("skip", UNREADABLE, 0, 1)
-            self.error = str(e)
+            # An I/O failure is not bad data: skipping would drop the rest of the file from a shard
+            # that then counts as complete. Fail instead; the shard is not written and a rerun retries.
+            raise DataPrepError(f"{self.path}: read error ({e}); nothing of this shard was kept, rerun to retry") from None
 
     def _jsonl_chunks(self, f) -> Iterator[tuple]:
         errors: List[Tuple[str, str]] = []

@@ -4,7 +4,7 @@ import gzip
 import json
 
 from dp_helpers import write_jsonl
-from dp_helpers import expected, pp, read_megatron
+from dp_helpers import expected, pp, read_megatron, same_files
 
 
 def test_bad_records_counted_good_kept(tmp_path, corpus, tokenizer, sp):
@@ -97,3 +97,36 @@ def test_unreadable_tokenizer_fails_fast(tmp_path, corpus):
         r = pp(f, tok, tmp_path / "o", check=False)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o.bin").exists()
+
+
+def test_io_error_mid_file_fails_the_shard_and_a_rerun_retries_it(tmp_path, corpus, tokenizer, monkeypatch):
+    """An I/O error is not bad data: no record is silently dropped and no shard completes with
+    part of its file; the run fails with the file named, and the next run redoes that shard."""
+    import pytest
+
+    from data_prep import readers
+    from data_prep.common import DataPrepError
+    from data_prep.preprocess import Options, preprocess
+
+    files = [write_jsonl(tmp_path / f"in{i}.jsonl", corpus[i::2] * 4) for i in range(2)]
+    pp(files, tokenizer, tmp_path / "ref", "--workers", "1")
+    raw = readers.FileReader._raw
+
+    def failing(self, f):
+        gen = raw(self, f)
+        yield next(gen)
+        if self.path == files[1]:
+            raise OSError(5, "Input/output error")
+        yield from gen
+    monkeypatch.setattr(readers, "READ_BLOCK", 4096)
+    monkeypatch.setattr(readers.FileReader, "_raw", failing)
+    out = tmp_path / "o" / "ds"
+    opts = Options(files, tokenizer, str(out), workers=1, chunk_bytes=4096, progress="none", quiet=True)
+    with pytest.raises(DataPrepError, match=rf"{files[1]}: read error \(\[Errno 5\] Input/output error\)"):
+        preprocess(opts)
+    shards = tmp_path / "o" / "ds.shards"
+    assert (shards / "shard-00000.json").exists() and not (shards / "shard-00001.json").exists()
+    assert not (tmp_path / "o" / "ds.bin").exists()
+    monkeypatch.undo()
+    pp(files, tokenizer, out, "--workers", "1")
+    assert same_files(tmp_path / "ref", out)
