@@ -597,12 +597,12 @@ def preprocess(opts: Options, merge_only: bool = False) -> dict:
     sig = _overall_signature(shards, sig_common)
     label = opts.output_prefix
     array = opts.array_count is not None
-    if not array:
-        man = _up_to_date(opts, sig)
-        if man is not None:
-            if not opts.quiet:
-                print(f"{label}: up to date ({man['documents']} documents, {man['tokens']} tokens)", flush=True)
-            return man
+    # also for array tasks: a resubmitted job must not redo sources merged by an earlier one
+    man = _up_to_date(opts, sig)
+    if man is not None:
+        if not opts.quiet:
+            print(f"{label}: up to date ({man['documents']} documents, {man['tokens']} tokens)", flush=True)
+        return man
     if array:
         if opts.array_index is None or not (0 <= opts.array_index < opts.array_count):
             raise DataPrepError(f"--array-index must be in [0, {opts.array_count})")

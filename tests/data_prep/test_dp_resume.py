@@ -31,6 +31,9 @@ def test_array_tasks_then_merge_identical(tmp_path, corpus, tokenizer):
     ref = json.loads((tmp_path / "ref.manifest.json").read_text())
     assert (man["documents"], man["tokens"], man["inputs"]) == (ref["documents"], ref["tokens"], ref["inputs"])
     assert not os.path.exists(str(out) + ".shards")
+    # the job resubmitted (e.g. after a later source failed): merged output is not redone
+    r = pp(files, tokenizer, out, "--array-index", 0, "--array-count", 3, "--workers", "1")
+    assert "up to date" in r.stdout and not os.path.exists(str(out) + ".shards")
 
 
 def test_merge_with_missing_shard_fails_clearly(tmp_path, corpus, tokenizer):
