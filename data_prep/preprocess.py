@@ -70,21 +70,24 @@ def _encode_chunk(chunk: tuple):
     """chunk -> (token bytes, int32 lengths bytes, skips, text bytes).  Only bytes cross processes."""
     sp = _W["sp"]
     texts, lines, skips = parse_chunk(chunk, _W["key"])
-    nbytes_text = sum(len(t) for t in texts)
+    nbytes_text = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
     try:
         arrs = sp.encode(texts, return_type="numpy", num_threads=1) if texts else []
     except Exception:  # e.g. lone surrogates from JSON escapes: isolate the bad documents
-        arrs = []
+        arrs, kept = [], []
         for t, ln in zip(texts, lines):
             try:
                 arrs.append(sp.encode([t], return_type="numpy", num_threads=1)[0])
+                kept.append(ln)
             except Exception:
                 skips.append((INVALID_UTF8, ln))
+        lines = kept
         skips.sort(key=lambda s: s[1])
     eos = _W["eos"]
     if any(len(a) == 0 for a in arrs):  # nothing to train on (possible only without eos)
+        skips.extend((EMPTY, ln) for a, ln in zip(arrs, lines) if len(a) == 0)
+        skips.sort(key=lambda s: s[1])
         arrs = [a for a in arrs if len(a)]
-        skips.append((EMPTY, chunk[2]))
     n = len(arrs)
     lengths = np.fromiter((len(a) for a in arrs), dtype=np.int32, count=n)
     if eos is not None and n:
@@ -443,7 +446,7 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
     prog = Progress(total, os.path.basename(label), mode, opts.log_interval)
     pool = None
     spill_dir = None
-    nworkers = min(opts.workers, max(1, sum(len(s.pieces) for s in pending) * 1000))
+    nworkers = opts.workers
     if nworkers > 1:
         import multiprocessing as mp
 
