@@ -20,10 +20,9 @@ import sys
 import sysconfig
 from typing import Dict, List, Optional
 
-from .common import DataPrepError, atomic_write_json, expand_inputs, run_main, setup_logging
+from .common import FORMATS, DataPrepError, atomic_write_json, expand_inputs, run_main, setup_logging
 
 STAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-FORMATS = ("auto", "jsonl", "parquet", "text")
 
 
 class PlanError(DataPrepError):

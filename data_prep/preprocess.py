@@ -27,7 +27,7 @@ from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-from .common import (DataPrepError, atomic_write_json, detect_format, expand_inputs, file_stat,
+from .common import (FORMATS, DataPrepError, atomic_write_json, detect_format, expand_inputs, file_stat,
                      human_bytes, log, read_json, run_main, setup_logging, tmp_name)
 from .indexed import choose_dtype, dtype_name, merge_prefixes, write_idx
 from .readers import FileReader, parse_chunk, INVALID_UTF8, EMPTY
@@ -655,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                    help="append the tokenizer's eos id to every document (default: on)")
     p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"])
-    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "text"],
+    p.add_argument("--format", default="auto", choices=FORMATS,
                    help="input format (auto: by file name; text: one document per file)")
     p.add_argument("--shards", type=int, default=None, metavar="K",
                    help="group the inputs into K shards (default: one shard per input file); with K > files, "

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from .common import DataPrepError, atomic_write_json, detect_format, expand_inputs, log, run_main, setup_logging
+from .common import FORMATS, DataPrepError, atomic_write_json, detect_format, expand_inputs, log, run_main, setup_logging
 from .readers import iter_documents
 
 FOX1_VOCAB = 256000
@@ -132,7 +132,7 @@ def _main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=FOX1_VOCAB)
     p.add_argument("--output", required=True, metavar="DIR")
     p.add_argument("--json-key", default="text")
-    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "text"])
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--sample-mb", type=float, default=2000.0, help="text kept in memory for training (MB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--character-coverage", type=float, default=0.9995)
