@@ -49,21 +49,19 @@ def _worker_init(model_path: str, json_key: str, eos: Optional[int], dtype: str,
 
     sp = spm.SentencePieceProcessor()
     sp.Load(model_path)
-    _W.update(sp=sp, key=json_key, eos=eos, dtype=np.dtype(dtype), spill=None)
-    if spill_dir is not None:
-        # Pool workers write token bytes to their own spill file and send back only
-        # (path, offset, size): no token data crosses the pipe.
-        path = os.path.join(spill_dir, f".worker{os.getpid()}.spill.tmp")
-        _W["spill"] = (path, open(path, "wb"))
+    _W.update(sp=sp, key=json_key, eos=eos, dtype=np.dtype(dtype), spill=spill_dir, spilled=0)
 
 
 def _encode_spill(chunk: tuple):
+    """Pool workers write a chunk's token bytes to a spill file of its own and send back only
+    (path, size): no token data crosses the pipe. The main process copies and deletes it, so
+    spill space stays at the chunks in flight, not a second copy of the output."""
     tok, lens, skips, nbytes = _encode_chunk(chunk)
-    path, f = _W["spill"]
-    off = f.tell()
-    f.write(tok)
-    f.flush()
-    return (path, off, len(tok)), lens, skips, nbytes
+    _W["spilled"] += 1
+    path = os.path.join(_W["spill"], f".worker{os.getpid()}-{_W['spilled']}.spill.tmp")
+    with open(path, "wb") as f:
+        f.write(tok)
+    return (path, len(tok)), lens, skips, nbytes
 
 
 def _encode_chunk(chunk: tuple):
@@ -103,27 +101,25 @@ def _encode_chunk(chunk: tuple):
     return flat.astype(_W["dtype"], copy=False).tobytes(), lengths.tobytes(), skips, nbytes_text
 
 
-_SPILL_FDS: Dict[str, int] = {}
-
-
-def _copy_range(ref: tuple, out) -> None:
-    path, off, n = ref
-    fd = _SPILL_FDS.get(path)
-    if fd is None:
-        fd = _SPILL_FDS[path] = os.open(path, os.O_RDONLY)
-    out.flush()
-    dst = out.fileno()
-    while n > 0:
-        try:
-            k = os.copy_file_range(fd, dst, n, off)
-        except OSError:
-            k = 0
-        if k <= 0:  # not supported here: plain copy
-            out.write(os.pread(fd, n, off))
-            out.flush()
-            return
-        off += k
-        n -= k
+def _copy_spill(ref: tuple, out) -> None:
+    path, n = ref
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out.flush()
+        dst, off = out.fileno(), 0
+        while off < n:
+            try:
+                k = os.copy_file_range(fd, dst, n - off, off)
+            except OSError:
+                k = 0
+            if k <= 0:  # not supported here: plain copy
+                out.write(os.pread(fd, n - off, off))
+                out.flush()
+                break
+            off += k
+    finally:
+        os.close(fd)
+    os.unlink(path)
 
 
 def _spill_dir(opts: "Options") -> str:
@@ -146,9 +142,6 @@ def _spill_dir(opts: "Options") -> str:
 
 
 def _close_spills(spill_dir: Optional[str]) -> None:
-    for p, fd in list(_SPILL_FDS.items()):
-        os.close(fd)
-        del _SPILL_FDS[p]
     if spill_dir:
         shutil.rmtree(spill_dir, ignore_errors=True)
 
@@ -361,8 +354,8 @@ class ShardWriter:
 
     def add(self, piece: Piece, result) -> tuple:
         tok, lens, skips, nbytes = result
-        if isinstance(tok, tuple):  # (spill file, offset, size) written by a pool worker
-            _copy_range(tok, self.f)
+        if isinstance(tok, tuple):  # (spill file, size) written by a pool worker
+            _copy_spill(tok, self.f)
         else:
             self.f.write(tok)
         lengths = np.frombuffer(lens, dtype=np.int32)
