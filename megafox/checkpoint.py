@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
+from megafox.training.signals import STOP_SIGNALS
+
 FORMAT = "megafox-dist-v1"
 METADATA_FILE = "megafox.json"
 LATEST_FILE = "latest"
@@ -87,9 +89,8 @@ def save_checkpoint(root: Union[str, Path], iteration: int, chunks: List[torch.n
     return _save_state(root, iteration, state, metadata, update_latest)
 
 
-# Signals the trainer turns into "save and exit". SLURM delivers them to every process of the job
-# step, including the helper processes dist_checkpointing starts; those must not die of them.
-_STOP_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
+# The signals the trainer turns into "save and exit" (STOP_SIGNALS) reach every process of a SLURM
+# job step, including the helper processes dist_checkpointing starts; those must not die of them.
 
 
 def _start_writer_processes_shielded() -> None:
@@ -105,7 +106,7 @@ def _start_writer_processes_shielded() -> None:
 
     if filesystem_async._results_queue is not None:
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         filesystem_async._get_write_results_queue()
     finally:

@@ -197,7 +197,7 @@ class Trainer:
                               skipped_steps=run.get("skipped_steps", 0), last_loss=run.get("last_loss", float("nan")))
         self.resumed_at_stage_end = bool(meta.get("stage_end")) and saved_stage == self.stage.name
         if not meta["rng_restored"]:
-            log(f"layout changed ({meta['layout']} -> {ckpt.layout_signature()}): RNG states reseeded")
+            log(f"layout changed ({meta['layout']} -> {ckpt.layout_signature()}): RNG states not restored (per-rank streams of another layout), left at the run's initial seeds")
         log(f"resumed from {meta['path']}: iteration={self.state.iteration} stage={saved_stage} "
             f"tokens={self.state.consumed_tokens} stage_samples={self.state.consumed_samples.get(self.stage.name, 0)} "
             f"optimizer_step={self.optimizer_step()} lr={self._lr():.6e}")
