@@ -17,6 +17,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -113,50 +114,55 @@ def train_step(chunks: List[DistributedDataParallel], optimizer, data_iterator, 
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
     forward_backward = get_forward_backward_func()
-    losses = forward_backward(
-        forward_step_func=forward_step,
-        data_iterator=data_iterator,
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    # megatron-core's forward_only does not turn autograd off: without no_grad a validation pass
+    # would keep every activation (and the fused loss would compute LM-head gradients)
+    with torch.set_grad_enabled(not forward_only):
+        losses = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=data_iterator,
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
     loss, tokens = _global_loss(losses)
     if forward_only:
         return StepResult(loss, float("nan"), tokens, skipped=True)
     if skip_nonfinite and not math.isfinite(loss):
         return StepResult(loss, float("nan"), tokens, skipped=True)
-    if skip_nonfinite and not _grads_finite(chunks):
-        # Without an fp16 grad scaler megatron-core's optimizer does not check for inf/NaN: a
-        # NaN grad norm makes clipping a no-op and the update would write NaN into the weights.
-        return StepResult(loss, float("nan"), tokens, skipped=True)
-    ok, grad_norm, _ = optimizer.step()
-    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    skipped = not ok
+    ok, grad_norm = _update(optimizer, skip_nonfinite)
+    return StepResult(loss, grad_norm, tokens, skipped=not ok)
+
+
+def _update(optimizer, skip_nonfinite: bool):
+    """megatron-core's optimizer.step(), with one gradient norm deciding both skip and clip.
+
+    Without an fp16 grad scaler megatron-core's optimizer does not check for inf/NaN: a NaN norm
+    makes clipping a no-op and the update writes NaN into the weights. The norm it computes for
+    clipping is already reduced over every rank that holds part of the model (and over the
+    data-parallel shards of the distributed optimizer), so every rank takes the same decision
+    without another pass over the gradients or another collective.
+    """
+    if optimizer.prepare_grads():  # the fp16 grad scaler found inf/NaN (and backed off)
+        return False, float("nan")
+    grad_norm = float(optimizer.get_grad_norm())
     if skip_nonfinite and not math.isfinite(grad_norm):
-        skipped = True  # megatron-core has already refused the update when grads were non-finite
-    return StepResult(loss, grad_norm, tokens, skipped)
-
-
-def _grads_finite(chunks: List[DistributedDataParallel]) -> bool:
-    """Whether every rank's gradient buffers are finite (one flag all-reduced over all ranks)."""
-    finite = True
-    for chunk in chunks:
-        for buffer in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
-            finite = finite and bool(torch.isfinite(buffer.grad_data).all())
-    flag = torch.tensor([0.0 if finite else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() == 0.0
+        return False, grad_norm
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = part.get_parameters()
+        if part.config.clip_grad > 0.0 and params:
+            clip_grad_by_total_norm_fp32(params, part.config.clip_grad, grad_norm,
+                                         part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
 def _global_loss(losses: List[Dict[str, torch.Tensor]]):
-    """Sum (loss, tokens) over micro-batches and DP ranks; share it with every PP stage."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for item in losses or []:
-        total += item["lm loss"].detach().to("cpu", torch.float64)
+    """Sum (loss, tokens) over micro-batches and DP ranks; share it with every PP stage.
+    Summed where the losses are (one host sync per step, not one per micro-batch)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    total = total.to(device)
+    reports = [item["lm loss"].detach().to(device, torch.float64) for item in losses or []]
+    total = torch.stack(reports).sum(dim=0) if reports else torch.zeros(2, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         # only the last stage computed a loss; the others hold zeros

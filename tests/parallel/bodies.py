@@ -8,8 +8,10 @@ from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_
 from megafox.training.step import OptimizerSettings, build_optimizer, configure_schedule_hooks, train_step, wrap_ddp
 
 
-def one_step(hf_path, batch_path, micro_batch_size, impl="native", use_distributed_optimizer=True):
-    """Load the same HF weights, take one optimizer step on the same global batch."""
+def one_step(hf_path, batch_path, micro_batch_size, impl="native", use_distributed_optimizer=True,
+             nan_grad_rank=None):
+    """Load the same HF weights, take one optimizer step on the same global batch.
+    `nan_grad_rank`: that rank's gradient of its first parameter becomes NaN (the loss stays finite)."""
     model = fox1_tiny()
     model.transformer_impl = impl
     parallel = current_parallel(use_distributed_optimizer)
@@ -30,6 +32,9 @@ def one_step(hf_path, batch_path, micro_batch_size, impl="native", use_distribut
     micro = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in local.items()}
              for i in range(n_micro)]
     iterators = [iter(micro) for _ in ddp] if len(ddp) > 1 else iter(micro)
+    if nan_grad_rank == torch.distributed.get_rank():
+        next(ddp[0].module.parameters()).register_hook(lambda grad: grad * float("nan"))
     result = train_step(ddp, optimizer, iterators, n_micro, batch["tokens"].shape[1], micro_batch_size)
     weights = gather_hf_weights(ddp, model, parallel)
-    return {"loss": result.loss, "grad_norm": result.grad_norm, "tokens": result.num_tokens, "weights": weights}
+    return {"loss": result.loss, "grad_norm": result.grad_norm, "tokens": result.num_tokens, "weights": weights,
+            "skipped": result.skipped}

@@ -64,3 +64,20 @@ def test_reference_step_changes_weights(reference, inputs):
 ])
 def test_layout_matches_tp1(reference, inputs, name, nproc, layout):
     _assert_same(reference, _run(inputs, nproc, layout), torch.load(inputs["hf_path"]))
+
+
+@pytest.mark.parametrize("name,nproc,layout,nan_rank", [
+    ("tp2", 2, {"tensor_model_parallel_size": 2}, 1),  # one TP shard's grads only
+    ("pp2", 2, {"pipeline_model_parallel_size": 2}, 0),  # the stage without the loss
+    ("dp2_distopt", 2, {"use_distributed_optimizer": True}, 1),
+])
+def test_nonfinite_grads_skip_the_step_on_every_rank(reference, inputs, name, nproc, layout, nan_rank):
+    """A NaN gradient on one rank (finite loss) leaves every rank's weights untouched: the skip
+    decision is global, or the ranks' weights would diverge."""
+    got = _run(inputs, nproc, layout, nan_grad_rank=nan_rank)
+    assert got["skipped"] and got["grad_norm"] != got["grad_norm"]  # NaN
+    assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    before = torch.load(inputs["hf_path"])
+    assert set(got["weights"]) == set(reference["weights"])
+    for key, tensor in got["weights"].items():
+        assert torch.equal(tensor, before[key]), f"{key} changed in a skipped step"
