@@ -235,6 +235,9 @@ def loss_only(variant: str, args) -> dict:
     weight = (torch.randn(v, h, generator=g, device=DEV) * 0.02).to(dtype).requires_grad_()
     labels = torch.randint(0, v, (n,), generator=g, device=DEV)
     mask = torch.ones(n, device=DEV)
+    # as under megatron-core DDP (grad_reduce_in_fp32): an fp32 main_grad on the weight, into which
+    # its hook adds weight.grad after backward; the fused variants add into it directly
+    weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=DEV)
 
     def step():
         if variant == "unfused":  # GPTModel: output_layer GEMM, then vocab-parallel CE on [s, b, v]
@@ -244,6 +247,7 @@ def loss_only(variant: str, args) -> dict:
             losses = fused_linear_cross_entropy(hidden, weight, labels, mask if variant == "precompute" else None,
                                                 chunk_tokens=args.loss_chunk_tokens)
         (losses * mask).sum().backward()
+        weight.main_grad.add_(weight.grad)
         hidden.grad = weight.grad = None
 
     _sync()
@@ -252,7 +256,8 @@ def loss_only(variant: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     dt = timed(step, args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated() if CUDA else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    # the weight gradient (V x H) is produced by every variant; it is part of the figure
+    # the bf16 weight.grad (V x H; zeros for the fused variants, see fused_loss) is produced by
+    # every variant and is part of the figure; the fp32 main_grad is not (allocated before `base`)
     return dict(variant=variant, tokens=n, vocab=v, hidden=h, dtype=str(dtype).replace("torch.", ""),
                 chunk=chunk_size(args.loss_chunk_tokens, v) if variant != "unfused" else None,
                 time_ms=dt * 1e3, extra_peak_gib=max(0, peak - base) / 2 ** 30,

@@ -11,13 +11,23 @@ Two gradient strategies, same results:
 * `token_weights` given (the loss is consumed as sum(weights * losses) * c, which is what
   megafox's loss_func does with the loss mask): the backward is computed inside the forward, chunk
   by chunk, while each chunk's logits exist anyway; backward only rescales. Same matmul count as
-  the unfused path (3 per chunk), at the cost of holding a weight-sized gradient between forward
-  and backward. The rescale checks (asynchronously on GPU) that the incoming gradient really is
+  the unfused path (3 per chunk), at the cost of holding a weight-sized fp32 gradient between
+  forward and backward. The rescale checks (asynchronously on GPU) that the incoming gradient really is
   c * weights; anything else fails loudly instead of giving wrong gradients.
 * no weights: the forward keeps only each token's log-sum-exp, and the backward recomputes each
   chunk's logits (4 matmuls per chunk). Exact for any incoming gradient.
 
 The returned per-token losses are fp32, as megatron-core's cross-entropy returns them.
+
+The weight gradient is summed over chunks in fp32 whatever the weight's dtype (a bf16 running sum
+is rounded once per chunk: ~3x the error of the unfused path's single GEMM at 128 chunks). When
+the weight has megatron-core DDP's fp32 `main_grad` buffer, the sum goes straight into it, as
+Transformer Engine's and apex's gradient-accumulation fusion do, and no weight-sized buffer is
+allocated; autograd then receives a zero gradient for the weight, so the DDP hook still sees the
+parameter as ready (and still adds a tied embedding's own gradient). Without `main_grad` the sum is
+held in an fp32 buffer and rounded once, when returned. The precompute variant adds into
+`main_grad` during the forward, so it requires c == 1 (megafox's loss_func with
+`calculate_per_token_loss` and no loss scaling); anything else fails loudly in the backward.
 """
 from __future__ import annotations
 
@@ -29,8 +39,12 @@ import torch.distributed as dist
 # Cap on one chunk's fp32 logits (its bf16 logits/gradient come on top, ~1.5x in all). For Fox-1
 # that is 1024 tokens at V_local = 256K (TP1), 2048 at TP2: GEMMs still large enough to run at
 # full speed, and ~1.5 GB of loss working memory at any sequence length (plus the weight-sized
-# gradient: 1 GB in bf16, which the precompute variant holds from forward to backward).
+# fp32 gradient where there is no `main_grad` to add into: 2.1 GB at TP1, held from forward to
+# backward by the precompute variant and during the backward by the recompute variant).
 LOGITS_BUDGET_BYTES = 1 << 30
+# Cap on the low-precision partial product added into the fp32 weight gradient at a time: 64K
+# vocab rows of a 2048-wide weight in bf16, still one large GEMM per block.
+WGRAD_BLOCK_BYTES = 1 << 28
 
 
 def chunk_size(chunk_tokens: int, vocab_local: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
@@ -66,6 +80,31 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
         return _PrecomputedGrad.apply(hidden, weight, labels, token_weights, chunk, group, need_grad)
     return _RecomputedGrad.apply(hidden, weight, labels, chunk, group)
+
+
+def _weight_grad_sum(weight: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """Where to sum the weight gradient: (fp32 tensor, whether it is megatron-core's main_grad)."""
+    main_grad = getattr(weight, "main_grad", None)
+    if main_grad is not None and main_grad.dtype == torch.float32 and main_grad.shape == weight.shape:
+        return main_grad, True
+    return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device), False
+
+
+def _zero_grad(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """For a gradient already added to main_grad: still marks the parameter ready for DDP's hook."""
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
+    """acc [V_local, H] fp32 += grad.T @ h, for grad [n, V_local] and h [n, H] of any dtype."""
+    if grad.dtype == acc.dtype:
+        acc.addmm_(grad.t(), h)
+        return
+    # each block's product is rounded once to the GEMM dtype; the running sum stays fp32
+    rows = max(1, WGRAD_BLOCK_BYTES // (h.shape[1] * grad.element_size()))
+    for start in range(0, acc.shape[0], rows):
+        block = slice(start, start + rows)
+        acc[block] += grad[:, block].t() @ h
 
 
 def _vocab_start(weight: torch.Tensor, group) -> int:
@@ -126,7 +165,7 @@ class _RecomputedGrad(torch.autograd.Function):
     def backward(ctx, grad_losses):
         hidden, weight, labels, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_weight, in_main_grad = _weight_grad_sum(weight) if ctx.needs_input_grad[1] else (None, False)
         grad_losses = grad_losses.float()
         for start in range(0, hidden.shape[0], ctx.chunk):
             sl = slice(start, start + ctx.chunk)
@@ -139,7 +178,10 @@ class _RecomputedGrad(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.matmul(grad, weight, out=grad_hidden[sl])
             if grad_weight is not None:
-                grad_weight.addmm_(grad.t(), h)
+                _accumulate_weight_grad(grad_weight, grad, h)
+        if grad_weight is not None:
+            grad_weight = (_zero_grad(weight.shape, weight.dtype, weight.device) if in_main_grad
+                           else grad_weight.to(weight.dtype))
         return grad_hidden, grad_weight, None, None, None
 
 
@@ -149,7 +191,7 @@ class _PrecomputedGrad(torch.autograd.Function):
         vocab_start = _vocab_start(weight, group)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad and hidden.requires_grad else None
-        grad_weight = torch.zeros_like(weight) if need_grad and weight.requires_grad else None
+        grad_weight, in_main_grad = _weight_grad_sum(weight) if need_grad and weight.requires_grad else (None, False)
         ones = torch.ones(min(chunk, hidden.shape[0]), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
@@ -163,10 +205,12 @@ class _PrecomputedGrad(torch.autograd.Function):
                     torch.matmul(grad, weight, out=grad_hidden[sl])
                 if grad_weight is not None:
                     weighted = h * token_weights[sl].to(h.dtype).unsqueeze(1)
-                    grad_weight.addmm_(grad.t(), weighted)
+                    _accumulate_weight_grad(grad_weight, grad, weighted)
                 del grad
             del probs
-        ctx.save_for_backward(token_weights, grad_hidden, grad_weight)
+        ctx.save_for_backward(token_weights, grad_hidden, None if in_main_grad else grad_weight)
+        ctx.weight_dtype, ctx.in_main_grad = weight.dtype, in_main_grad
+        ctx.weight_shape, ctx.has_weight_grad = weight.shape, grad_weight is not None
         return losses
 
     @staticmethod
@@ -184,6 +228,16 @@ class _PrecomputedGrad(torch.autograd.Function):
         if grad_hidden is not None and ctx.needs_input_grad[0]:
             out_hidden = grad_hidden.mul_(g.to(grad_hidden.dtype).unsqueeze(1))
         out_weight = None
-        if grad_weight is not None and ctx.needs_input_grad[1]:
-            out_weight = grad_weight.mul_(c.to(grad_weight.dtype))
+        if ctx.has_weight_grad and ctx.needs_input_grad[1]:
+            if ctx.in_main_grad:
+                # added to main_grad in the forward, unscaled: right only if c == 1
+                unscaled = ((c - 1.0).abs() <= 1e-6) | (token_weights.abs().sum() == 0)  # nothing added
+                torch._assert_async(unscaled,
+                                    "fused loss: the LM-head weight gradient went into main_grad during the "
+                                    "forward, which needs the loss to be exactly sum(loss_mask * losses) "
+                                    "(megafox's loss_func, calculate_per_token_loss, no loss scaling); use "
+                                    "loss_grad: recompute for any other loss")
+                out_weight = _zero_grad(ctx.weight_shape, ctx.weight_dtype, g.device)
+            else:
+                out_weight = grad_weight.mul_(c).to(ctx.weight_dtype)
         return out_hidden, out_weight, None, None, None, None, None

@@ -84,6 +84,29 @@ def test_shape_errors_are_clear():
         fused_linear_cross_entropy(hidden, weight, labels[:-1])
 
 
+@pytest.mark.parametrize("with_weights", [False, True], ids=["recompute", "precompute"])
+def test_weight_grad_goes_into_main_grad_and_tied_uses_keep_theirs(with_weights):
+    """With megatron-core DDP's fp32 main_grad on the weight, the LM-head gradient is added there
+    (to what it already holds) and autograd gets zeros for it, plus any other use's gradient."""
+    hidden, weight, labels, mask = _problem(seed=3)
+    _, _, ref_w = _reference(hidden, weight, labels, mask)
+    held = torch.randn(weight.shape, generator=torch.Generator().manual_seed(4))
+    weight.main_grad = held.clone()
+    losses = fused_linear_cross_entropy(hidden, weight, labels, mask if with_weights else None, 8)
+    tied_use = (weight * 3.0).sum()  # e.g. the embedding's use of a tied weight
+    ((losses * mask).sum() + tied_use).backward()
+    torch.testing.assert_close(weight.main_grad, held + ref_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad, torch.full_like(weight, 3.0))
+
+
+def test_precompute_into_main_grad_rejects_a_scaled_loss():
+    hidden, weight, labels, mask = _problem()
+    weight.main_grad = torch.zeros_like(weight)
+    losses = fused_linear_cross_entropy(hidden, weight, labels, mask, 8)
+    with pytest.raises(RuntimeError, match="went into main_grad during the forward"):
+        (0.5 * (losses * mask).sum()).backward()  # proportional to the mask, but c = 0.5
+
+
 # ---------------------------------------------------------------------------------------------
 # In the model (megatron-core GPTModel with megafox's fused _postprocess), on 1 and 2 ranks.
 
