@@ -97,8 +97,6 @@ class Trainer:
         self.env = init_distributed(cfg.parallel, cfg.seed)
         self.on_gpu = torch.cuda.is_available()
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.on_gpu)
-        if bf16 and not self.on_gpu:
-            raise ConfigError("precision: bf16 needs a GPU; use fp32 or auto on CPU")
         self.data = self._build_data()
         options = BuildOptions(params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
                                recompute=cfg.recompute, fused_loss=cfg.fused_loss)

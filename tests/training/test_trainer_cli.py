@@ -175,6 +175,27 @@ def test_stage_transition_keeps_optimizer_and_schedule_and_reads_no_sample_twice
     assert len(read2[str(tiny_data / "shards" / "http")]) > 0
 
 
+def test_bf16_with_fused_loss_follows_fp32_and_resumes_bit_exact(reference, tiny_data, tmp_path):
+    """The GPU precision path on CPU: Float16Module, fp32 main params in the distributed optimizer,
+    the fused loss adding into fp32 main_grad from bf16 weights, and a resume that reloads them."""
+    bf16 = ["precision=bf16", "fused_loss=true", "checkpoint.interval=2"]
+    whole = tmp_path / "whole"
+    rc, out = run_stage("stage1", whole, tiny_data, overrides=bf16)
+    _ok(rc, out)
+    got, ref = losses(whole, "stage1"), losses(reference, "stage1")
+    assert sorted(got) == sorted(ref)
+    assert got != ref  # really bf16
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], rel=5e-3), (it, got[it], ref[it])
+    root = tmp_path / "killed"
+    rc, out = run_stage("stage1", root, tiny_data, overrides=bf16, env={"MEGAFOX_TEST_KILL_AT_STEP": "6"})
+    assert rc != 0 and latest(root) == 4, out[-4000:]
+    rc, out = run_stage("stage1", root, tiny_data, overrides=bf16)
+    _ok(rc, out)
+    assert "resumed from" in out and "iter_0000004" in out
+    assert losses(root, "stage1") == got
+
+
 def test_nan_skip_policy_skips_the_step_and_continues(tiny_data, tmp_path):
     root = tmp_path / "ckpt"
     rc, out = run_stage("stage1", root, tiny_data, nproc=1, overrides=["checkpoint.interval=1"],
