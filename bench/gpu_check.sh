@@ -3,7 +3,8 @@
 # Expects the GPU machine described in /work/shared/recipes/megatron_core_on_cpu.md (Python 3.12,
 # torch 2.11, transformers, triton; NO megatron-core) and, in ./.whl, a cp312 megatron-core
 # 0.16.1 wheel (plus pytest/pluggy/iniconfig wheels if pytest is missing there). Results go to
-# $OUT (or bench/results/): check.log, loss_only.json, throughput.json, throughput_8k_variants.json.
+# $OUT (or bench/results/): check.log, loss_only*.json, throughput.json, throughput_8k_variants.json,
+# dataloader.json.
 #
 #   bash bench/gpu_check.sh            # everything (each step time-boxed)
 #   BUDGET_S=420 bash bench/gpu_check.sh
@@ -54,5 +55,9 @@ if [ "$(left)" -gt 70 ]; then
         --seqs 8192 --mbs 1 --timeout 100 --json "$OUT/throughput_8k_variants.json" $BENCH_ARGS; echo "variants exit $?"
 else
     echo "skipped 8K variants: $(left) s left of BUDGET_S=$BUDGET_S"
+fi
+if [ "$(left)" -gt 40 ]; then
+    step "data loader vs what the GPU consumes (the DALI question; CPU only)"
+    timeout 35 "$PY" bench/dataloader.py --tokens 8000000 --steps 4 --json "$OUT/dataloader.json"; echo "dataloader exit $?"
 fi
 step "done"
