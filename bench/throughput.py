@@ -36,6 +36,8 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from megafox.info import flops_per_token  # noqa: E402  (the trainer's MFU uses the same count)
+
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 PEAK_TFLOPS = 989.0
@@ -50,12 +52,6 @@ def model_config(tiny: bool):
     return ModelConfig(name="bench-tiny", num_layers=2, hidden_size=64, ffn_hidden_size=128,
                        num_attention_heads=4, num_query_groups=2, vocab_size=1000,
                        max_position_embeddings=1024)
-
-
-def flops_per_token(m, seq: int) -> float:
-    h, kvd = m.hidden_size, m.head_dim * m.num_query_groups
-    per_layer = 2 * h * m.num_attention_heads * m.head_dim + 2 * h * kvd + 3 * h * m.ffn_hidden_size
-    return 6.0 * (m.num_layers * per_layer + m.vocab_size * h) + 12.0 * m.num_layers * seq * h
 
 
 def _sync():
