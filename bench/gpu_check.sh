@@ -3,12 +3,13 @@
 # Expects the GPU machine described in /work/shared/recipes/megatron_core_on_cpu.md (Python 3.12,
 # torch 2.11, transformers, triton; NO megatron-core) and, in ./.whl, a cp312 megatron-core
 # 0.16.1 wheel (plus pytest/pluggy/iniconfig wheels if pytest is missing there). Results go to
-# $OUT (or bench/results/): check.log, loss_only*.json, throughput.json, throughput_8k_variants.json,
-# dataloader.json.
+# $OUT (or bench/results/): check.log, loss_only.json, throughput.json and, time permitting,
+# loss_only_compiled.json, throughput_compiled.json, throughput_8k_variants.json, throughput_compiled_loss.json,
+# loss_only_chunk512.json, dataloader.json.
 #
 #   bash bench/gpu_check.sh            # everything (each step time-boxed)
 #   BUDGET_S=420 bash bench/gpu_check.sh
-#   PYTHON=.venv/bin/python BENCH_ARGS="--tiny --seqs 32,64,128 --loss-chunk-tokens 256" bash bench/gpu_check.sh
+#   PYTHON=.venv/bin/python BENCH_ARGS="--tiny --seqs 32,64,128 --mbs 1 --loss-chunk-tokens 256" bash bench/gpu_check.sh
 #                                      # CPU dry run of the script itself (tiny sizes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,23 +42,33 @@ fi
 
 step "loss-only: LM head + CE at 8192 tokens, V=256000, H=2048, bf16 (fused vs unfused)"
 timeout 120 "$PY" bench/throughput.py --loss-only --timeout 100 --json "$OUT/loss_only.json" $BENCH_ARGS; echo "loss-only exit $?"
-# smaller chunks: less memory, more passes over the weight gradient; is 512 still as fast?
-timeout 60 "$PY" bench/throughput.py --loss-only --variants precompute,recompute --loss-chunk-tokens 512 \
-    --timeout 50 --json "$OUT/loss_only_chunk512.json" $BENCH_ARGS; echo "loss-only chunk512 exit $?"
 
 step "throughput: Fox-1-1.6B, one micro-batch of 8K tokens (2K x4, 4K x2, 8K x1), megafox vs HF vs mcore"
 timeout $(( $(left) > 60 ? $(left) - 45 : 60 )) "$PY" bench/throughput.py --systems megafox,hf,mcore \
     --seqs 2048,4096,8192 --mbs 4,2,1 --timeout 110 --json "$OUT/throughput.json" $BENCH_ARGS; echo "throughput exit $?"
 
-if [ "$(left)" -gt 70 ]; then
-    step "8K variants: megafox fused-loss recompute variant and unfused (what the fused loss buys)"
-    timeout $(( $(left) - 5 )) "$PY" bench/throughput.py --systems megafox,megafox_unfused --loss-grad recompute \
-        --seqs 8192 --mbs 1 --timeout 100 --json "$OUT/throughput_8k_variants.json" $BENCH_ARGS; echo "variants exit $?"
-else
-    echo "skipped 8K variants: $(left) s left of BUDGET_S=$BUDGET_S"
-fi
-if [ "$(left)" -gt 40 ]; then
-    step "data loader vs what the GPU consumes (the DALI question; CPU only)"
-    timeout 35 "$PY" bench/dataloader.py --tokens 8000000 --steps 4 --json "$OUT/dataloader.json"; echo "dataloader exit $?"
-fi
+# The rest in priority order, each only with the time it needs left (set BUDGET_S higher to get them).
+optional() {  # optional NEEDED_S TITLE COMMAND...
+    local need=$1 title=$2; shift 2
+    if [ "$(left)" -lt "$need" ]; then echo "skipped ($(left) s left of BUDGET_S=$BUDGET_S): $title"; return; fi
+    step "$title"
+    timeout "$need" "$@"; echo "exit $?"
+}
+optional 120 "loss-only with the torch.compile'd loss kernels (megafox.model.loss_kernels) vs eager precompute" \
+    "$PY" bench/throughput.py --loss-only --variants precompute,precompute-compiled,recompute-compiled \
+    --timeout 100 --json "$OUT/loss_only_compiled.json" $BENCH_ARGS
+optional 240 "2K and 8K: megafox with compiled decoder layers and compiled loss kernels (first step compiles)" \
+    "$PY" bench/throughput.py --systems megafox --compile-layers --loss-kernel compiled \
+    --seqs 2048,8192 --mbs 4,1 --timeout 115 --json "$OUT/throughput_compiled.json" $BENCH_ARGS
+optional 200 "8K variants: megafox fused-loss recompute variant and unfused (what the fused loss buys)" \
+    "$PY" bench/throughput.py --systems megafox,megafox_unfused --loss-grad recompute \
+    --seqs 8192 --mbs 1 --timeout 95 --json "$OUT/throughput_8k_variants.json" $BENCH_ARGS
+optional 200 "2K and 8K: megafox with the compiled loss kernels (does compiling pay in the whole step?)" \
+    "$PY" bench/throughput.py --systems megafox --loss-kernel compiled \
+    --seqs 2048,8192 --mbs 4,1 --timeout 95 --json "$OUT/throughput_compiled_loss.json" $BENCH_ARGS
+optional 60 "loss-only with 512-token chunks: less memory, more passes over the weight gradient; as fast?" \
+    "$PY" bench/throughput.py --loss-only --variants precompute,recompute --loss-chunk-tokens 512 \
+    --timeout 50 --json "$OUT/loss_only_chunk512.json" $BENCH_ARGS
+optional 35 "data loader vs what the GPU consumes (the DALI question; CPU only)" \
+    "$PY" bench/dataloader.py --tokens 8000000 --steps 4 --json "$OUT/dataloader.json"
 step "done"

@@ -93,7 +93,8 @@ def _init_megatron():
     init_distributed(ParallelConfig(use_distributed_optimizer=True))
 
 
-def megafox_step(m, seq, mbs, fused: bool, recompute: str, loss_grad: str, impl: str, chunk: int):
+def megafox_step(m, seq, mbs, fused: bool, recompute: str, loss_grad: str, impl: str, chunk: int,
+                 loss_kernel: str = "eager", compile_layers: bool = False):
     from megatron.core.transformer.module import Float16Module
 
     import megafox.training.step as step_mod
@@ -105,7 +106,8 @@ def megafox_step(m, seq, mbs, fused: bool, recompute: str, loss_grad: str, impl:
     m.transformer_impl = impl
     parallel = ParallelConfig(use_distributed_optimizer=True)
     options = BuildOptions(params_dtype=torch.bfloat16 if CUDA else torch.float32, bf16=CUDA,
-                           recompute=recompute, fused_loss=fused, loss_chunk_tokens=chunk, loss_grad=loss_grad)
+                           recompute=recompute, fused_loss=fused, loss_chunk_tokens=chunk, loss_grad=loss_grad,
+                           loss_kernel=loss_kernel, compile_layers=compile_layers)
     config = transformer_config(m, parallel, options)
     chunks = build_model(m, parallel, options)
     if CUDA:  # (on CPU the test shim owns device placement)
@@ -196,7 +198,8 @@ def measure(system: str, seq: int, mbs: int, args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         if system in ("megafox", "megafox_unfused"):
             step = megafox_step(m, seq, mbs, fused=system == "megafox", recompute=args.recompute,
-                                loss_grad=args.loss_grad, impl=args.impl, chunk=args.loss_chunk_tokens)
+                                loss_grad=args.loss_grad, impl=args.impl, chunk=args.loss_chunk_tokens,
+                                loss_kernel=args.loss_kernel, compile_layers=args.compile_layers)
         elif system == "hf":
             step = hf_step(m, seq, mbs)
         elif system == "mcore":
@@ -239,9 +242,10 @@ def loss_only(variant: str, args) -> dict:
         if variant == "unfused":  # GPTModel: output_layer GEMM, then vocab-parallel CE on [s, b, v]
             logits = (hidden @ weight.t()).view(n, 1, v)
             losses = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.view(n, 1)).view(n)
-        else:
-            losses = fused_linear_cross_entropy(hidden, weight, labels, mask if variant == "precompute" else None,
-                                                chunk_tokens=args.loss_chunk_tokens)
+        else:  # recompute | precompute, optionally -compiled (megafox.model.loss_kernels)
+            grad_mode, _, kernel = variant.partition("-")
+            losses = fused_linear_cross_entropy(hidden, weight, labels, mask if grad_mode == "precompute" else None,
+                                                chunk_tokens=args.loss_chunk_tokens, kernel=kernel or "eager")
         (losses * mask).sum().backward()
         weight.main_grad.add_(weight.grad)
         hidden.grad = weight.grad = None
@@ -288,7 +292,8 @@ def _in_subprocess(what: list, args) -> dict:
 
 def _forward_args(args) -> list:
     out = ["--warmup", str(args.warmup), "--steps", str(args.steps), "--recompute", args.recompute,
-           "--loss-grad", args.loss_grad, "--impl", args.impl, "--loss-chunk-tokens", str(args.loss_chunk_tokens),
+           "--loss-grad", args.loss_grad, "--loss-kernel", args.loss_kernel, "--impl", args.impl,
+           *(["--compile-layers"] if args.compile_layers else []), "--loss-chunk-tokens", str(args.loss_chunk_tokens),
            "--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
     return out + (["--tiny"] if args.tiny else [])
 
@@ -323,13 +328,13 @@ def table(results: list, systems: list) -> str:
 
 
 def loss_table(results: list) -> str:
-    lines = [f"{'variant':<11} {'tokens':>7} {'vocab':>7} {'hidden':>6} {'dtype':>8} {'chunk':>6} "
+    lines = [f"{'variant':<19} {'tokens':>7} {'vocab':>7} {'hidden':>6} {'dtype':>8} {'chunk':>6} "
              f"{'ms':>9} {'extra peak GiB':>15}"]
     for r in results:
         if "error" in r:
-            lines.append(f"{r.get('variant', '?'):<11} ERROR {r['error'][:100]}")
+            lines.append(f"{r.get('variant', '?'):<19} ERROR {r['error'][:100]}")
             continue
-        lines.append(f"{r['variant']:<11} {r['tokens']:>7} {r['vocab']:>7} {r['hidden']:>6} {r['dtype']:>8} "
+        lines.append(f"{r['variant']:<19} {r['tokens']:>7} {r['vocab']:>7} {r['hidden']:>6} {r['dtype']:>8} "
                      f"{_fmt(r['chunk'], 'd'):>6} {r['time_ms']:>9.1f} {r['extra_peak_gib']:>15.3f}")
     return "\n".join(lines)
 
@@ -348,12 +353,16 @@ def parse_args(argv=None):
     p.add_argument("--loss-grad", default="precompute", choices=["precompute", "recompute"],
                    help="fused loss variant for megafox (precompute passes loss_mask to the model)")
     p.add_argument("--loss-chunk-tokens", type=int, default=4096)
+    p.add_argument("--loss-kernel", default="eager", choices=["eager", "compiled"],
+                   help="fused loss softmax/gradient: torch ops or torch.compile'd kernels")
+    p.add_argument("--compile-layers", action="store_true", help="megafox: torch.compile each decoder layer")
     p.add_argument("--in-process", action="store_true", help="no worker processes (default with --tiny)")
     p.add_argument("--isolate", action="store_true", help="one worker process per measurement even with --tiny")
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--loss-only", action="store_true", help="LM head + loss microbenchmark only")
-    p.add_argument("--variants", default="unfused,recompute,precompute", help="--loss-only variants")
+    p.add_argument("--variants", default="unfused,recompute,precompute",
+                   help="--loss-only variants: unfused, recompute, precompute, recompute-compiled, precompute-compiled")
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--hidden", type=int, default=None)
@@ -410,7 +419,8 @@ def main(argv=None) -> int:
                 print("RESULT " + json.dumps(r), flush=True)
         print(table(results, systems))
         out = {"kind": "throughput", "model": "bench-tiny" if args.tiny else "fox1-1.6b",
-               "recompute": args.recompute, "impl": args.impl, "loss_grad": args.loss_grad,
+               "recompute": args.recompute, "impl": args.impl, "loss_grad": args.loss_grad, "loss_kernel": args.loss_kernel,
+               "compile_layers": args.compile_layers,
                "peak_tflops": PEAK_TFLOPS, "results": results}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

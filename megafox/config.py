@@ -243,6 +243,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULE_STYLES = ("cosine", "wsd", "linear", "constant")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 NAN_POLICIES = ("skip", "halt")
+LOSS_KERNELS = ("eager", "compiled")  # megafox.model.loss_kernels
 RECOMPUTE = ("none", "selective", "full")
 
 
@@ -350,6 +351,8 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     recompute: str = "none"  # none | selective | full
     fused_loss: bool = False
+    loss_kernel: str = "eager"  # the fused loss's softmax/gradient: torch ops, or torch.compile'd
+    compile_layers: bool = False  # torch.compile each decoder layer (megafox.model.compile)
     nan_policy: str = "skip"  # skip the step, or halt (exit 3)
     source: str = ""  # the YAML file, for messages
 
@@ -383,6 +386,10 @@ class TrainConfig:
         _require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.recompute in RECOMPUTE, "recompute", f"must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+        _require(self.loss_kernel in LOSS_KERNELS, "loss_kernel",
+                 f"must be one of {', '.join(LOSS_KERNELS)}, got {self.loss_kernel!r}")
+        _require(self.fused_loss or self.loss_kernel == "eager", "loss_kernel",
+                 f"{self.loss_kernel!r} applies to the fused loss only; set fused_loss: true")
         _require(self.nan_policy in NAN_POLICIES, "nan_policy",
                  f"must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}")
         seen = set()

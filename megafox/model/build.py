@@ -31,6 +31,9 @@ class BuildOptions:
     # precompute: LM-head gradients computed in the forward (needs the loss_mask, which the
     # trainer passes); recompute: each chunk's logits recomputed in the backward
     loss_grad: str = "precompute"
+    # eager | compiled: the per-chunk softmax/gradient as torch ops or torch.compile'd kernels
+    loss_kernel: str = "eager"
+    compile_layers: bool = False  # torch.compile each decoder layer (megafox.model.compile)
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
@@ -122,5 +125,11 @@ def build_model(model: ModelConfig, parallel: ParallelConfig,
             fused_loss=options.fused_loss,
             loss_chunk_tokens=options.loss_chunk_tokens,
             loss_grad=options.loss_grad,
+            loss_kernel=options.loss_kernel,
         ))
+    if options.compile_layers:
+        from megafox.model.compile import compile_decoder_layers
+
+        for chunk in chunks:
+            compile_decoder_layers(chunk)
     return chunks

@@ -11,13 +11,14 @@ Two gradient strategies, same results:
 * `token_weights` given (the loss is consumed as sum(weights * losses) * c, which is what
   megafox's loss_func does with the loss mask): the backward is computed inside the forward, chunk
   by chunk, while each chunk's logits exist anyway; backward only rescales. Same matmul count as
-  the unfused path (3 per chunk), at the cost of holding a weight-sized fp32 gradient between
-  forward and backward. The rescale checks (asynchronously on GPU) that the incoming gradient really is
+  the unfused path (3 per chunk); the weight gradient is summed during the forward (see below).
+  The rescale checks (asynchronously on GPU) that the incoming gradient really is
   c * weights; anything else fails loudly instead of giving wrong gradients.
 * no weights: the forward keeps only each token's log-sum-exp, and the backward recomputes each
   chunk's logits (4 matmuls per chunk). Exact for any incoming gradient.
 
-The returned per-token losses are fp32, as megatron-core's cross-entropy returns them.
+The returned per-token losses are fp32, as megatron-core's cross-entropy returns them. The
+softmax/gradient arithmetic of a chunk is `megafox.model.loss_kernels` (eager or compiled).
 
 The weight gradient is summed over chunks in fp32 whatever the weight's dtype (a bf16 running sum
 is rounded once per chunk: ~3x the error of the unfused path's single GEMM at 128 chunks). When
@@ -36,7 +37,10 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-# Cap on one chunk's fp32 logits (its bf16 logits/gradient come on top, ~1.5x in all). For Fox-1
+from megafox.model import loss_kernels
+
+# Cap on one chunk's fp32 logits (the eager kernel's working copy; its bf16 logits/gradient come
+# on top, ~1.5x in all; the compiled kernel holds only the bf16 ones). For Fox-1
 # that is 1024 tokens at V_local = 256K (TP1), 2048 at TP2: GEMMs still large enough to run at
 # full speed, and ~1.5 GB of loss working memory at any sequence length (plus the weight-sized
 # fp32 gradient where there is no `main_grad` to add into: 2.1 GB at TP1, held from forward to
@@ -59,13 +63,17 @@ def chunk_size(chunk_tokens: int, vocab_local: int, budget_bytes: int = LOGITS_B
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                token_weights: Optional[torch.Tensor] = None, chunk_tokens: int = 1024,
-                               group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+                               group: Optional[dist.ProcessGroup] = None, kernel: str = "eager") -> torch.Tensor:
     """Per-token loss of logits = hidden @ weight.T against labels, vocab-parallel over `group`.
 
     hidden [N, H] (already gathered/copied into the TP region, see FoxGPTModel), weight
     [V_local, H] (this rank's vocab shard), labels [N] (global vocab ids), token_weights [N] or
-    None. Returns [N] fp32 losses; hidden and weight receive gradients.
+    None. `kernel`: eager | compiled (see megafox.model.loss_kernels). Returns [N] fp32 losses;
+    hidden and weight receive gradients.
     """
+    if kernel not in loss_kernels.KERNELS:
+        raise ValueError(f"loss_kernel: must be one of {', '.join(loss_kernels.KERNELS)}, got {kernel!r}")
+    compiled = kernel == "compiled"
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} and weight "
                          f"{tuple(weight.shape)} must be [N, H] and [V_local, H]")
@@ -78,8 +86,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         token_weights = token_weights.reshape(-1).to(torch.float32)
         # decided here: inside Function.forward grad mode is always off
         need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        return _PrecomputedGrad.apply(hidden, weight, labels, token_weights, chunk, group, need_grad)
-    return _RecomputedGrad.apply(hidden, weight, labels, chunk, group)
+        return _PrecomputedGrad.apply(hidden, weight, labels, token_weights, chunk, group, need_grad, compiled)
+    return _RecomputedGrad.apply(hidden, weight, labels, chunk, group, compiled)
 
 
 def _weight_grad_sum(weight: torch.Tensor) -> Tuple[torch.Tensor, bool]:
@@ -118,47 +126,27 @@ def _target_index(labels: torch.Tensor, vocab_start: int, vocab_local: int) -> T
     return local.clamp(0, vocab_local - 1).unsqueeze(1), owned.to(torch.float32)
 
 
-def _chunk_softmax(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_start: int, group):
-    """Logits of one chunk -> (fp32 softmax over the global vocab [n, V_local], loss [n], lse [n],
-    target column, owned). The softmax is computed in place in one fp32 buffer."""
-    logits = h @ weight.t()
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_start: int, group,
+                compiled: bool):
+    """One chunk's logits -> (source for loss_kernels.chunk_grad, loss [n], lse [n], target
+    column, owned)."""
     idx, owned = _target_index(labels, vocab_start, weight.shape[0])
-    target = logits.gather(1, idx).squeeze(1).float() * owned
-    row_max = logits.amax(dim=1).float()
-    if group is not None:
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    probs = logits.float()  # the same tensor when logits are fp32: fine, logits are not reused
-    del logits
-    probs.sub_(row_max.unsqueeze(1)).exp_()
-    stats = torch.stack([probs.sum(dim=1), target])
-    if group is not None:
-        dist.all_reduce(stats, group=group)  # target is zero on every rank but its owner
-    sum_exp, target = stats[0], stats[1]
-    lse = row_max + sum_exp.log()
-    probs.mul_(sum_exp.reciprocal().unsqueeze(1))
-    return probs, lse - target, lse, idx, owned
-
-
-def _grad_logits(probs: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, scale: torch.Tensor,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """d(sum scale_i * loss_i)/d logits = scale * (softmax - onehot(label)), in the GEMM dtype."""
-    probs.scatter_add_(1, idx, -owned.unsqueeze(1))  # scatter, not boolean indexing: no host sync
-    probs.mul_(scale.unsqueeze(1))
-    return probs.to(dtype)
+    source, loss, lse = loss_kernels.chunk_loss(h @ weight.t(), idx, owned, group, compiled)
+    return source, loss, lse, idx, owned
 
 
 class _RecomputedGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk, group):
+    def forward(ctx, hidden, weight, labels, chunk, group, compiled):
         vocab_start = _vocab_start(weight, group)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(losses)
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
-            probs, losses[sl], lse[sl], _, _ = _chunk_softmax(hidden[sl], weight, labels[sl], vocab_start, group)
-            del probs
+            source, losses[sl], lse[sl], _, _ = _chunk_loss(hidden[sl], weight, labels[sl], vocab_start, group, compiled)
+            del source
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk, ctx.vocab_start = chunk, vocab_start
+        ctx.chunk, ctx.vocab_start, ctx.compiled = chunk, vocab_start, compiled
         return losses
 
     @staticmethod
@@ -170,11 +158,10 @@ class _RecomputedGrad(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             sl = slice(start, start + ctx.chunk)
             h = hidden[sl]
-            probs = (h @ weight.t()).float()
-            probs.sub_(lse[sl].unsqueeze(1)).exp_()  # the saved global lse: no communication
+            source = loss_kernels.softmax_source(h @ weight.t(), lse[sl], ctx.compiled)
             idx, owned = _target_index(labels[sl], ctx.vocab_start, weight.shape[0])
-            grad = _grad_logits(probs, idx, owned, grad_losses[sl], hidden.dtype)
-            del probs
+            grad = loss_kernels.chunk_grad(source, lse[sl], idx, owned, grad_losses[sl], hidden.dtype, ctx.compiled)
+            del source
             if grad_hidden is not None:
                 torch.matmul(grad, weight, out=grad_hidden[sl])
             if grad_weight is not None:
@@ -182,12 +169,12 @@ class _RecomputedGrad(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (_zero_grad(weight.shape, weight.dtype, weight.device) if in_main_grad
                            else grad_weight.to(weight.dtype))
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 class _PrecomputedGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, chunk, group, need_grad):
+    def forward(ctx, hidden, weight, labels, token_weights, chunk, group, need_grad, compiled):
         vocab_start = _vocab_start(weight, group)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad and hidden.requires_grad else None
@@ -196,18 +183,18 @@ class _PrecomputedGrad(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
             h = hidden[sl]
-            probs, losses[sl], _, idx, owned = _chunk_softmax(h, weight, labels[sl], vocab_start, group)
+            source, losses[sl], lse, idx, owned = _chunk_loss(h, weight, labels[sl], vocab_start, group, compiled)
             if need_grad:
                 # per-token d loss_i / d logits: hidden's gradient stays exact for any incoming
                 # gradient; the weight's is the token_weights-weighted sum, rescaled in backward
-                grad = _grad_logits(probs, idx, owned, ones[:h.shape[0]], hidden.dtype)
+                grad = loss_kernels.chunk_grad(source, lse, idx, owned, ones[:h.shape[0]], hidden.dtype, compiled)
                 if grad_hidden is not None:
                     torch.matmul(grad, weight, out=grad_hidden[sl])
                 if grad_weight is not None:
                     weighted = h * token_weights[sl].to(h.dtype).unsqueeze(1)
                     _accumulate_weight_grad(grad_weight, grad, weighted)
                 del grad
-            del probs
+            del source
         ctx.save_for_backward(token_weights, grad_hidden, None if in_main_grad else grad_weight)
         ctx.weight_dtype, ctx.in_main_grad = weight.dtype, in_main_grad
         ctx.weight_shape, ctx.has_weight_grad = weight.shape, grad_weight is not None
@@ -240,4 +227,4 @@ class _PrecomputedGrad(torch.autograd.Function):
                 out_weight = _zero_grad(ctx.weight_shape, ctx.weight_dtype, g.device)
             else:
                 out_weight = grad_weight.mul_(c).to(ctx.weight_dtype)
-        return out_hidden, out_weight, None, None, None, None, None
+        return out_hidden, out_weight, None, None, None, None, None, None

@@ -14,6 +14,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
+from megafox.model import loss_kernels
 from megafox.model.fused_loss import fused_linear_cross_entropy
 
 _POSTPROCESS_SIGNATURE = inspect.signature(GPTModel._postprocess)
@@ -29,17 +30,20 @@ class FoxGPTModel(GPTModel):
     """
 
     def __init__(self, *args, fused_loss: bool = False, loss_chunk_tokens: int = 4096,
-                 loss_grad: str = "precompute", **kwargs):
+                 loss_grad: str = "precompute", loss_kernel: str = "eager", **kwargs):
         super().__init__(*args, **kwargs)
         if loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens: must be >= 1, got {loss_chunk_tokens}")
         if loss_grad not in ("precompute", "recompute"):
             raise ValueError(f"loss_grad: must be precompute or recompute, got {loss_grad!r}")
+        if loss_kernel not in loss_kernels.KERNELS:
+            raise ValueError(f"loss_kernel: must be one of {', '.join(loss_kernels.KERNELS)}, got {loss_kernel!r}")
         if fused_loss and self.config.mtp_num_layers is not None:
             raise ValueError("fused_loss does not support multi-token prediction (mtp_num_layers)")
         self.fused_loss = fused_loss
         self.loss_chunk_tokens = loss_chunk_tokens
         self.grads_in_forward = loss_grad == "precompute"
+        self.loss_kernel = loss_kernel
 
     def _postprocess(self, *args, **kwargs):
         bound = _POSTPROCESS_SIGNATURE.bind(self, *args, **kwargs)
@@ -72,5 +76,5 @@ class FoxGPTModel(GPTModel):
         losses = fused_linear_cross_entropy(
             hidden_states.reshape(s * b, h), weight, labels.transpose(0, 1).reshape(-1),
             token_weights=token_weights, chunk_tokens=self.loss_chunk_tokens,
-            group=tp if tp is not None and tp.size() > 1 else None)
+            group=tp if tp is not None and tp.size() > 1 else None, kernel=self.loss_kernel)
         return losses.view(s, b).transpose(0, 1).contiguous()

@@ -99,7 +99,8 @@ class Trainer:
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.on_gpu)
         self.data = self._build_data()
         options = BuildOptions(params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
-                               recompute=cfg.recompute, fused_loss=cfg.fused_loss)
+                               recompute=cfg.recompute, fused_loss=cfg.fused_loss, loss_kernel=cfg.loss_kernel,
+                               compile_layers=cfg.compile_layers)
         chunks = build_model(cfg.model, cfg.parallel, options)
         tconfig = transformer_config(cfg.model, cfg.parallel, options)
         if bf16:

@@ -54,8 +54,11 @@ def train(hf_path, batch_path, micro_batch_size, variants, sequence_parallel=Fal
     """One optimizer step from the same weights per variant (a dict of BuildOptions fields)."""
     model, parallel = _setup(sequence_parallel)
     hf, batch = torch.load(hf_path), torch.load(batch_path)
+    from torch._dynamo.utils import counters
+
     results = []
     for options in variants:
+        graphs_before = counters["stats"]["unique_graphs"]
         chunks = build_model(model, parallel, BuildOptions(**options))
         load_hf_weights(chunks, hf, model, parallel)
         ddp = wrap_ddp(chunks, transformer_config(model, parallel, BuildOptions(**options)), parallel)
@@ -69,16 +72,18 @@ def train(hf_path, batch_path, micro_batch_size, variants, sequence_parallel=Fal
                  for i in range(n_micro)]
         result = train_step(ddp, optimizer, iter(micro), n_micro, batch["tokens"].shape[1], micro_batch_size)
         results.append({"loss": result.loss, "grad_norm": result.grad_norm,
-                        "weights": gather_hf_weights(ddp, model, parallel)})
+                        "weights": gather_hf_weights(ddp, model, parallel),
+                        "compiled_graphs": counters["stats"]["unique_graphs"] - graphs_before})
     return results
 
 
-def heads(seq=12, batch=2, hidden=8, vocab=64):
-    """`sp_head` for each of (sequence_parallel, pass_mask)."""
-    return {(sp, m): sp_head(sp, m, seq, batch, hidden, vocab) for sp in (False, True) for m in (False, True)}
+def heads(seq=12, batch=2, hidden=8, vocab=64, kernels=("eager",)):
+    """`sp_head` for each of (sequence_parallel, pass_mask, loss kernel)."""
+    return {(sp, m, k): sp_head(sp, m, seq, batch, hidden, vocab, k)
+            for sp in (False, True) for m in (False, True) for k in kernels}
 
 
-def sp_head(sequence_parallel, pass_mask, seq, batch, hidden, vocab):
+def sp_head(sequence_parallel, pass_mask, seq, batch, hidden, vocab, kernel="eager"):
     """FoxGPTModel's fused head on this rank's shards vs a full single-device reference.
 
     The native spec has no sequence-parallel norm, so the SP path of the head is driven directly
@@ -108,7 +113,7 @@ def sp_head(sequence_parallel, pass_mask, seq, batch, hidden, vocab):
         config=SimpleNamespace(sequence_parallel=sequence_parallel),
         pg_collection=SimpleNamespace(tp=ps.get_tensor_model_parallel_group()),
         share_embeddings_and_output_weights=False, output_layer=SimpleNamespace(weight=w),
-        loss_chunk_tokens=5)
+        loss_chunk_tokens=5, loss_kernel=kernel)
     losses = FoxGPTModel._fused_loss(stand_in, h, labels, mask if pass_mask else None)
     (losses * mask).sum().backward()
     diff = torch.tensor([

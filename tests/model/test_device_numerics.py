@@ -28,26 +28,29 @@ def _unfused(hidden, weight, labels, mask):
     return (losses.detach(), *torch.autograd.grad((losses * mask).sum(), (hidden, weight)))
 
 
-def _fused(hidden, weight, labels, mask, variant):
-    losses = fused_linear_cross_entropy(hidden, weight, labels, mask if variant == "precompute" else None, 64)
+def _fused(hidden, weight, labels, mask, variant, kernel="eager"):
+    losses = fused_linear_cross_entropy(hidden, weight, labels, mask if variant == "precompute" else None, 64,
+                                        kernel=kernel)
     return (losses.detach(), *torch.autograd.grad((losses * mask).sum(), (hidden, weight)))
 
 
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
 @pytest.mark.parametrize("variant", ["recompute", "precompute"])
-def test_fused_loss_fp32_equals_reference(variant):
+def test_fused_loss_fp32_equals_reference(variant, kernel):
     if DEV.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     inputs = _problem(torch.float32)
-    for got, want in zip(_fused(*inputs, variant), _unfused(*inputs)):
+    for got, want in zip(_fused(*inputs, variant, kernel), _unfused(*inputs)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
 @pytest.mark.parametrize("variant", ["recompute", "precompute"])
-def test_fused_loss_bf16_no_worse_than_unfused(variant):
+def test_fused_loss_bf16_no_worse_than_unfused(variant, kernel):
     exact = _unfused(*(t.detach().double().requires_grad_() if t.is_floating_point() else t
                        for t in _problem(torch.float32)))
     inputs = _problem(torch.bfloat16)
-    fused, unfused = _fused(*inputs, variant), _unfused(*inputs)
+    fused, unfused = _fused(*inputs, variant, kernel), _unfused(*inputs)
     for name, f, u, e in zip(("loss", "grad hidden", "grad weight"), fused, unfused, exact):
         err_f = (f.double() - e).abs().max().item()
         err_u = (u.double() - e).abs().max().item()

@@ -42,6 +42,27 @@ def test_function_matches_cross_entropy(chunk, with_weights):
     torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 8, 37])
+@pytest.mark.parametrize("with_weights", [False, True], ids=["recompute", "precompute"])
+def test_compiled_kernel_matches_cross_entropy(chunk, with_weights):
+    """torch.compile'd softmax/gradient kernels (dynamic shapes: chunk 8 leaves a tail of 5)."""
+    hidden, weight, labels, mask = _problem()
+    grad_losses = 0.7 * mask
+    ref_losses, ref_h, ref_w = _reference(hidden, weight, labels, grad_losses)
+    losses = fused_linear_cross_entropy(hidden, weight, labels, mask if with_weights else None, chunk,
+                                        kernel="compiled")
+    h, w = torch.autograd.grad(losses, (hidden, weight), grad_losses)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_loss_kernel_is_refused():
+    hidden, weight, labels, _ = _problem()
+    with pytest.raises(ValueError, match="loss_kernel: must be one of eager, compiled"):
+        fused_linear_cross_entropy(hidden, weight, labels, kernel="triton")
+
+
 def test_recomputing_variant_takes_any_gradient():
     hidden, weight, labels, _ = _problem(seed=1)
     grad_losses = torch.randn(37, generator=torch.Generator().manual_seed(2))
@@ -139,11 +160,12 @@ def test_model_fused_loss_matches_unfused(inputs, nproc):
 def test_vocab_parallel_head_matches_full_reference():
     # the model-level SP case cannot run: megatron-core's torch norm (native/local spec without
     # apex/TE) refuses sequence parallelism, so the head is checked on its own, with and without SP
-    results = run_distributed("tests/model/fused_bodies.py:heads", 2, {"tensor_model_parallel_size": 2})
-    assert set(results) == {(False, False), (False, True), (True, False), (True, True)}
-    for (sp, pass_mask), out in results.items():
+    results = run_distributed("tests/model/fused_bodies.py:heads", 2, {"tensor_model_parallel_size": 2},
+                              {"kernels": ("eager", "compiled")})
+    assert set(results) == {(sp, m, k) for sp in (False, True) for m in (False, True) for k in ("eager", "compiled")}
+    for key, out in results.items():
         assert out["shape"] == (2, 12)
-        assert max(out["diff"]) < 1e-5, (sp, pass_mask, out)
+        assert max(out["diff"]) < 1e-5, (key, out)
 
 
 def _assert_same_step(ref, got, before):
@@ -162,14 +184,20 @@ def _assert_same_step(ref, got, before):
 def test_train_step_fused_and_recompute_match_reference(inputs):
     variants = [{}, {"fused_loss": True, "loss_chunk_tokens": 24},
                 {"fused_loss": True, "loss_chunk_tokens": 24, "loss_grad": "recompute"},
+                {"fused_loss": True, "loss_chunk_tokens": 24, "loss_kernel": "compiled"},
+                {"compile_layers": True}, {"compile_layers": True, "recompute": "selective"},
                 {"recompute": "selective"}, {"recompute": "full"},
                 {"recompute": "full", "fused_loss": True}]
     results = run_distributed("tests/model/fused_bodies.py:train", 1, {},
                               dict(inputs, micro_batch_size=2, variants=variants))
     tp2 = run_distributed("tests/model/fused_bodies.py:train", 2, {"tensor_model_parallel_size": 2},
-                          dict(inputs, micro_batch_size=2, variants=[{"fused_loss": True, "loss_chunk_tokens": 24}]))
+                          dict(inputs, micro_batch_size=2, variants=[{"fused_loss": True, "loss_chunk_tokens": 24},
+                                                                     {"compile_layers": True}]))
     before = torch.load(inputs["hf_path"])
     ref = results[0]
     assert ref["loss"] > 0 and ref["grad_norm"] > 0
-    for variant, got in zip(variants[1:] + ["tp2 fused"], results[1:] + tp2):
+    for variant, got in zip(variants[1:] + ["tp2 fused", "tp2 compiled layers"], results[1:] + tp2):
         _assert_same_step(ref, got, before)
+        compiled = isinstance(variant, str) and "compiled" in variant or isinstance(variant, dict) and (
+            variant.get("compile_layers") or variant.get("loss_kernel") == "compiled")
+        assert (got["compiled_graphs"] > 0) == bool(compiled), (variant, got["compiled_graphs"])

@@ -59,6 +59,8 @@ def _stage(data, name):
     (lambda d: _stage(d, "stage2").update(name="stage1"), "stages[1].name: duplicate stage name"),
     (lambda d: d.update(nan_policy="ignore"), "nan_policy"),
     (lambda d: d.update(precision="fp8"), "precision"),
+    (lambda d: d.update(fused_loss=True, loss_kernel="triton"), "loss_kernel: must be one of eager, compiled"),
+    (lambda d: d.update(fused_loss=False, loss_kernel="compiled"), "loss_kernel: 'compiled' applies to the fused loss"),
     (lambda d: d.update(micro_batch_size=3), "stages.stage1.batch_tokens"),
     (lambda d: d["parallel"].update(tensor_model_parallel_size=3), "parallel.tensor_model_parallel_size"),
     (lambda d: d["checkpoint"].update(interval=0), "checkpoint.interval"),

@@ -175,10 +175,12 @@ def test_stage_transition_keeps_optimizer_and_schedule_and_reads_no_sample_twice
     assert len(read2[str(tiny_data / "shards" / "http")]) > 0
 
 
-def test_bf16_with_fused_loss_follows_fp32_and_resumes_bit_exact(reference, tiny_data, tmp_path):
+def test_bf16_compiled_with_fused_loss_follows_fp32_and_resumes_bit_exact(reference, tiny_data, tmp_path):
     """The GPU precision path on CPU: Float16Module, fp32 main params in the distributed optimizer,
-    the fused loss adding into fp32 main_grad from bf16 weights, and a resume that reloads them."""
-    bf16 = ["precision=bf16", "fused_loss=true", "checkpoint.interval=2"]
+    the fused loss (torch.compile'd kernels) adding into fp32 main_grad from bf16 weights, compiled
+    decoder layers, and a resume that reloads them."""
+    bf16 = ["precision=bf16", "fused_loss=true", "loss_kernel=compiled", "compile_layers=true",
+            "checkpoint.interval=2"]
     whole = tmp_path / "whole"
     rc, out = run_stage("stage1", whole, tiny_data, overrides=bf16)
     _ok(rc, out)
