@@ -128,10 +128,9 @@ def _target_index(labels: torch.Tensor, vocab_start: int, vocab_local: int) -> T
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_start: int, group,
                 compiled: bool):
-    """One chunk's logits -> (source for loss_kernels.chunk_grad, loss [n], lse [n], target
-    column, owned)."""
+    """One chunk -> (source for loss_kernels.chunk_grad, loss [n], lse [n], target column, owned)."""
     idx, owned = _target_index(labels, vocab_start, weight.shape[0])
-    source, loss, lse = loss_kernels.chunk_loss(h @ weight.t(), idx, owned, group, compiled)
+    source, loss, lse = loss_kernels.chunk_loss(h, weight, idx, owned, group, compiled)
     return source, loss, lse, idx, owned
 
 
@@ -158,7 +157,7 @@ class _RecomputedGrad(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             sl = slice(start, start + ctx.chunk)
             h = hidden[sl]
-            source = loss_kernels.softmax_source(h @ weight.t(), lse[sl], ctx.compiled)
+            source = loss_kernels.recomputed_source(h, weight, lse[sl], ctx.compiled)
             idx, owned = _target_index(labels[sl], ctx.vocab_start, weight.shape[0])
             grad = loss_kernels.chunk_grad(source, lse[sl], idx, owned, grad_losses[sl], hidden.dtype, ctx.compiled)
             del source

@@ -20,10 +20,12 @@ import torch.distributed as dist
 from megafox.config import LOSS_KERNELS as KERNELS  # noqa: F401  (the config validates against it)
 
 
-def chunk_loss(logits: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, group,
+def chunk_loss(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, group,
                compiled: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (source for `chunk_grad`, loss [n] fp32, lse [n] fp32). The source is the fp32 softmax
-    (eager; `logits` is consumed) or the logits themselves (compiled)."""
+    """Logits h @ weight.T of one chunk -> (source for `chunk_grad`, loss [n] fp32, lse [n] fp32).
+    The source is the fp32 softmax (eager) or the logits themselves (compiled). The GEMM is done
+    here so that eager drops the low-precision logits as soon as their fp32 copy exists."""
+    logits = h @ weight.t()
     if compiled:
         k = _compiled()
         row_max, target = k["row_stats"](logits, idx, owned)
@@ -37,6 +39,7 @@ def chunk_loss(logits: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, gro
         if group is not None:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
         source = logits.float()  # the same tensor when logits are fp32: fine, they are not reused
+        del logits
         source.sub_(row_max.unsqueeze(1)).exp_()
         stats = torch.stack([source.sum(dim=1), target])
     if group is not None:
@@ -48,11 +51,15 @@ def chunk_loss(logits: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, gro
     return source, lse - target, lse
 
 
-def softmax_source(logits: torch.Tensor, lse: torch.Tensor, compiled: bool) -> torch.Tensor:
-    """`chunk_grad`'s source from recomputed logits and the saved global lse (no communication)."""
+def recomputed_source(h: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """`chunk_grad`'s source from the chunk's logits recomputed and the saved global lse (no
+    communication)."""
+    logits = h @ weight.t()
     if compiled:
         return logits
-    return logits.float().sub_(lse.unsqueeze(1)).exp_()
+    source = logits.float()
+    del logits
+    return source.sub_(lse.unsqueeze(1)).exp_()
 
 
 def chunk_grad(source: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor,

@@ -81,3 +81,13 @@ def test_info_cli_prints_exact_count_and_rejects_bad_layout():
     bad = subprocess.run([sys.executable, "-m", "megafox.cli", "info", "--tp", "3"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "parallel.tensor_model_parallel_size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_memory_estimate_counts_one_loss_chunk_with_the_fused_loss():
+    from megafox.info import memory_per_gpu
+
+    model = fox1_1p6b()
+    fused = memory_per_gpu(model, 8192, fused_loss=True).logits
+    unfused = memory_per_gpu(model, 8192, fused_loss=False).logits
+    assert fused == 6.0 * 1024 * 256000  # one 1024-token chunk: fp32 softmax + bf16 gradient
+    assert unfused == 8.0 * 8192 * 256000  # fp32 logits of every token + their gradient
