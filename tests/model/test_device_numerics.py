@@ -89,3 +89,30 @@ def test_native_and_local_specs_give_hf_logits(tmp_path):
     assert logits["native"].shape == logits["hf"].shape == (2, 48, model.vocab_size)
     torch.testing.assert_close(logits["native"], logits["local"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits["native"], logits["hf"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="CPU SDPA has only the math kernel; run by bench/gpu_check.sh")
+def test_native_attention_at_fox1_shapes_runs_on_a_fused_kernel():
+    """SDPA silently falls back to the math kernel (an s x s score matrix per head: 4 GB per layer
+    at 8K) when no fused kernel takes the call; with only flash and cuDNN allowed, that fallback
+    raises instead. Fox-1: causal, 16 query / 4 KV heads, head_dim 128, bf16, 8K tokens."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.enums import AttnMaskType
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megafox.model.attention import SDPAttention
+
+    config = SimpleNamespace(context_parallel_size=1, num_attention_heads=16, num_query_groups=4,
+                             kv_channels=128, attention_dropout=0.0)
+    tp1 = SimpleNamespace(tp=SimpleNamespace(size=lambda: 1))
+    attn = SDPAttention(config, 1, AttnMaskType.causal, "self", pg_collection=tp1)
+    s = 8192
+    q = torch.randn(s, 1, 16, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(s, 1, 4, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    torch.cuda.reset_peak_memory_stats()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out = attn(q, k, v, None)
+        out.float().sum().backward()
+    assert out.shape == (s, 1, 16 * 128)
+    assert torch.cuda.max_memory_allocated() < 1 << 30  # no 16 x 8K x 8K scores (4 GiB in fp32)
