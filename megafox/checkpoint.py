@@ -16,6 +16,8 @@ plus every stage end are kept.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import dataclasses
 import json
 import os
@@ -270,8 +272,9 @@ def save_training_checkpoint(root: Union[str, Path], iteration: int, chunks: Lis
     `stage_end: true` protects the checkpoint from rotation.
     """
     model_state = model_sharded_state_dict(chunks)
-    extra = {"optimizer": optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA),
-             "rng_state": _rng_sharded(get_rng_state())}
+    with _optimizer_state_in_buffer_coordinates(optimizer):
+        optimizer_state = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA)
+    extra = {"optimizer": optimizer_state, "rng_state": _rng_sharded(get_rng_state())}
     path = _save_state(root, iteration, dict(model_state, **extra), metadata)
     if keep_last is not None and _rank() == 0:
         rotate_checkpoints(root, keep_last)
@@ -295,7 +298,8 @@ def load_training_checkpoint(root: Union[str, Path], chunks: List[torch.nn.Modul
             raise CheckpointError(f"{meta['path']}: has no optimizer state (a model-only checkpoint); "
                                   "it can initialize weights but not resume training")
         _init_torch_adam_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
+        with _optimizer_state_in_buffer_coordinates(optimizer):
+            state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
     same_layout = meta.get("layout") == layout_signature()
     if same_layout:
         state["rng_state"] = _rng_sharded(None)
@@ -308,6 +312,47 @@ def load_training_checkpoint(root: Union[str, Path], chunks: List[torch.nn.Modul
         set_rng_state(loaded["rng_state"])
     meta["rng_restored"] = same_layout
     return meta
+
+
+@contextmanager
+def _optimizer_state_in_buffer_coordinates(optimizer):
+    """Work around a megatron-core 0.16 bug in the `fully_reshardable` save (its issue #504).
+
+    `get_parameter_state_dp_zero` concatenates the DDP buckets of a buffer without the padding at
+    the end of each bucket, but `sharded_param_state_fully_reshardable` cuts each parameter's
+    state out of that at the parameter's position in the padded buffer. With more than one bucket
+    (overlap_grad_reduce, or the separate bucket of a tied embedding with PP > 1) and a bucket end
+    that needed padding (a DP size that is not a power of two, small parameters), every parameter
+    after the first padded bucket gets a shifted slice of the optimizer state, fp32 weights
+    included. Here each bucket is put back at its offset in the buffer."""
+    parts = [p for p in getattr(optimizer, "chained_optimizers", [optimizer])
+             if hasattr(p, "get_parameter_state_dp_zero") and hasattr(p, "buffers")]
+    originals = [p.get_parameter_state_dp_zero for p in parts]
+
+    def padded(part, original):
+        def get_parameter_state_dp_zero(*args, **kwargs):
+            state = original(*args, **kwargs)
+            if state is None:
+                return state
+            for gbuf_idx, buffer in enumerate(part.buffers):
+                for world in state[gbuf_idx].values():
+                    for key in ("param", "exp_avg", "exp_avg_sq"):
+                        unpadded, out, start = world[key], torch.zeros(buffer.numel, dtype=world[key].dtype), 0
+                        for bucket in buffer.buckets:
+                            out[bucket.offset:bucket.offset + bucket.numel_unpadded] = \
+                                unpadded[start:start + bucket.numel_unpadded]
+                            start += bucket.numel_unpadded
+                        world[key] = out
+            return state
+        return get_parameter_state_dp_zero
+
+    for part, original in zip(parts, originals):
+        part.get_parameter_state_dp_zero = padded(part, original)
+    try:
+        yield
+    finally:
+        for part in parts:
+            del part.get_parameter_state_dp_zero  # the class's method again
 
 
 def _init_torch_adam_state(optimizer) -> None:
