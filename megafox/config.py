@@ -83,6 +83,12 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    # Megatron-LM's --overlap-grad-reduce / --overlap-param-gather: the data-parallel gradient
+    # reduce(-scatter) runs bucket by bucket during the backward, the distributed optimizer's
+    # parameter all-gather during the next forward.
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: Optional[int] = None  # parameters per bucket (megatron-core's default: max(40M, 1M x DP))
 
     @property
     def tp(self) -> int:
@@ -115,6 +121,10 @@ class ParallelConfig:
                      "needs pipeline_model_parallel_size > 1")
         _require(not self.sequence_parallel or self.tp > 1, "parallel.sequence_parallel",
                  "needs tensor_model_parallel_size > 1")
+        _require(not self.overlap_param_gather or (self.use_distributed_optimizer and self.overlap_grad_reduce),
+                 "parallel.overlap_param_gather", "needs use_distributed_optimizer and overlap_grad_reduce")
+        _require(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1, "parallel.ddp_bucket_size",
+                 f"must be >= 1, got {self.ddp_bucket_size}")
         if model is not None:
             _require(model.num_attention_heads % self.tp == 0, "parallel.tensor_model_parallel_size",
                      f"num_attention_heads ({model.num_attention_heads}) must be divisible by tp ({self.tp})")

@@ -67,6 +67,9 @@ class FoxGPTModel(GPTModel):
         s, b, h = hidden_states.shape
         if labels.shape != (b, s):
             raise ValueError(f"fused loss: labels {tuple(labels.shape)} do not match [batch, seq] = {(b, s)}")
+        # The output layer is not called, but its forward pre-hooks must run: with DDP's
+        # overlap_param_gather they are what waits for the weight's all-gather.
+        _run_forward_pre_hooks(self.output_layer)
         if self.share_embeddings_and_output_weights:
             weight = self.shared_embedding_or_output_weight()
         else:
@@ -78,3 +81,11 @@ class FoxGPTModel(GPTModel):
             token_weights=token_weights, chunk_tokens=self.loss_chunk_tokens,
             group=tp if tp is not None and tp.size() > 1 else None, kernel=self.loss_kernel)
         return losses.view(s, b).transpose(0, 1).contiguous()
+
+
+def _run_forward_pre_hooks(module: torch.nn.Module) -> None:
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            hook(module, (), {})
+        else:
+            hook(module, ())

@@ -347,8 +347,11 @@ class Trainer:
             "config": self.config.source,
             "tokenizer": self.data.tokenizer.info(),  # what megafox-to-hf ships with the weights
         }
-        path = ckpt.save_training_checkpoint(self.root, self.state.iteration, self.ddp, self.optimizer, meta,
-                                             keep_last=self.config.checkpoint.keep_last)
+        from megafox.training.step import params_gathered
+
+        with params_gathered(self.ddp):  # overlap_param_gather leaves other ranks' shards stale
+            path = ckpt.save_training_checkpoint(self.root, self.state.iteration, self.ddp, self.optimizer, meta,
+                                                 keep_last=self.config.checkpoint.keep_last)
         log(f"saved checkpoint {path} (iteration {self.state.iteration}, {time.monotonic() - t0:.1f}s)")
         self.metrics.reset_window()
 

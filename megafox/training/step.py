@@ -9,6 +9,7 @@ TP/PP/DP layout of the same global batch gives the same loss and the same gradie
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Iterator, List, Optional
@@ -34,11 +35,13 @@ class StepResult:
     skipped: bool  # True when the step was not applied (non-finite loss or grads)
 
 
-def wrap_ddp(chunks: List[torch.nn.Module], config: TransformerConfig, parallel: ParallelConfig,
-             overlap_grad_reduce: bool = False) -> List[DistributedDataParallel]:
+def wrap_ddp(chunks: List[torch.nn.Module], config: TransformerConfig,
+             parallel: ParallelConfig) -> List[DistributedDataParallel]:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
+        bucket_size=parallel.ddp_bucket_size,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # the loop applies the configured NaN policy instead
     )
@@ -50,6 +53,24 @@ def wrap_ddp(chunks: List[torch.nn.Module], config: TransformerConfig, parallel:
     for chunk in wrapped:
         chunk.broadcast_params()
     return wrapped
+
+
+@contextmanager
+def params_gathered(chunks: List[DistributedDataParallel]):
+    """The full updated weights on every rank for the duration (a checkpoint save, an export).
+
+    With overlap_param_gather the distributed optimizer's updated shards are all-gathered lazily,
+    by forward pre-hooks during the next forward; until then each rank holds only its own shard
+    up to date. As Megatron-LM does around its saves: remove the hooks (which gathers
+    synchronously) and put them back."""
+    hooked = [c for c in chunks if getattr(c, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook()
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
 
 
 def build_optimizer(chunks: List[DistributedDataParallel], settings: OptimizerSettings,

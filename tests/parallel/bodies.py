@@ -1,21 +1,26 @@
 """Test bodies run on several ranks by megafox.testing.distributed (not collected by pytest)."""
+import dataclasses
+
 import torch
 from megatron.core import parallel_state as ps
 
 from megafox.config import fox1_tiny
 from megafox.model.build import BuildOptions, build_model, transformer_config
 from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
-from megafox.training.step import OptimizerSettings, build_optimizer, configure_schedule_hooks, train_step, wrap_ddp
+from megafox.training.step import (OptimizerSettings, build_optimizer, configure_schedule_hooks, params_gathered,
+                                   train_step, wrap_ddp)
 
 
 def one_step(hf_path, batch_path, micro_batch_size, impl="native", use_distributed_optimizer=True,
-             nan_grad_rank=None):
-    """Load the same HF weights, take one optimizer step on the same global batch.
-    `nan_grad_rank`: that rank's gradient of its first parameter becomes NaN (the loss stays finite)."""
+             nan_grad_rank=None, steps=1, overlap=None, options=None):
+    """Load the same HF weights, take `steps` optimizer steps on the same global batch.
+    `nan_grad_rank`: that rank's gradient of its first parameter becomes NaN (the loss stays finite).
+    `overlap`: ParallelConfig overlap fields (overlap_grad_reduce, overlap_param_gather, ddp_bucket_size);
+    `options`: BuildOptions fields."""
     model = fox1_tiny()
     model.transformer_impl = impl
-    parallel = current_parallel(use_distributed_optimizer)
-    chunks = build_model(model, parallel, BuildOptions())
+    parallel = dataclasses.replace(current_parallel(use_distributed_optimizer), **(overlap or {}))
+    chunks = build_model(model, parallel, BuildOptions(**(options or {})))
     load_hf_weights(chunks, torch.load(hf_path), model, parallel)
     ddp = wrap_ddp(chunks, transformer_config(model, parallel), parallel)
     configure_schedule_hooks(ddp)
@@ -31,10 +36,12 @@ def one_step(hf_path, batch_path, micro_batch_size, impl="native", use_distribut
     n_micro = local["tokens"].shape[0] // micro_batch_size
     micro = [{k: v[i * micro_batch_size:(i + 1) * micro_batch_size] for k, v in local.items()}
              for i in range(n_micro)]
-    iterators = [iter(micro) for _ in ddp] if len(ddp) > 1 else iter(micro)
     if nan_grad_rank == torch.distributed.get_rank():
         next(ddp[0].module.parameters()).register_hook(lambda grad: grad * float("nan"))
-    result = train_step(ddp, optimizer, iterators, n_micro, batch["tokens"].shape[1], micro_batch_size)
-    weights = gather_hf_weights(ddp, model, parallel)
+    for _ in range(steps):
+        iterators = [iter(micro) for _ in ddp] if len(ddp) > 1 else iter(micro)
+        result = train_step(ddp, optimizer, iterators, n_micro, batch["tokens"].shape[1], micro_batch_size)
+    with params_gathered(ddp):
+        weights = gather_hf_weights(ddp, model, parallel)
     return {"loss": result.loss, "grad_norm": result.grad_norm, "tokens": result.num_tokens, "weights": weights,
             "skipped": result.skipped}

@@ -81,3 +81,33 @@ def test_nonfinite_grads_skip_the_step_on_every_rank(reference, inputs, name, np
     assert set(got["weights"]) == set(reference["weights"])
     for key, tensor in got["weights"].items():
         assert torch.equal(tensor, before[key]), f"{key} changed in a skipped step"
+
+
+@pytest.fixture(scope="module")
+def reference_two_steps(inputs):
+    return _run(inputs, 1, {}, steps=2)
+
+
+OVERLAP_ALL = {"overlap_grad_reduce": True, "overlap_param_gather": True, "ddp_bucket_size": 20000}
+
+
+@pytest.mark.parametrize("name,nproc,layout,overlap,options", [
+    ("dp2_distopt", 2, {"use_distributed_optimizer": True}, OVERLAP_ALL, {}),
+    # the fused loss adds its weight gradient into main_grad and must still mark the weight ready
+    ("dp2_distopt_fused_loss", 2, {"use_distributed_optimizer": True}, OVERLAP_ALL,
+     {"fused_loss": True, "loss_chunk_tokens": 16}),
+    # ... also where no other use of the weight gives it a gradient (the last stage's output layer)
+    ("pp2_fused_loss", 2, {"pipeline_model_parallel_size": 2, "use_distributed_optimizer": True}, OVERLAP_ALL,
+     {"fused_loss": True, "loss_chunk_tokens": 16}),
+    ("dp2_allreduce", 2, {"use_distributed_optimizer": False},
+     {"overlap_grad_reduce": True, "ddp_bucket_size": 20000}, {}),
+    ("tp2_dp2_distopt", 4, {"tensor_model_parallel_size": 2, "use_distributed_optimizer": True}, OVERLAP_ALL, {}),
+])
+def test_overlapped_grad_reduce_and_param_gather_match_tp1(reference_two_steps, inputs, name, nproc, layout,
+                                                           overlap, options):
+    """Several buckets (20K parameters each), gradients reduced during the backward and the
+    second step's forward all-gathering the first step's updated shards bucket by bucket: the
+    same two steps as one rank."""
+    got = _run(inputs, nproc, layout, steps=2, overlap=overlap, options=options,
+               use_distributed_optimizer=layout["use_distributed_optimizer"])
+    _assert_same(reference_two_steps, got, torch.load(inputs["hf_path"]))

@@ -63,6 +63,8 @@ def _stage(data, name):
     (lambda d: d.update(fused_loss=False, loss_kernel="compiled"), "loss_kernel: 'compiled' applies to the fused loss"),
     (lambda d: d.update(micro_batch_size=3), "stages.stage1.batch_tokens"),
     (lambda d: d["parallel"].update(tensor_model_parallel_size=3), "parallel.tensor_model_parallel_size"),
+    (lambda d: d["parallel"].update(overlap_param_gather=True), "parallel.overlap_param_gather: needs"),
+    (lambda d: d["parallel"].update(ddp_bucket_size=0), "parallel.ddp_bucket_size"),
     (lambda d: d["checkpoint"].update(interval=0), "checkpoint.interval"),
     (lambda d: d["model"].update(presett="x"), "model: unknown field(s) presett"),
     (lambda d: d.update(optimiser={}), "unknown field(s) optimiser"),

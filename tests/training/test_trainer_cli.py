@@ -110,6 +110,9 @@ def test_exit_after_minutes_saves_and_exits_75(tiny_data, tmp_path):
     ("tp2_to_tp1", ["parallel.tensor_model_parallel_size=2"]),
     ("pp2_to_pp1", ["parallel.pipeline_model_parallel_size=2"]),
     ("pp2_vpp2_to_pp1", ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]),
+    # several padded DDP buckets per stage (the tied embedding's own bucket, 20K-parameter buckets)
+    ("pp2_overlap_buckets_to_pp1", ["parallel.pipeline_model_parallel_size=2", "parallel.overlap_grad_reduce=true",
+                                    "parallel.ddp_bucket_size=20000"]),
 ])
 def test_resume_on_another_layout_continues_the_same_run(tiny_data, tmp_path, name, source):
     """Saved at TP2 (or PP2, or PP2 with 2 interleaved virtual stages) x DP1, resumed at TP1 x PP1 x DP2: model, distributed-optimizer state,
@@ -196,6 +199,23 @@ def test_bf16_compiled_with_fused_loss_follows_fp32_and_resumes_bit_exact(refere
     _ok(rc, out)
     assert "resumed from" in out and "iter_0000004" in out
     assert losses(root, "stage1") == got
+
+
+def test_overlapped_grad_reduce_and_param_gather_train_and_resume_like_the_reference(reference, tiny_data, tmp_path):
+    """DP2, distributed optimizer, several DDP buckets, gradient reduce-scatter during the backward
+    and parameter all-gather during the next forward: the same losses as without overlap, and a
+    checkpoint (saved with every rank's updated shard gathered) that resumes to them."""
+    overlap = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true",
+               "parallel.ddp_bucket_size=20000", "checkpoint.interval=2"]
+    root = tmp_path / "ckpt"
+    rc, out = run_stage("stage1", root, tiny_data, overrides=overlap, env={"MEGAFOX_TEST_KILL_AT_STEP": "6"})
+    assert rc != 0 and latest(root) == 4, out[-4000:]
+    rc, out = run_stage("stage1", root, tiny_data, overrides=overlap)
+    _ok(rc, out)
+    got, ref = losses(root, "stage1"), losses(reference, "stage1")
+    assert sorted(got) == sorted(ref)
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], rel=1e-6), (it, got[it], ref[it])
 
 
 def test_nan_skip_policy_skips_the_step_and_continues(tiny_data, tmp_path):
