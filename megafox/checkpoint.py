@@ -335,6 +335,8 @@ def _optimizer_state_in_buffer_coordinates(optimizer):
             if state is None:
                 return state
             for gbuf_idx, buffer in enumerate(part.buffers):
+                if all(b.grad_data.numel() == b.numel_unpadded for b in buffer.buckets[:-1]):
+                    continue  # no padding before the last bucket: positions already agree
                 for world in state[gbuf_idx].values():
                     for key in ("param", "exp_avg", "exp_avg_sq"):
                         unpadded, out, start = world[key], torch.zeros(buffer.numel, dtype=world[key].dtype), 0
