@@ -109,10 +109,12 @@ def sp_head(sequence_parallel, pass_mask, seq, batch, hidden, vocab, kernel="eag
     rows = slice(s_rank * s_local, (s_rank + 1) * s_local)
     h = h_full.detach()[rows].clone().requires_grad_()
     w = w_full.detach()[rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
+    output_layer = torch.nn.Module()  # a module: _fused_loss runs its forward pre-hooks
+    output_layer.weight = w
     stand_in = SimpleNamespace(
         config=SimpleNamespace(sequence_parallel=sequence_parallel),
         pg_collection=SimpleNamespace(tp=ps.get_tensor_model_parallel_group()),
-        share_embeddings_and_output_weights=False, output_layer=SimpleNamespace(weight=w),
+        share_embeddings_and_output_weights=False, output_layer=output_layer,
         loss_chunk_tokens=5, loss_kernel=kernel)
     losses = FoxGPTModel._fused_loss(stand_in, h, labels, mask if pass_mask else None)
     (losses * mask).sum().backward()
