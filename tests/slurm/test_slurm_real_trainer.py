@@ -15,8 +15,11 @@ TINY = REPO / "configs" / "train" / "tiny.yaml"
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 # stage2 must outlast the time-limit warning (it comes 8-30 s into a 1-minute job with a 30 s
-# lead, and start-up takes ~10 s), so the preemption test always has something to interrupt
+# lead, and start-up takes ~10 s), so the preemption test always has something to interrupt:
+# its steps also sleep (STEP_SLEEP x STAGE2_STEPS = 45 s), whatever the speed of the machine and
+# of the trainer (faster steps once let the job finish before the warning)
 STAGE2_STEPS = 150
+STEP_SLEEP = "0.3"
 COMPLETE = re.compile(r"^stage (\w+) complete: iteration=(\d+) loss=(\S+)$", re.M)
 
 
@@ -83,7 +86,7 @@ def test_real_time_limit_preemption_requeues_and_matches(stage1_ckpt, stage2_ref
     (tmp_path / "logs").mkdir()
     ckpt = copy_tree(stage1_ckpt, tmp_path / "ckpt")
     args = [a for a in CI_SBATCH if not a.startswith(("--time", "--signal"))] + ["--time=1", "--signal=B:USR1@30"]
-    job = sbatch("stage2.slurm", args, real_env(ckpt, tiny_run), tmp_path)
+    job = sbatch("stage2.slurm", args, real_env(ckpt, tiny_run, MEGAFOX_TEST_STEP_SLEEP=STEP_SLEEP), tmp_path)
     info = wait_job(job, 600)
     out = job_output(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), out[-5000:]
