@@ -81,11 +81,11 @@ def memory_per_gpu(model: ModelConfig, seq_length: int, tp: int = 1, pp: int = 1
     if pp > 1:
         logits = 0.0  # the last stage holds them; the first stage is the busiest one counted
     elif fused_loss:
-        from megafox.model.fused_loss import chunk_size
+        from megafox.model.fused_loss import DEFAULT_CHUNK_TOKENS, chunk_size
 
         # one chunk at a time (the trainer's default chunk, capped by the logits budget): its fp32
         # softmax and its bf16 gradient
-        logits = (4.0 + 2.0) * min(s * b, chunk_size(4096, int(vocab_here))) * vocab_here
+        logits = (4.0 + 2.0) * min(s * b, chunk_size(DEFAULT_CHUNK_TOKENS, int(vocab_here))) * vocab_here
     else:
         logits = 2 * 4.0 * s * b * vocab_here  # fp32 logits + their gradient
     return MemoryEstimate(weights, grads, optimizer, activations, logits)

@@ -15,6 +15,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megafox.config import ConfigError, ModelConfig, ParallelConfig
+from megafox.model.fused_loss import DEFAULT_CHUNK_TOKENS
 from megafox.model.specs import layer_spec, resolve_impl
 
 
@@ -27,7 +28,7 @@ class BuildOptions:
     recompute: str = "none"  # none | selective | full
     use_cpu_initialization: Optional[bool] = None  # default: True when there is no GPU
     fused_loss: bool = False  # chunked linear + cross-entropy (megafox.model.fused_loss)
-    loss_chunk_tokens: int = 4096
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     # precompute: LM-head gradients computed in the forward (needs the loss_mask, which the
     # trainer passes); recompute: each chunk's logits recomputed in the backward
     loss_grad: str = "precompute"

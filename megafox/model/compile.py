@@ -17,7 +17,6 @@ import torch
 
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """Compile every decoder layer of a megatron-core GPTModel in place; returns how many."""
-    layers = list(model.decoder.layers) if getattr(model, "decoder", None) is not None else []
-    for layer in layers:
+    for layer in model.decoder.layers:
         layer.compile(dynamic=False)
-    return len(layers)
+    return len(model.decoder.layers)

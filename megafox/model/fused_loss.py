@@ -46,6 +46,8 @@ from megafox.model import loss_kernels
 # fp32 gradient where there is no `main_grad` to add into: 2.1 GB at TP1, held from forward to
 # backward by the precompute variant and during the backward by the recompute variant).
 LOGITS_BUDGET_BYTES = 1 << 30
+# Tokens per chunk asked for by default (the budget lowers it for large vocabularies).
+DEFAULT_CHUNK_TOKENS = 4096
 # Cap on the low-precision partial product added into the fp32 weight gradient at a time: 64K
 # vocab rows of a 2048-wide weight in bf16, still one large GEMM per block.
 WGRAD_BLOCK_BYTES = 1 << 28

@@ -15,7 +15,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megafox.model import loss_kernels
-from megafox.model.fused_loss import fused_linear_cross_entropy
+from megafox.model.fused_loss import DEFAULT_CHUNK_TOKENS, fused_linear_cross_entropy
 
 _POSTPROCESS_SIGNATURE = inspect.signature(GPTModel._postprocess)
 
@@ -29,7 +29,7 @@ class FoxGPTModel(GPTModel):
     c * sum(loss_mask * losses), which megafox's loss_func does (anything else raises).
     """
 
-    def __init__(self, *args, fused_loss: bool = False, loss_chunk_tokens: int = 4096,
+    def __init__(self, *args, fused_loss: bool = False, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                  loss_grad: str = "precompute", loss_kernel: str = "eager", **kwargs):
         super().__init__(*args, **kwargs)
         if loss_chunk_tokens < 1:

@@ -26,18 +26,13 @@ def chunk_loss(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, owned: 
     The source is the fp32 softmax (eager) or the logits themselves (compiled). The GEMM is done
     here so that eager drops the low-precision logits as soon as their fp32 copy exists."""
     logits = h @ weight.t()
+    row_max, target = (_compiled()["row_stats"] if compiled else _row_stats)(logits, idx, owned)
+    if group is not None:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
     if compiled:
-        k = _compiled()
-        row_max, target = k["row_stats"](logits, idx, owned)
-        if group is not None:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        stats = torch.stack([k["sum_exp"](logits, row_max), target])
         source = logits
+        stats = torch.stack([_compiled()["sum_exp"](logits, row_max), target])
     else:
-        target = logits.gather(1, idx).squeeze(1).float() * owned
-        row_max = logits.amax(dim=1).float()
-        if group is not None:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
         source = logits.float()  # the same tensor when logits are fp32: fine, they are not reused
         del logits
         source.sub_(row_max.unsqueeze(1)).exp_()
