@@ -1,0 +1,56 @@
+"""The callback lifecycle of the training loop (OLMo-core's Callback is the anchor).
+
+The loop itself only steps; everything else a run does around the steps (metrics, validation,
+checkpoints, stop requests, in-loop evaluation, and the tests' fault injection) is a Callback
+that the trainer calls at these points, in list order:
+
+    on_start(trainer)                      after set-up and resume, before the first step
+    pre_step(trainer)                      before each step's batch is built
+    post_step(trainer, result)             after the optimizer step and the run-state update
+    pre_checkpoint_commit(trainer, path)   a save's shards are on disk, megafox.json not yet
+    post_checkpoint(trainer, path)         a save is complete (megafox.json written, `latest` moved)
+    on_stage_end(trainer)                  the stage budget is reached (final save done, .done written)
+    on_error(trainer, exc)                 the run is failing with `exc` (the trainer re-raises it)
+    close(trainer)                         always, last
+
+A callback that wants the run to stop (a signal, a time limit) returns a reason from
+`stop_requested`; the trainer agrees on it over all ranks, saves and exits 75.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from megafox.training.loop import Trainer
+
+
+class Callback:
+    """Every hook is optional; the defaults do nothing."""
+
+    def on_start(self, trainer: "Trainer") -> None:
+        pass
+
+    def pre_step(self, trainer: "Trainer") -> None:
+        pass
+
+    def post_step(self, trainer: "Trainer", result: Any) -> None:
+        pass
+
+    def pre_checkpoint_commit(self, trainer: "Trainer", path) -> None:
+        pass
+
+    def post_checkpoint(self, trainer: "Trainer", path) -> None:
+        pass
+
+    def on_stage_end(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_error(self, trainer: "Trainer", exc: BaseException) -> None:
+        pass
+
+    def close(self, trainer: "Trainer") -> None:
+        pass
+
+    def stop_requested(self, trainer: "Trainer") -> Optional[str]:
+        """A local reason to stop after this step (None: keep going); agreed over all ranks."""
+        return None
