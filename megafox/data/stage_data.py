@@ -19,17 +19,23 @@ c + m*mbs*d + r*mbs + [0, mbs) (megatron's pretraining-sampler layout), so the u
 the global batch, consecutive batches neither overlap nor leave gaps, and resuming from a saved
 `consumed_samples` at any DP size (or a different global batch size) continues the same sequence.
 
-Stage change (Megatron-LM issue #1002).  `previous_stages` lists the earlier stages in order, each
-as (blend_path, consumed_samples, seq_length) or a dict {"blend", "consumed_samples",
-"seq_length"[, "token_budget", "seed"]}.  Each earlier stage is rebuilt exactly as it was trained
-(from the cache; each with the stages before it), the documents its first `consumed_samples`
-samples read - wholly or in part - are collected per prefix, and this stage's GPTDataset over a
-shared prefix (same real path) exposes only the remaining training documents.  So no document that
-an earlier stage trained on, even partly, is read again in this stage, whatever the sequence
-lengths.  The unread tail of a document the last earlier sample cut is dropped, not resumed.  If the
-remaining documents hold fewer tokens than this stage's budget, megatron repeats them (epochs)
-within this stage; documents of earlier stages are never reused.  Prefixes are matched by real
-path: a copy of the same data under another name counts as other data.
+Stage change (Megatron-LM issue #1002).  No document that an earlier stage trained on, even partly,
+is read again in this stage, whatever the sequence lengths: this stage's GPTDataset over a shared
+prefix (same real path) exposes only the training documents no earlier stage read.  The unread tail
+of a document the last earlier sample cut is dropped, not resumed.  If the remaining documents hold
+fewer tokens than this stage's budget, megatron repeats them (epochs) within this stage; documents
+of earlier stages are never reused.  Prefixes are matched by real path: a copy of the same data
+under another name counts as other data.  The earlier stages' reads come from one of:
+- `excluded_documents`: the record written once when the previous stage completed
+  (`documents_read.write_documents_read`, read back with `read_documents_read`; it holds every
+  earlier stage's reads).  Its cost grows with the number of documents, not with the tokens the
+  earlier stages consumed.  A prefix whose .idx changed since it was recorded is refused.
+- `previous_stages` (runs without a record): the earlier stages in order, each as (blend_path,
+  consumed_samples, seq_length) or a dict {"blend", "consumed_samples", "seq_length"[,
+  "token_budget", "seed"]}.  Each is rebuilt exactly as it was trained (from the cache; each with
+  the stages before it) and the documents its first `consumed_samples` samples read are collected
+  per prefix: the same set the record holds, bit for bit, at a cost that grows with those samples.
+`excluded_documents` (a `DocumentSet`: {prefix: sorted document ids}) is what was excluded.
 
 Validation.  With valid_fraction f > 0 the last max(1, round(f * N)) documents of each prefix with
 N >= 2 documents are held out in every stage (the same documents at any seq_length, so no stage
@@ -46,17 +52,16 @@ across a document boundary).
 
 Building.  With torch.distributed initialized every rank calls the constructor; rank 0 builds
 missing indices first under an exclusive file lock on cache_dir/.lock (so separate jobs sharing the
-cache never write the same files at once), the other ranks load them after megatron's barrier.
-Only the train split (and the valid split when f > 0) of this stage are built; earlier stages are
-built for their train split only; no attention masks are made.
+cache never write the same files at once) while the other ranks wait for its flag file - not in a
+collective, so a build longer than the process group's timeout is fine - and then memory-map them
+(`index_cache`: files read with allow_pickle=False, written atomically).  `python -m
+megafox.data.build_index` builds the same files ahead of training, in one process.  Only the train
+split (and the valid split when f > 0) of this stage are built; earlier stages (previous_stages)
+are built for their train split only; no attention masks are made.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import fcntl
 import hashlib
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -66,12 +71,11 @@ import numpy as np
 import torch
 
 from megafox.data.blend import Blend, DataError, read_blend
+from megafox.data.documents_read import DocumentSet, documents_read_by, idx_fingerprint, stage_entry
+from megafox.data.index_cache import NoBarrierBuilder, SafeCacheBlendedDataset, SafeCacheGPTDataset, rank0_first
 from megafox.data.tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
 
-from megatron.core.datasets import blended_dataset
-from megatron.core.datasets.blended_dataset import BlendedDataset
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 
@@ -118,7 +122,7 @@ class _StageDatasetConfig(GPTDatasetConfig):
     documents_digest: str = ""
 
 
-class _StageGPTDataset(GPTDataset):
+class _StageGPTDataset(SafeCacheGPTDataset):
     """GPTDataset over a chosen document subset instead of the builder's contiguous split range."""
 
     def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
@@ -130,29 +134,12 @@ class _StageGPTDataset(GPTDataset):
         return MegatronDataset._key_config_attributes() + ["documents_digest"]
 
 
-class _StageBlendedDataset(BlendedDataset):
-    def __init__(self, datasets, weights, size, config):
-        if not torch.distributed.is_initialized():
-            # megatron's BlendedDataset cache path calls torch.distributed.get_rank(), which fails
-            # in a single process; its blending index is cheap to rebuild, so keep it in memory
-            config = copy.copy(config)
-            config.path_to_cache = None
-        super().__init__(datasets, weights, size, config)
+class _StageBlendedDataset(SafeCacheBlendedDataset):
+    """(Its class name is part of the blending index's cache key.)"""
 
 
-class _Builder(BlendedMegatronDatasetBuilder):
-    @staticmethod
-    def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
-        cls = _StageBlendedDataset if cls is BlendedDataset else cls
-        return BlendedMegatronDatasetBuilder.build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args)
-
-
-class _DropUncachedWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "because path_to_cache is None" not in record.getMessage()
-
-
-logging.getLogger(blended_dataset.__name__).addFilter(_DropUncachedWarning())
+class _Builder(NoBarrierBuilder):
+    blended_class = _StageBlendedDataset
 
 
 def _digest(documents: Dict[str, Dict[str, np.ndarray]]) -> str:
@@ -164,73 +151,53 @@ def _digest(documents: Dict[str, Dict[str, np.ndarray]]) -> str:
     return h.hexdigest()
 
 
-def _dist_rank() -> Optional[int]:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else None
-
-
-@contextlib.contextmanager
-def _cache_lock(cache_dir: str):
-    if _dist_rank() not in (None, 0):  # these ranks only read, after rank 0's barrier
-        yield
-        return
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        handle = open(os.path.join(cache_dir, ".lock"), "a")
-    except OSError as exc:
-        raise DataError(f"data cache_dir {cache_dir}: not writable ({exc.strerror})") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _split_documents(num_documents: int, valid_fraction: float):
+def _split_documents(num_documents: int, valid_fraction: float, excluded: Optional[np.ndarray] = None):
+    """(train, valid) document ids: the last documents are held out; `excluded` (booleans over the
+    documents) removes training documents earlier stages read."""
     n_valid = 0
     if valid_fraction > 0 and num_documents >= 2:
         n_valid = min(num_documents - 1, max(1, int(round(valid_fraction * num_documents))))
     cut = num_documents - n_valid
-    return np.arange(cut, dtype=np.int32), np.arange(cut, num_documents, dtype=np.int32)
-
-
-def _documents_of(ds: GPTDataset, local_ids: np.ndarray) -> np.ndarray:
-    """Document ids that GPTDataset samples `local_ids` read (same spans as its __getitem__)."""
-    if len(local_ids) == 0:
-        return np.zeros(0, dtype=np.int64)
-    rows = np.asarray(ds.shuffle_index)[local_ids].astype(np.int64)
-    sample_index = np.asarray(ds.sample_index)
-    beg, end = sample_index[rows, 0].astype(np.int64), sample_index[rows + 1, 0].astype(np.int64)
-    cover = np.zeros(len(ds.document_index) + 1, dtype=np.int64)
-    np.add.at(cover, beg, 1)
-    np.add.at(cover, end + 1, -1)
-    return np.unique(np.asarray(ds.document_index)[np.cumsum(cover)[:-1] > 0]).astype(np.int64)
+    valid = np.arange(cut, num_documents, dtype=np.int32)
+    if excluded is None:
+        return np.arange(cut, dtype=np.int32), valid
+    train = np.empty(cut - int(np.count_nonzero(excluded[:cut])), dtype=np.int32)
+    at, step = 0, 1 << 24  # in slices: no int64 array over all documents
+    for a in range(0, cut, step):
+        ids = np.flatnonzero(~excluded[a:min(cut, a + step)])
+        train[at:at + len(ids)] = ids + a
+        at += len(ids)
+    return train, valid
 
 
 class _Stage:
     """A blend at one sequence length: the built train (and valid) datasets."""
 
     def __init__(self, blend: Blend, tokenizer: SentencePieceTokenizer, seq_length: int, seed: int,
-                 token_budget: int, valid_fraction: float, excluded: Dict[str, np.ndarray],
+                 token_budget: int, valid_fraction: float, excluded: DocumentSet,
                  cache_dir: str, valid_min_samples: Optional[int], eod_mask_loss: bool):
         self.blend, self.seq_length = blend, seq_length
         self.num_samples = math.ceil(token_budget / seq_length)
         documents: Dict[str, Dict[str, np.ndarray]] = {}
         valid_samples: Dict[str, int] = {}
         for e in blend.datasets:
-            train, valid = _split_documents(e.num_documents, valid_fraction)
-            gone = excluded.get(e.prefix)
-            if gone is not None and len(gone):
-                train = np.setdiff1d(train, gone).astype(np.int32)
-                if len(train) == 0:
-                    raise DataError(f"{e.field}.prefix: all training documents of {e.prefix} were read by earlier "
-                                    f"stages; stage {blend.stage} has nothing left to draw from it")
+            gone = None
+            if e.prefix in excluded:
+                excluded.check_prefix(e.prefix, e.num_documents, f"{e.field}.prefix")
+                gone = excluded.entries[e.prefix].mask()
+                if not gone.any():
+                    gone = None
+            train, valid = _split_documents(e.num_documents, valid_fraction, gone)
+            del gone
+            if len(train) == 0:
+                raise DataError(f"{e.field}.prefix: all training documents of {e.prefix} were read by earlier "
+                                f"stages; stage {blend.stage} has nothing left to draw from it")
             tokens = int(e.lengths[train].sum())
             if tokens < seq_length + 1:
                 raise DataError(f"{e.field}.prefix: seq_length {seq_length} is larger than the data allows: "
                                 f"{e.prefix} has {tokens} tokens for training"
-                                f"{' after earlier stages' if gone is not None and len(gone) else ''}, and one "
-                                f"sample needs seq_length + 1 = {seq_length + 1}")
+                                f"{' after earlier stages' if len(train) < e.num_documents - len(valid) else ''}, "
+                                f"and one sample needs seq_length + 1 = {seq_length + 1}")
             documents[e.prefix] = {"train": train, "valid": valid}
             if len(valid):
                 valid_samples[e.prefix] = max(0, (int(e.lengths[valid].sum()) - 1) // seq_length)
@@ -263,18 +230,16 @@ class _Stage:
         builder = _Builder(_StageGPTDataset, sizes, lambda: True, config)
         return builder.build()[split]
 
-    def documents_read(self, num_samples: int) -> Dict[str, np.ndarray]:
+    def documents_read(self, num_samples: int) -> DocumentSet:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 0:
+            raise DataError(f"consumed_samples: must be a non-negative integer, got {num_samples!r}")
         if num_samples > self.num_samples:
             raise DataError(f"{self.blend.path}: {num_samples} samples consumed, but the stage has only "
                             f"{self.num_samples} (token_budget / seq_length {self.seq_length})")
-        ids = np.arange(num_samples, dtype=np.int64)
-        if isinstance(self.train, BlendedDataset):
-            which = np.asarray(self.train.dataset_index)[ids]
-            local = np.asarray(self.train.dataset_sample_index)[ids]
-            parts = [(ds, local[which == k]) for k, ds in enumerate(self.train.datasets)]
-        else:
-            parts = [(self.train, ids)]
-        return {ds.dataset_path: _documents_of(ds, np.asarray(sel, dtype=np.int64)) for ds, sel in parts}
+        docs = DocumentSet()
+        for prefix, mask in documents_read_by(self.train, int(num_samples)).items():
+            docs.add(prefix, mask, idx_fingerprint(prefix))
+        return docs
 
 
 def _load_stage_tokenizer(blend: Blend) -> SentencePieceTokenizer:
@@ -288,12 +253,18 @@ class StageData:
     def __init__(self, blend_path: str, seq_length: int, global_batch_size: int, seed: int = 1234,
                  cache_dir: Optional[str] = None, valid_fraction: float = 0.01,
                  previous_stages: Sequence = (), token_budget: Optional[int] = None,
-                 eod_mask_loss: bool = False):
+                 eod_mask_loss: bool = False, excluded_documents: Optional[DocumentSet] = None):
         for name, v in (("seq_length", seq_length), ("global_batch_size", global_batch_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise DataError(f"{name}: must be a positive integer, got {v!r}")
         if not (isinstance(valid_fraction, (int, float)) and 0 <= valid_fraction < 1):
             raise DataError(f"valid_fraction: must be in [0, 1), got {valid_fraction!r}")
+        if excluded_documents is not None and not isinstance(excluded_documents, DocumentSet):
+            raise DataError(f"excluded_documents: expected a DocumentSet (read_documents_read), got "
+                            f"{type(excluded_documents).__name__}")
+        if excluded_documents is not None and len(previous_stages):
+            raise DataError("excluded_documents and previous_stages: pass one (the record of the earlier "
+                            "stages' reads, or the stages to recompute it from)")
         self.seq_length, self.global_batch_size, self.seed = seq_length, global_batch_size, int(seed)
         self.valid_fraction = float(valid_fraction)
         blend = read_blend(blend_path)
@@ -303,22 +274,31 @@ class StageData:
         self.token_budget = self._budget(blend, token_budget, "token_budget")
         previous = [PreviousStage.coerce(p, i) for i, p in enumerate(previous_stages)]
 
-        with _cache_lock(self.cache_dir):
-            excluded: Dict[str, np.ndarray] = {}
-            for i, prev in enumerate(previous):
-                pblend = read_blend(prev.blend)
-                earlier = _Stage(pblend, _load_stage_tokenizer(pblend), prev.seq_length,
-                                 self.seed if prev.seed is None else int(prev.seed),
-                                 self._budget(pblend, prev.token_budget, f"previous_stages[{i}].token_budget"),
-                                 self.valid_fraction, excluded, self.cache_dir, None, eod_mask_loss)
-                for prefix, docs in earlier.documents_read(prev.consumed_samples).items():
-                    excluded[prefix] = np.union1d(excluded.get(prefix, np.zeros(0, np.int64)), docs)
-            self._stage = _Stage(blend, self.tokenizer, seq_length, self.seed, self.token_budget,
-                                 self.valid_fraction, excluded, self.cache_dir,
-                                 global_batch_size if self.valid_fraction > 0 else None, eod_mask_loss)
-        self.excluded_documents = excluded
+        def build():
+            excluded = excluded_documents if excluded_documents is not None else self._recompute(previous, eod_mask_loss)
+            stage = _Stage(blend, self.tokenizer, seq_length, self.seed, self.token_budget, self.valid_fraction,
+                           excluded, self.cache_dir, global_batch_size if self.valid_fraction > 0 else None,
+                           eod_mask_loss)
+            return excluded, stage
+
+        # rank 0 builds missing indices first; the other ranks wait on a file, not a collective
+        self.excluded_documents, self._stage = rank0_first(self.cache_dir, build, f"the indices of {blend.path}")
         self.num_samples = self._stage.num_samples
         self.num_valid_samples = self._stage.num_valid_samples
+
+    def _recompute(self, previous: List[PreviousStage], eod_mask_loss: bool) -> DocumentSet:
+        """The earlier stages' reads from their consumed samples (runs without a documents-read record)."""
+        excluded = DocumentSet()
+        for i, prev in enumerate(previous):
+            pblend = read_blend(prev.blend)
+            seed = self.seed if prev.seed is None else int(prev.seed)
+            budget = self._budget(pblend, prev.token_budget, f"previous_stages[{i}].token_budget")
+            earlier = _Stage(pblend, _load_stage_tokenizer(pblend), prev.seq_length, seed, budget,
+                             self.valid_fraction, excluded, self.cache_dir, None, eod_mask_loss)
+            excluded = excluded.union(earlier.documents_read(prev.consumed_samples))
+            excluded.stages = excluded.stages + [stage_entry(pblend.stage, pblend.path, prev.seq_length,
+                                                             prev.consumed_samples, budget, seed)]
+        return excluded
 
     @staticmethod
     def _budget(blend: Blend, override: Optional[int], name: str) -> int:
@@ -390,6 +370,7 @@ class StageData:
                             f"({self.tokenizer.vocab_size}) of tokenizer {self.tokenizer.path} used by "
                             f"{self.blend_path}")
 
-    def documents_read(self, num_samples: int) -> Dict[str, np.ndarray]:
-        """{prefix: sorted document ids} that this stage's first `num_samples` training samples read."""
+    def documents_read(self, num_samples: int) -> DocumentSet:
+        """{prefix: sorted document ids} that this stage's first `num_samples` training samples read
+        (only this stage's; `documents_read.write_documents_read` adds the earlier stages')."""
         return self._stage.documents_read(num_samples)

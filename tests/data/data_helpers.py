@@ -112,3 +112,37 @@ def gather(stage_data, start, count, mbs=None, dp=1):
     out = {k: torch.cat(v) for k, v in out.items()}
     order = torch.argsort(out["sample_index"])
     return {k: v[order] for k, v in out.items()}
+
+
+def reference_documents_read(train, num_samples):
+    """{prefix: sorted int64 document ids} that samples [0, num_samples) of megatron's training
+    dataset read, computed as megafox did before the documents-read record (np.add.at over
+    document-index positions, then np.unique): the reference the record must equal bit for bit."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+
+    def documents_of(ds, local_ids):
+        if len(local_ids) == 0:
+            return np.zeros(0, dtype=np.int64)
+        rows = np.asarray(ds.shuffle_index)[local_ids].astype(np.int64)
+        sample_index = np.asarray(ds.sample_index)
+        beg, end = sample_index[rows, 0].astype(np.int64), sample_index[rows + 1, 0].astype(np.int64)
+        cover = np.zeros(len(ds.document_index) + 1, dtype=np.int64)
+        np.add.at(cover, beg, 1)
+        np.add.at(cover, end + 1, -1)
+        return np.unique(np.asarray(ds.document_index)[np.cumsum(cover)[:-1] > 0]).astype(np.int64)
+
+    ids = np.arange(num_samples, dtype=np.int64)
+    if isinstance(train, BlendedDataset):
+        which = np.asarray(train.dataset_index)[ids]
+        local = np.asarray(train.dataset_sample_index)[ids]
+        parts = [(ds, local[which == k]) for k, ds in enumerate(train.datasets)]
+    else:
+        parts = [(train, ids)]
+    return {ds.dataset_path: documents_of(ds, np.asarray(sel, dtype=np.int64)) for ds, sel in parts}
+
+
+def reference_union(a, b):
+    out = dict(a)
+    for prefix, docs in b.items():
+        out[prefix] = np.union1d(out.get(prefix, np.zeros(0, np.int64)), docs)
+    return out
