@@ -27,3 +27,47 @@ def test_two_ranks_share_cache_and_split_global_batches(corpus_data, tok_model, 
     for rank_ids, rank_tokens in out["per_rank"]:
         assert torch.equal(rank_tokens, expect["tokens"][rank_ids])
     assert any(p.name.endswith("shuffle_index.npy") for p in cache.iterdir())
+
+
+def _torchrun(script_args, timeout=180):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megafox.testing.distributed import REPO, free_port
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(Path(__file__).with_name("slow_build_ranks.py"))] + script_args
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_rank0_build_longer_than_the_process_group_timeout(corpus_data, tok_model, tmp_path):
+    """Rank 0 builds for 8 s under a 3 s process-group timeout: the other rank waits on rank 0's flag
+    file, not in a collective, and then reads exactly what one process builds."""
+    import json
+
+    blend = write_blend(tmp_path / "b" / "blend.json", tok_model,
+                        [(corpus_data["code"], 0.5), (corpus_data["prose"], 0.5)], 64 * 64, "mix")
+    common = ["--blend", blend, "--timeout-s", "3", "--sleep-s", "8"]
+    # the setup can fail: a plain barrier while rank 0 is busy that long times out
+    control = _torchrun(["--mode", "control", "--cache", str(tmp_path / "unused"), "--out", str(tmp_path / "c")] + common)
+    assert control.returncode != 0 and "timed out" in (control.stdout + control.stderr).lower()
+
+    out = str(tmp_path / "slow")
+    run = _torchrun(["--mode", "slow", "--cache", str(tmp_path / "cache"), "--out", out] + common)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [json.loads(open(f"{out}.rank{r}.json").read()) for r in range(2)]
+    assert ranks[0]["seconds"] > 8 and ranks[1]["seconds"] > 8  # rank 1 did wait for the whole build
+    expect = gather(StageData(blend, 64, 8, cache_dir=str(tmp_path / "own")), 0, 32)["tokens"]
+    for r in ranks:
+        assert torch.equal(torch.tensor(r["tokens"]), expect)
+
+    # rank 0's build fails: every rank stops with rank 0's message
+    out = str(tmp_path / "fail")
+    run = _torchrun(["--mode", "fail", "--seq", "100000", "--cache", str(tmp_path / "cache2"), "--out", out] + common)
+    assert run.returncode == 0, run.stderr[-4000:]
+    errors = [json.loads(open(f"{out}.rank{r}.json").read())["error"] for r in range(2)]
+    assert errors[0] == errors[1] and "seq_length 100000 is larger than the data allows" in errors[0]
