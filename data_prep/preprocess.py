@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
@@ -392,9 +392,14 @@ class ShardWriter:
             "skipped": dict(sorted(self.skipped.items())),
             "skipped_examples": self.examples,
             "elapsed_s": round(time.monotonic() - self.t0, 3),
+            **self.extra_meta(),
         }
         atomic_write_json(self.shard.meta_path(), meta)  # written last: marks the shard complete
         return meta
+
+    def extra_meta(self) -> dict:
+        """More fields for the shard's record (a subclass's own counts)."""
+        return {}
 
     def abort(self) -> None:
         try:
@@ -426,7 +431,27 @@ def _setup(opts: Options):
     return sp, tok, dtype, eos, shards, sig_common
 
 
-def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: str) -> dict:
+class Codec(NamedTuple):
+    """What _process runs: the plain-text codec below, or another one (data_prep.sft: chat records ->
+    tokens + loss masks) that reuses the same parallel, ordered, resumable machinery."""
+    init: Callable  # init(*init_args[, spill_dir]) in each worker (and here when there is no pool)
+    init_args: tuple
+    encode: Callable  # chunk -> result, in this process
+    encode_spill: Callable  # chunk -> result, in a pool worker (bulk data through spill files)
+    reader: Callable  # (piece, fmt, chunk_bytes) -> FileReader
+    writer: Callable  # (shard, dtype) -> ShardWriter
+
+
+def _text_codec(opts: Options, tok: dict, dtype, eos) -> Codec:
+    return Codec(_worker_init, (tok["path"], opts.json_key, eos, dtype_name(dtype)), _encode_chunk, _encode_spill,
+                 lambda piece, fmt, chunk_bytes: FileReader(piece.path, fmt, opts.json_key, chunk_bytes,
+                                                            piece.start, piece.end),
+                 ShardWriter)
+
+
+def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: str,
+             codec: Optional[Codec] = None) -> dict:
+    codec = codec or _text_codec(opts, tok, dtype, eos)
     pending = [s for s in shards if not s.is_complete()]
     done_before = len(shards) - len(pending)
     if done_before and not opts.quiet:
@@ -445,17 +470,15 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
 
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
         spill_dir = _spill_dir(opts)
-        pool = ctx.Pool(nworkers, initializer=_worker_init,
-                        initargs=(tok["path"], opts.json_key, eos, dtype_name(dtype), spill_dir))
+        pool = ctx.Pool(nworkers, initializer=codec.init, initargs=codec.init_args + (spill_dir,))
     else:
-        _worker_init(tok["path"], opts.json_key, eos, dtype_name(dtype))
+        codec.init(*codec.init_args)
 
     def produce():
         for sh in pending:
             yield ("begin", sh, None, None)
             for piece in sh.pieces:
-                reader = FileReader(piece.path, sh.fmts[piece.path], opts.json_key, opts.chunk_bytes,
-                                    piece.start, piece.end)
+                reader = codec.reader(piece, sh.fmts[piece.path], opts.chunk_bytes)
                 reader.progress_cb = prog.add_bytes
                 for ch in reader.chunks():
                     # skipped records of a range are reported by line counted from its first line
@@ -471,7 +494,7 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
     def handle(item, res) -> None:
         kind, sh, path, payload = item
         if kind == "begin":
-            writers[sh.index] = ShardWriter(sh, dtype)
+            writers[sh.index] = codec.writer(sh, dtype)
         elif kind == "chunk":
             w = writers[sh.index]
             if payload[0] == "skip":
@@ -491,7 +514,7 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
         for item in produce():
             res = None
             if item[0] == "chunk" and item[3][0] != "skip":
-                res = pool.apply_async(_encode_spill, (item[3],)) if pool else _Done(_encode_chunk(item[3]))
+                res = pool.apply_async(codec.encode_spill, (item[3],)) if pool else _Done(codec.encode(item[3]))
             window.append((item, res))
             while window and (len(window) > max_inflight or window[0][1] is None or window[0][1].ready()):
                 handle(*window.popleft())
