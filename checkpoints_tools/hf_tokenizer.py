@@ -7,6 +7,11 @@ special (Llama: unk 0, bos 1, eos 2; Gemma: pad 0, eos 1, bos 2), and Fox-1's to
 neither, so the conversion reads the ids, pieces, normalizer settings and byte fallback from the
 model itself. The SentencePiece BPE encoder repeatedly merges the adjacent pair whose merged
 piece scores highest; a HF BPE with merges ranked by that score reproduces it.
+
+A chat template (the SFT data's, from its blend.json / the checkpoint's records) goes both into
+tokenizer_config.json["chat_template"], which every transformers version and most serving stacks
+read, and into chat_template.jinja, which recent transformers (5.x) prefers when both exist (and writes
+itself on save_pretrained): the two hold the same text.
 """
 from __future__ import annotations
 
@@ -107,9 +112,14 @@ def build_tokenizer(proto):
     return tok
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
 def write_hf_tokenizer(model_file: Path, out_dir: Path, model_max_length: int,
-                       vocab_limit: Optional[int] = None) -> Dict[str, Optional[int]]:
-    """Write the tokenizer files into `out_dir`; return its special ids {unk, bos, eos, pad}."""
+                       vocab_limit: Optional[int] = None,
+                       chat_template: Optional[str] = None) -> Dict[str, Optional[int]]:
+    """Write the tokenizer files into `out_dir` (with `chat_template`, the Jinja text, when given);
+    return its special ids {unk, bos, eos, pad}."""
     proto = load_proto(model_file)
     if vocab_limit is not None and len(proto.pieces) > vocab_limit:
         raise ToolError(f"tokenizer {model_file}: has {len(proto.pieces)} pieces but the model's vocab_size "
@@ -134,6 +144,15 @@ def write_hf_tokenizer(model_file: Path, out_dir: Path, model_max_length: int,
         "padding_side": "left",
         "sp_model_kwargs": {},
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    template_file = out_dir / CHAT_TEMPLATE_FILE
+    if chat_template is not None:
+        if not isinstance(chat_template, str) or not chat_template.strip():
+            raise ToolError("chat template: empty (expected the Jinja text)")
+        config["chat_template"] = chat_template
+        template_file.write_text(chat_template, encoding="utf-8")
+    elif template_file.exists():  # a template left by an earlier export would be loaded as this one's
+        template_file.unlink()
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
     return ids

@@ -6,7 +6,8 @@
         [--finalize]                        # merge the slices, write manifests and blend.json files
 
 Outputs: <output_dir>/<stage>/<source>.{bin,idx,manifest.json} and <output_dir>/<stage>/blend.json
-(the blend.json contract: megafox/data/blend.py, the trainer's reader).  Plan format: see configs/data/tiny.yaml.
+(the blend.json contract: megafox/data/blend.py, the trainer's reader).  Plan format: see configs/data/tiny.yaml;
+a stage with `kind: sft` holds chat records instead (configs/data/fox1_sft.yaml, data_prep/sft.py).
 Paths in the plan may use environment variables (${VAR}); ${PYTHON_STDLIB} defaults to this
 Python's standard library directory.  Relative paths are relative to the current directory.
 """
@@ -142,7 +143,15 @@ def load_plan(path: str, output_dir: Optional[str] = None) -> dict:
             raise PlanError(f"{W}: stage names must be simple names (letters, digits, _ . -)")
         if not isinstance(st, dict):
             raise PlanError(f"{W}: must be a mapping with token_budget and sources")
-        _check_keys(st, ("token_budget", "sources", "description"), W)
+        _check_keys(st, ("token_budget", "sources", "description", "kind", "chat_template", "seq_length",
+                         "overlong"), W)
+        kind = st.get("kind", "pretrain")
+        if kind not in ("pretrain", "sft"):
+            raise PlanError(f"{W}.kind: must be pretrain (documents) or sft (chat records), got {kind!r}")
+        if kind != "sft":
+            for k in ("chat_template", "seq_length", "overlong"):
+                if k in st:
+                    raise PlanError(f"{W}.{k}: only for kind: sft stages")
         if "token_budget" not in st:
             raise PlanError(f"{W}.token_budget: required (tokens to train on in this stage)")
         budget = _num(st["token_budget"], f"{W}.token_budget", integer=True)
@@ -174,7 +183,14 @@ def load_plan(path: str, output_dir: Optional[str] = None) -> dict:
             out_srcs.append({"name": name, "globs": _globs(s["globs"], f"{SW}.globs"),
                              "weight": _num(s["weight"], f"{SW}.weight"), "json_key": jk, "format": fmt,
                              "where": SW})
-        plan["stages"][sname] = {"token_budget": budget, "sources": out_srcs}
+        plan["stages"][sname] = {"token_budget": budget, "sources": out_srcs, "kind": kind}
+        if kind == "sft":
+            from .sft import stage_settings
+
+            try:
+                plan["stages"][sname]["sft"] = stage_settings(st, out_srcs, f"stages.{sname}")
+            except DataPrepError as e:
+                raise PlanError(f"{P}: {e}") from None
     return plan
 
 
@@ -213,9 +229,9 @@ def _source_options(plan, stage, src, tok_path, workers, array_index=None, array
                    array_count=array_count, chunk_bytes=int(pp["chunk_mb"] * (1 << 20)), quiet=quiet)
 
 
-def write_blend(plan: dict, stage: str, manifests: Dict[str, dict], tok_path: str) -> str:
+def blend_record(plan: dict, stage: str, manifests: Dict[str, dict], tok_path: str) -> dict:
     d = os.path.join(plan["output_dir"], stage)
-    blend = {
+    return {
         "stage": stage,
         "tokenizer": (os.path.relpath(tok_path, d) if tok_path.startswith(plan["output_dir"] + os.sep)
                       else os.path.abspath(tok_path)),
@@ -224,8 +240,11 @@ def write_blend(plan: dict, stage: str, manifests: Dict[str, dict], tok_path: st
                       "tokens": manifests[src["name"]]["tokens"]} for src in plan["stages"][stage]["sources"]],
         "token_budget": plan["stages"][stage]["token_budget"],
     }
-    path = os.path.join(d, "blend.json")
-    atomic_write_json(path, blend)
+
+
+def write_blend(plan: dict, stage: str, manifests: Dict[str, dict], tok_path: str) -> str:
+    path = os.path.join(plan["output_dir"], stage, "blend.json")
+    atomic_write_json(path, blend_record(plan, stage, manifests, tok_path))
     return path
 
 
@@ -241,6 +260,13 @@ def run_plan(plan: dict, stages: Optional[List[str]] = None, workers: int = 0, a
             raise PlanError(f"{plan['path']}: stages: no stage named {s!r} (have {', '.join(plan['stages'])})")
     blends: Dict[str, str] = {}
     for stage in todo:
+        if plan["stages"][stage]["kind"] == "sft":  # chat records -> tokens + loss masks (data_prep/sft.py)
+            from .sft import run_sft_stage
+
+            path = run_sft_stage(plan, stage, tok_path, workers, array_index, array_count, finalize, quiet)
+            if path:
+                blends[stage] = path
+            continue
         manifests = {}
         for src in plan["stages"][stage]["sources"]:
             opts = _source_options(plan, stage, src, tok_path, workers, array_index, array_count, quiet)
