@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import shutil
 import sys
@@ -59,7 +60,7 @@ import numpy as np
 from . import preprocess as pre
 from .chat_template import ChatRenderer, ChatTemplate, check_template, load_chat_template
 from .common import (DataPrepError, atomic_write_bytes, atomic_write_json, detect_format, expand_inputs,
-                     human_bytes, log, read_json, run_main, setup_logging, tmp_name)
+                     human_bytes, read_json, run_main, setup_logging, tmp_name)
 from .indexed import choose_dtype, dtype_name, merge_prefixes, write_idx
 from .sft_readers import ChatFileReader, parse_records, to_conversation
 from .sft_tokenize import OVERLONG, ChatTokenizer, ConversationEncoder, Rejected
@@ -360,8 +361,6 @@ def _finalize(shards, opts: SFTOptions, tok: dict, dtype, sig: dict, t0: float) 
 
 
 def _json_line(obj) -> str:
-    import json
-
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 

@@ -5,7 +5,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from dp_helpers import REPO, run_cli
 from dp_sft_helpers import export_hf, reference_mask, sft
@@ -173,3 +172,21 @@ def test_offline_chat_data_is_reproducible(tmp_path):
     run_cli("data_prep.sft_offline_chat", "--output", tmp_path / "b")
     assert [open(x, "rb").read() for x in a] == [open(str(x).replace("/a/", "/b/"), "rb").read() for x in a]
     assert len(chat.chat_records()) > 200 and any(len(r["messages"]) >= 6 for r in chat.chat_records())
+
+
+def test_plan_array_tasks_then_finalize_equal_one_run(tmp_path, tokenizer):
+    """What launch/preprocess.slurm runs for an sft plan (array tasks, then --finalize) == `make preprocess`."""
+    raw = tmp_path / "raw"
+    chat.write_all(str(raw))
+    plan = tiny_plan(tmp_path, tokenizer, raw)
+    run_cli("data_prep.plan", "--plan", plan, "--output-dir", tmp_path / "one", "--quiet", "--workers", 1)
+    for i in (1, 0):
+        run_cli("data_prep.plan", "--plan", plan, "--output-dir", tmp_path / "arr", "--quiet", "--workers", 1,
+                "--array-index", i, "--array-count", 2)
+    assert not (tmp_path / "arr" / "sft" / "blend.json").exists()
+    run_cli("data_prep.plan", "--plan", plan, "--output-dir", tmp_path / "arr", "--quiet", "--finalize")
+    for src in ("chat", "alpaca"):
+        assert same(tmp_path / "one" / "sft" / src, tmp_path / "arr" / "sft" / src, EXTS + (".rejects.jsonl",))
+    a = json.loads((tmp_path / "one" / "sft" / "blend.json").read_text())
+    b = json.loads((tmp_path / "arr" / "sft" / "blend.json").read_text())
+    assert a == b and a["kind"] == "sft"
