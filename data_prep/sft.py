@@ -59,7 +59,7 @@ import numpy as np
 
 from . import preprocess as pre
 from .chat_template import ChatRenderer, ChatTemplate, check_template, load_chat_template
-from .common import (DataPrepError, atomic_write_bytes, atomic_write_json, detect_format, expand_inputs,
+from .common import (DataPrepError, atomic_write_json, detect_format, expand_inputs,
                      human_bytes, read_json, run_main, setup_logging, tmp_name)
 from .indexed import choose_dtype, dtype_name, merge_prefixes, write_idx
 from .sft_readers import ChatFileReader, parse_records, to_conversation
@@ -173,26 +173,34 @@ def _encode_spill(chunk: tuple):
 
 
 class SFTShard(pre.Shard):
+    def rejects_path(self) -> str:
+        return self.prefix + ".rejects.jsonl"
+
     def is_complete(self) -> bool:
         if not super().is_complete():
             return False
         tokens = read_json(self.meta_path())["tokens"]
         m = mask_prefix(self.prefix)
-        return os.path.exists(m + ".idx") and os.path.exists(m + ".bin") and os.path.getsize(m + ".bin") == tokens
+        return (os.path.exists(m + ".idx") and os.path.exists(m + ".bin") and os.path.getsize(m + ".bin") == tokens
+                and os.path.exists(self.rejects_path()))
 
 
 class SFTShardWriter(pre.ShardWriter):
-    """ShardWriter that also writes the mask dataset and counts rejects by reason."""
+    """ShardWriter that also writes the mask dataset, and every reject to a file of its own (the
+    record keeps counts and the first MAX_EXAMPLES of each reason)."""
 
     def __init__(self, shard: SFTShard, dtype):
         super().__init__(shard, dtype)
         m = mask_prefix(shard.prefix)
         self.mask_bin_tmp, self.mask_idx_tmp = tmp_name(m + ".bin"), tmp_name(m + ".idx")
+        self.rejects_tmp = tmp_name(shard.rejects_path())
         self.mask_f = open(self.mask_bin_tmp, "wb")
+        self.rejects_f = open(self.rejects_tmp, "w", encoding="utf-8")
         self.read = self.trained = 0
         self.truncated: collections.Counter = collections.Counter()
         self.forms: collections.Counter = collections.Counter()
-        self.rejects: List[dict] = []
+        self.per_reason: collections.Counter = collections.Counter()
+        self.reject_examples: List[dict] = []
 
     def _reject(self, reason: str, piece, line: int, action: str, detail=None, count: int = 1) -> None:
         entry = {"reason": reason, "action": action, "file": piece.path, "line": line}
@@ -202,7 +210,10 @@ class SFTShardWriter(pre.ShardWriter):
             entry["count"] = count
         if detail:
             entry["detail"] = detail
-        self.rejects.append(entry)
+        self.rejects_f.write(_json_line(entry))
+        if self.per_reason[(action, reason)] < MAX_EXAMPLES:
+            self.per_reason[(action, reason)] += 1
+            self.reject_examples.append(entry)
         if action == "dropped":
             self.skipped[reason] += count
         else:
@@ -230,10 +241,12 @@ class SFTShardWriter(pre.ShardWriter):
     def extra_meta(self) -> dict:
         return {"conversations_read": self.read, "trained_tokens": self.trained,
                 "truncated": dict(sorted(self.truncated.items())), "forms": dict(sorted(self.forms.items())),
-                "rejects": self.rejects}
+                "reject_examples": self.reject_examples}
 
     def finish(self) -> dict:
         self.mask_f.close()
+        self.rejects_f.close()
+        os.replace(self.rejects_tmp, self.shard.rejects_path())
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
         write_idx(self.mask_idx_tmp, lengths, MASK_DTYPE)
         m = mask_prefix(self.shard.prefix)
@@ -244,7 +257,8 @@ class SFTShardWriter(pre.ShardWriter):
     def abort(self) -> None:
         try:
             self.mask_f.close()
-            for p in (self.mask_bin_tmp, self.mask_idx_tmp):
+            self.rejects_f.close()
+            for p in (self.mask_bin_tmp, self.mask_idx_tmp, self.rejects_tmp):
                 if os.path.exists(p):
                     os.unlink(p)
         finally:
@@ -282,7 +296,8 @@ def _codec(opts: SFTOptions, tok: dict, dtype) -> pre.Codec:
                      SFTShardWriter)
 
 
-def _examples(rejects: List[dict]) -> List[dict]:
+def _examples(rejects) -> List[dict]:
+    """The first MAX_EXAMPLES rejects of each (action, reason), in input order."""
     per: collections.Counter = collections.Counter()
     out = []
     for r in rejects:
@@ -298,12 +313,10 @@ def _manifest(shards, opts: SFTOptions, tok: dict, dtype, sig: dict, elapsed: fl
     dropped: collections.Counter = collections.Counter()
     truncated: collections.Counter = collections.Counter()
     forms: collections.Counter = collections.Counter()
-    rejects: List[dict] = []
     for m in metas:
         dropped.update(m["skipped"])
         truncated.update(m["truncated"])
         forms.update(m["forms"])
-        rejects.extend(m["rejects"])
     docs = sum(m["documents"] for m in metas)
     tokens = sum(m["tokens"] for m in metas)
     trained = sum(m["trained_tokens"] for m in metas)
@@ -324,7 +337,7 @@ def _manifest(shards, opts: SFTOptions, tok: dict, dtype, sig: dict, elapsed: fl
                           "dropped": int(sum(dropped.values())), "truncated": int(sum(truncated.values()))},
         "dropped": dict(sorted(dropped.items())),
         "truncated": dict(sorted(truncated.items())),
-        "examples": _examples(rejects),
+        "examples": _examples(r for m in metas for r in m["reject_examples"]),
         "record_forms": dict(sorted(forms.items())),
         "documents": docs,
         "tokens": tokens,
@@ -334,7 +347,7 @@ def _manifest(shards, opts: SFTOptions, tok: dict, dtype, sig: dict, elapsed: fl
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
         "signature": sig,
-    }, rejects
+    }
 
 
 def _finalize(shards, opts: SFTOptions, tok: dict, dtype, sig: dict, t0: float) -> dict:
@@ -342,7 +355,7 @@ def _finalize(shards, opts: SFTOptions, tok: dict, dtype, sig: dict, t0: float) 
     if missing:
         raise DataPrepError(f"{opts.output_prefix}: {len(missing)} of {len(shards)} shards are not finished "
                             f"(e.g. shard {missing[0]} under {opts.output_prefix}.shards/); rerun them first")
-    man, rejects = _manifest(shards, opts, tok, dtype, sig, time.monotonic() - t0)
+    man = _manifest(shards, opts, tok, dtype, sig, time.monotonic() - t0)
     out, out_mask = opts.output_prefix, mask_prefix(opts.output_prefix)
     if len(shards) == 1 and not opts.keep_shards:
         for src, dst in ((mask_prefix(shards[0].prefix), out_mask), (shards[0].prefix, out)):
@@ -351,7 +364,16 @@ def _finalize(shards, opts: SFTOptions, tok: dict, dtype, sig: dict, t0: float) 
     else:
         merge_prefixes([mask_prefix(s.prefix) for s in shards], out_mask, MASK_DTYPE)
         merge_prefixes([s.prefix for s in shards], out, dtype)
-    atomic_write_bytes(out + ".rejects.jsonl", "".join(_json_line(r) for r in rejects).encode("utf-8"))
+    rejects_tmp = tmp_name(out + ".rejects.jsonl")
+    try:
+        with open(rejects_tmp, "wb") as f:
+            for s in shards:
+                with open(s.rejects_path(), "rb") as part:
+                    shutil.copyfileobj(part, f, 1 << 20)
+        os.replace(rejects_tmp, out + ".rejects.jsonl")
+    finally:
+        if os.path.exists(rejects_tmp):
+            os.unlink(rejects_tmp)
     man["elapsed_s"] = round(time.monotonic() - t0, 3)
     man["tokens_per_s"] = round(man["tokens"] / man["elapsed_s"], 1) if man["elapsed_s"] > 0 else None
     atomic_write_json(out + ".manifest.json", man)  # last: marks the output complete

@@ -152,3 +152,14 @@ def test_cli_bad_input_exit_2(tmp_path, tokenizer, capsys):
                  str(tmp_path / "o")]) == 2
     assert "--chat-template is required" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o.bin")
+
+
+@pytest.mark.parametrize("name", ["fox1_sft.yaml", "tiny_sft.yaml"])
+def test_shipped_sft_plans_validate(name, capsys):
+    from data_prep.plan import load_plan, main
+
+    path = os.path.join(REPO, "configs", "data", name)
+    assert main(["--plan", path, "--validate"]) == 0 and "ok (1 stages" in capsys.readouterr().out
+    st = load_plan(path)["stages"]["sft"]
+    assert st["kind"] == "sft" and st["sft"]["chat_template"].name == "fox1"
+    assert st["sft"]["seq_length"] == (8192 if name == "fox1_sft.yaml" else 512)
