@@ -21,10 +21,12 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_attr_wrapped_model
 
 # The optimizer settings are the training config's own section (AdamW hyper-parameters).
 from megafox.config import OptimizerConfig as OptimizerSettings
 from megafox.config import ParallelConfig
+from megafox.model.attention import packed_seq_params
 
 
 @dataclass
@@ -117,9 +119,27 @@ def forward_step(data_iterator: Iterator[Dict[str, torch.Tensor]], model: torch.
         position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     else:
         position_ids = position_ids.to(device, non_blocking=True)
+    if "cu_seqlens" in batch:
+        # Packed conversations (megafox.data.sft_data): megatron's THD format, the micro-batch's
+        # rows as ONE sequence of b x s tokens whose segments (cu_seqlens) attention keeps apart
+        # and RoPE restarts in. Pipeline stages then exchange [b x s, 1, hidden] (SFTData.pipeline_shape).
+        packed = packed_seq_params(batch["cu_seqlens"], int(batch["max_seqlen"]), device)
+        tokens, labels, position_ids = (t.reshape(1, -1) for t in (tokens, labels, position_ids))
+        _check_packed_pipeline_input(model, tokens.shape[1])
+        output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask.reshape(1, -1),
+                       packed_seq_params=packed)
+        return output, partial(loss_func, loss_mask)
     # loss_mask lets the fused LM-head loss compute its weight gradient during the forward
     output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
     return output, partial(loss_func, loss_mask)
+
+
+def _check_packed_pipeline_input(model: torch.nn.Module, num_tokens: int) -> None:
+    received = getattr(get_attr_wrapped_model(model, "decoder"), "input_tensor", None)
+    if received is not None and tuple(received.shape[:2]) != (num_tokens, 1):
+        raise ValueError(f"packed micro-batches cross pipeline stages as [{num_tokens}, 1, hidden], but this stage "
+                         f"received {tuple(received.shape)}: call train_step with (seq_length, micro_batch_size) "
+                         f"= SFTData.pipeline_shape(micro_batch_size)")
 
 
 def train_step(chunks: List[DistributedDataParallel], optimizer, data_iterator, num_microbatches: int,
