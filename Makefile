@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast preprocess demo demo-clean clean bench
+.PHONY: venv test test-fast preprocess data-index demo demo-clean clean bench
 
 venv: $(STAMP)
 
@@ -32,6 +32,13 @@ clean:
 DATA_PLAN ?= configs/data/fox1.yaml
 preprocess: venv
 	$(PY) -m data_prep.plan --plan $(DATA_PLAN)
+
+# After preprocess: build a stage's megatron sample indices ahead of training, in one process
+# (the trainer's ranks then only memory-map them; megafox/data/build_index.py).
+CONFIG ?= configs/train/fox1_1p6b.yaml
+STAGE ?= stage1
+data-index: venv
+	$(PY) -m megafox.data.build_index --config $(CONFIG) --stage $(STAGE)
 
 # The whole pipeline on a real corpus on this machine (see demo/run.sh); reruns reuse finished steps.
 demo: venv

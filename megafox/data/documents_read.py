@@ -123,6 +123,9 @@ class DocumentSet(Mapping):
     def __getitem__(self, prefix: str) -> np.ndarray:
         return self.entries[prefix].ids()
 
+    def __contains__(self, prefix) -> bool:  # (Mapping's would compute the ids)
+        return prefix in self.entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
 

@@ -147,7 +147,9 @@ def _digest(documents: Dict[str, Dict[str, np.ndarray]]) -> str:
     for prefix in sorted(documents):
         for split in sorted(documents[prefix]):
             h.update(f"{prefix}\0{split}\0".encode())
-            h.update(np.ascontiguousarray(documents[prefix][split], dtype=np.int64).tobytes())
+            ids = documents[prefix][split]
+            for a in range(0, len(ids), 1 << 22):  # the digest of the whole int64 array, in slices
+                h.update(np.ascontiguousarray(ids[a:a + (1 << 22)], dtype=np.int64))
     return h.hexdigest()
 
 
@@ -202,13 +204,15 @@ class _Stage:
             if len(valid):
                 valid_samples[e.prefix] = max(0, (int(e.lengths[valid].sum()) - 1) // seq_length)
 
+        digest = _digest(documents)
+
         def config(split: str, prefixes: List[str], weights: List[float]) -> _StageDatasetConfig:
             # one prefix: no BlendedDataset around its GPTDataset (the builder's weights=None case)
             return _StageDatasetConfig(
                 blend=(prefixes, weights if len(prefixes) > 1 else None), random_seed=seed, sequence_length=seq_length, split=split, tokenizer=tokenizer,
                 path_to_cache=cache_dir, reset_position_ids=False, reset_attention_mask=False,
                 eod_mask_loss=eod_mask_loss, create_attention_mask=False, mid_level_dataset_surplus=0.005,
-                documents=documents, documents_digest=_digest(documents))
+                documents=documents, documents_digest=digest)
 
         prefixes = [e.prefix for e in blend.datasets]
         weights = [e.weight for e in blend.datasets]

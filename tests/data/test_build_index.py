@@ -64,11 +64,15 @@ def test_builds_what_the_trainer_finds(run, capsys):
 
 def test_command_line_and_bad_input(run, tmp_path):
     env = dict(os.environ, MEGAFOX_OVERRIDES=" ".join(run["overrides"]))
+    # the index step of launch/preprocess.slurm, run by hand as SLURM would
+    proc = subprocess.run(["bash", str(REPO / "launch" / "preprocess.slurm")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(env, MEGAFOX_PREP_STEP="index", TRAIN_CONFIG=CONFIG))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stage stage1: 128 training samples" in proc.stdout and "built 22 index files" in proc.stdout
+    assert os.path.isdir(os.path.join(tmp_path, "ckpt", "data_cache"))  # MEGAFOX_OVERRIDES was read
     cmd = [sys.executable, "-m", "megafox.data.build_index", "--config", CONFIG]
     proc = subprocess.run(cmd + ["--stage", "stage1"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "built 22 index files" in proc.stdout
-    assert os.path.isdir(os.path.join(tmp_path, "ckpt", "data_cache"))  # MEGAFOX_OVERRIDES was read
+    assert proc.returncode == 0 and "already built" in proc.stdout, proc.stderr[-2000:]
     proc = subprocess.run(cmd + ["--stage", "stage9"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "--stage: unknown stage 'stage9'" in proc.stderr

@@ -110,3 +110,22 @@ def test_killed_build_leaves_no_file_under_a_final_name(blend, tmp_path, monkeyp
     rebuilt = StageData(blend, SEQ, GBS, cache_dir=cache)
     assert torch.equal(gather(rebuilt, 0, 48)["tokens"], reference["tokens"])
     assert not [n for n in os.listdir(cache) if n.startswith(index_cache.SCRATCH_PREFIX)]
+
+
+def test_cache_keys_are_unchanged():
+    """The documents digest (part of every cache key) is the md5 of the whole int64 id arrays, as
+    before it was computed in slices: caches of existing runs stay valid."""
+    import hashlib
+
+    from megafox.data.stage_data import _digest
+
+    rng = np.random.default_rng(0)
+    docs = {"/d/web": {"train": rng.integers(0, 1 << 30, (1 << 22) + 17).astype(np.int32),
+                       "valid": np.arange(5, dtype=np.int32)},
+            "/d/code": {"train": np.arange(3, dtype=np.int32), "valid": np.zeros(0, dtype=np.int32)}}
+    h = hashlib.md5(usedforsecurity=False)
+    for prefix in sorted(docs):
+        for split in sorted(docs[prefix]):
+            h.update(f"{prefix}\0{split}\0".encode())
+            h.update(np.ascontiguousarray(docs[prefix][split], dtype=np.int64).tobytes())
+    assert _digest(docs) == h.hexdigest()
