@@ -7,16 +7,32 @@ field (and the YAML file when it came from one) instead of failing deep inside m
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field."""
 
 
-TRANSFORMER_IMPLS = ("auto", "te", "local", "native")
+# Every enumerated option is a Literal type; `check_types` validates all of them in one place
+# (YAML, overrides and Python-built configs alike), so no lower layer re-checks them.
+TransformerImpl = Literal["auto", "te", "local", "native"]
+Precision = Literal["auto", "bf16", "fp32"]
+Recompute = Literal["none", "selective", "full"]
+LossKernel = Literal["eager", "compiled"]  # megafox.model.loss_kernels
+LossGrad = Literal["precompute", "recompute"]  # megafox.model.fused_loss
+ScheduleStyle = Literal["cosine", "wsd", "linear", "constant"]
+WsdDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
+NanPolicy = Literal["skip", "halt"]
+StageKind = Literal["pretrain", "sft"]
+
+TRANSFORMER_IMPLS = typing.get_args(TransformerImpl)
+LOSS_KERNELS = typing.get_args(LossKernel)
+# Tokens per chunk of the fused LM-head loss (megafox.model.fused_loss caps it by a logits budget).
+DEFAULT_LOSS_CHUNK_TOKENS = 4096
 
 
 @dataclass
@@ -39,7 +55,7 @@ class ModelConfig:
     init_std: float = 0.02
     # Megatron pads the embedding table so each TP shard is a multiple of this.
     make_vocab_size_divisible_by: int = 128
-    transformer_impl: str = "auto"  # auto | te | local | native
+    transformer_impl: TransformerImpl = "auto"
     name: str = "custom"
 
     @property
@@ -51,6 +67,7 @@ class ModelConfig:
         return ((self.vocab_size + multiple - 1) // multiple) * multiple
 
     def validate(self) -> "ModelConfig":
+        check_types(self, "model")
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "vocab_size", "max_position_embeddings",
                      "make_vocab_size_divisible_by"):
@@ -65,8 +82,6 @@ class ModelConfig:
         _require(self.head_dim % 2 == 0, "model.kv_channels", f"head dim must be even for RoPE, got {self.head_dim}")
         _require(self.rope_theta > 0, "model.rope_theta", f"must be > 0, got {self.rope_theta}")
         _require(self.norm_eps > 0, "model.norm_eps", f"must be > 0, got {self.norm_eps}")
-        _require(self.transformer_impl in TRANSFORMER_IMPLS, "model.transformer_impl",
-                 f"must be one of {', '.join(TRANSFORMER_IMPLS)}, got {self.transformer_impl!r}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             _require(0 <= value < self.vocab_size, f"model.{name}",
@@ -111,6 +126,7 @@ class ParallelConfig:
         return world_size // model_parallel
 
     def validate(self, model: Optional[ModelConfig] = None, world_size: Optional[int] = None) -> "ParallelConfig":
+        check_types(self, "parallel")
         _require(self.tp >= 1, "parallel.tensor_model_parallel_size", f"must be >= 1, got {self.tp}")
         _require(self.pp >= 1, "parallel.pipeline_model_parallel_size", f"must be >= 1, got {self.pp}")
         if self.virtual_pipeline_model_parallel_size is not None:
@@ -249,14 +265,6 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
 # Training run: the curriculum (stages), optimizer, LR schedule, checkpoints, logging.
 # One YAML file holds all of it (configs/train/*.yaml); `load_train_config` validates it once.
 
-PRECISIONS = ("auto", "bf16", "fp32")
-SCHEDULE_STYLES = ("cosine", "wsd", "linear", "constant")
-WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
-NAN_POLICIES = ("skip", "halt")
-LOSS_KERNELS = ("eager", "compiled")  # megafox.model.loss_kernels
-RECOMPUTE = ("none", "selective", "full")
-
-
 @dataclass
 class StageConfig:
     """One curriculum stage: only data and sequence length change from the stage before."""
@@ -302,10 +310,10 @@ class ScheduleConfig:
     wsd: warmup, constant, then decay over the last `decay_tokens` tokens of the run.
     """
 
-    style: str = "cosine"
+    style: ScheduleStyle = "cosine"
     warmup_tokens: int = 0
     decay_tokens: Optional[int] = None  # wsd only
-    wsd_decay_style: str = "linear"
+    wsd_decay_style: WsdDecayStyle = "linear"
     init_lr: float = 0.0  # lr at token 0 (warmup starts here)
 
 
@@ -334,8 +342,30 @@ class ValidationConfig:
 
 @dataclass
 class DataConfig:
-    seed: int = 1234
     cache_dir: Optional[str] = None  # megatron's sample-index cache; default <checkpoint.dir>/data_cache
+
+
+@dataclass
+class BuildConfig:
+    """How the model is built and computed (not what it is): precision and the speed/memory
+    trade-offs. The trainer, the benchmarks and the tests build through this one type."""
+
+    precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    recompute: Recompute = "none"  # activation recomputation (megatron-core's granularities)
+    fused_loss: bool = False  # chunked LM head + cross-entropy without full logits (megafox.model.fused_loss)
+    loss_kernel: LossKernel = "eager"  # the fused loss's softmax/gradient: torch ops, or torch.compile'd
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS
+    # precompute: LM-head gradients computed in the forward (needs the loss mask, which the
+    # trainer passes); recompute: each chunk's logits recomputed in the backward
+    loss_grad: LossGrad = "precompute"
+    compile_layers: bool = False  # torch.compile each decoder layer (megafox.model.compile)
+
+    def validate(self) -> "BuildConfig":
+        check_types(self, "build")
+        _require(self.fused_loss or self.loss_kernel == "eager", "build.loss_kernel",
+                 f"{self.loss_kernel!r} applies to the fused loss only; set build.fused_loss: true")
+        _require(self.loss_chunk_tokens >= 1, "build.loss_chunk_tokens", f"must be >= 1, got {self.loss_chunk_tokens}")
+        return self
 
 
 @dataclass
@@ -354,17 +384,14 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     data_dir: str = "data"
     micro_batch_size: int = 1
-    seed: int = 1234
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    recompute: str = "none"  # none | selective | full
-    fused_loss: bool = False
-    loss_kernel: str = "eager"  # the fused loss's softmax/gradient: torch ops, or torch.compile'd
-    compile_layers: bool = False  # torch.compile each decoder layer (megafox.model.compile)
-    nan_policy: str = "skip"  # skip the step, or halt (exit 3)
+    seed: int = 1234  # the one seed of a run: initial weights, RNG streams and the sample order
+    nan_policy: NanPolicy = "skip"  # skip the step, or halt (exit 3)
     source: str = ""  # the YAML file, for messages
+    overrides: List[str] = field(default_factory=list)  # as given on the command line / environment
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:
@@ -390,21 +417,20 @@ class TrainConfig:
         return stage.micro_batch_size or self.micro_batch_size
 
     def validate(self) -> "TrainConfig":
+        """The one validation pass of a run: every section's types, then the cross-field rules."""
+        check_types(self, "")
+        for name, cls in _TRAIN_SECTIONS.items():
+            check_types(getattr(self, name), name)
         self.model.validate()
         self.parallel.validate(self.model)
+        self.build.validate()
         _require(isinstance(self.stages, list) and len(self.stages) > 0, "stages", "must be a non-empty list")
         _require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
-        _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _require(self.recompute in RECOMPUTE, "recompute", f"must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
-        _require(self.loss_kernel in LOSS_KERNELS, "loss_kernel",
-                 f"must be one of {', '.join(LOSS_KERNELS)}, got {self.loss_kernel!r}")
-        _require(self.fused_loss or self.loss_kernel == "eager", "loss_kernel",
-                 f"{self.loss_kernel!r} applies to the fused loss only; set fused_loss: true")
-        _require(self.nan_policy in NAN_POLICIES, "nan_policy",
-                 f"must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}")
         seen = set()
         for i, s in enumerate(self.stages):
             where = f"stages[{i}]"
+            _require(isinstance(s, StageConfig), where, "must be a stage mapping")
+            check_types(s, f"stages.{s.name}" if isinstance(s.name, str) and s.name else where)
             _require(isinstance(s.name, str) and s.name != "", f"{where}.name", "must be a non-empty string")
             _require(s.name not in seen, f"{where}.name", f"duplicate stage name {s.name!r}")
             seen.add(s.name)
@@ -433,8 +459,6 @@ class TrainConfig:
         _require(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
         _require(o.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0 (0 = off), got {o.clip_grad}")
         sc, total = self.schedule, self.total_tokens
-        _require(sc.style in SCHEDULE_STYLES, "schedule.style",
-                 f"must be one of {', '.join(SCHEDULE_STYLES)}, got {sc.style!r}")
         _require(0 <= sc.warmup_tokens < total, "schedule.warmup_tokens",
                  f"must be in [0, total trained tokens = {total}), got {sc.warmup_tokens}")
         _require(0 <= sc.init_lr <= o.lr, "schedule.init_lr", f"must be in [0, optimizer.lr], got {sc.init_lr}")
@@ -442,8 +466,6 @@ class TrainConfig:
             _require(sc.decay_tokens is not None and 0 < sc.decay_tokens <= total - sc.warmup_tokens,
                      "schedule.decay_tokens", f"wsd needs 0 < decay_tokens <= total - warmup "
                      f"({total - sc.warmup_tokens}), got {sc.decay_tokens}")
-            _require(sc.wsd_decay_style in WSD_DECAY_STYLES, "schedule.wsd_decay_style",
-                     f"must be one of {', '.join(WSD_DECAY_STYLES)}, got {sc.wsd_decay_style!r}")
         else:
             _require(sc.decay_tokens is None, "schedule.decay_tokens", f"only used by style wsd, not {sc.style}")
         c = self.checkpoint
@@ -463,7 +485,12 @@ class TrainConfig:
 
 _TRAIN_SECTIONS = {"parallel": ParallelConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
                    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "validation": ValidationConfig,
-                   "data": DataConfig, "debug": DebugConfig}
+                   "data": DataConfig, "build": BuildConfig, "debug": DebugConfig}
+
+# Keys that moved; an old YAML or override gets told where each one lives now.
+_MOVED = {"precision": "build.precision", "recompute": "build.recompute", "fused_loss": "build.fused_loss",
+          "loss_kernel": "build.loss_kernel", "compile_layers": "build.compile_layers",
+          "data.seed": "seed (one seed seeds the weights, the RNG streams and the sample order)"}
 
 
 def parse_override(text: str):
@@ -513,35 +540,53 @@ def apply_overrides(data: Dict[str, Any], overrides) -> Dict[str, Any]:
     return data
 
 
-def _coerce(obj, where: str):
-    """Check/convert scalar field types from their annotations, naming the field on error.
+def check_types(obj, where: str):
+    """Check (and convert) every field of dataclass `obj` against its annotation, naming the field.
 
     YAML reads `3e-4` as a string and `1e12` may arrive as a float; both are accepted where a
-    number is meant, but a value that is not a number at all is reported here, by name.
+    number is meant (an integral float where an int is meant), but a value that is not a number at
+    all, a non-boolean flag or a value outside a Literal's choices is reported here, by name.
     """
+    hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
-        value, kind = getattr(obj, f.name), str(f.type).replace("Optional[", "").rstrip("]")
-        if value is None or kind not in ("int", "float", "bool", "str"):
-            continue
         name = f"{where}.{f.name}" if where else f.name
-        if kind == "bool":
-            _require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
-        elif kind == "str":
-            _require(isinstance(value, str), name, f"must be a string, got {value!r}")
-        else:
-            number = value
-            if isinstance(value, str):
-                try:
-                    number = float(value)
-                except ValueError:
-                    number = None
-            ok = isinstance(number, (int, float)) and not isinstance(number, bool)
-            if ok and kind == "int":
-                ok = float(number).is_integer()
-                number = int(number) if ok else number
-            _require(ok, name, f"must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
-            setattr(obj, f.name, float(number) if kind == "float" else number)
+        setattr(obj, f.name, _checked(getattr(obj, f.name), hints[f.name], name))
     return obj
+
+
+def _checked(value, kind, name: str):
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        _require(value in choices, name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if kind is bool:
+        _require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
+    elif kind is str:
+        _require(isinstance(value, str), name, f"must be a string, got {value!r}")
+    elif kind in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        ok = isinstance(number, (int, float)) and not isinstance(number, bool)
+        if ok and kind is int:
+            ok = float(number).is_integer()
+            number = int(number) if ok else number
+        _require(ok, name, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        return float(number) if kind is float else number
+    elif origin in (list, List):
+        _require(isinstance(value, list), name, f"must be a list, got {value!r}")
+        item = (typing.get_args(kind) or (Any,))[0]
+        if item is not Any and not dataclasses.is_dataclass(item):
+            return [_checked(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 def train_config_from_dict(data: Dict[str, Any], source: str = "") -> TrainConfig:
@@ -550,7 +595,11 @@ def train_config_from_dict(data: Dict[str, Any], source: str = "") -> TrainConfi
         raise ConfigError("model: missing (e.g. `model: {preset: fox1-1.6b}`)")
     if "stages" not in data:
         raise ConfigError("stages: missing (a list of {name, seq_length, token_budget, batch_tokens, data})")
-    known = {f.name for f in fields(TrainConfig)} - {"source"}
+    moved = [k for k in data if k in _MOVED] + [f"data.{k}" for k in (data.get("data") or {})
+                                                if f"data.{k}" in _MOVED]
+    if moved:
+        raise ConfigError("; ".join(f"{k}: moved to {_MOVED[k]}" for k in moved))
+    known = {f.name for f in fields(TrainConfig)} - {"source", "overrides"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -561,12 +610,12 @@ def train_config_from_dict(data: Dict[str, Any], source: str = "") -> TrainConfi
     kwargs["stages"] = []
     for i, s in enumerate(stages):
         where = f"stages.{s['name']}" if isinstance(s, dict) and isinstance(s.get("name"), str) else f"stages[{i}]"
-        kwargs["stages"].append(_coerce(from_dict(StageConfig, s, where), where))
+        kwargs["stages"].append(from_dict(StageConfig, s, where))
     for name, cls in _TRAIN_SECTIONS.items():
         if name in data:
-            kwargs[name] = _coerce(from_dict(cls, data.pop(name), name), name)
+            kwargs[name] = from_dict(cls, data.pop(name), name)
     kwargs.update(data)
-    return _coerce(TrainConfig(source=source, **kwargs), "")
+    return TrainConfig(source=source, **kwargs)
 
 
 def load_train_config(path: str | Path, overrides=()) -> TrainConfig:
@@ -574,7 +623,9 @@ def load_train_config(path: str | Path, overrides=()) -> TrainConfig:
     data = load_yaml(path)
     try:
         apply_overrides(data, overrides)
-        return train_config_from_dict(data, str(path)).validate()
+        config = train_config_from_dict(data, str(path))
+        config.overrides = list(overrides)
+        return config.validate()
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except (TypeError, ValueError) as exc:  # e.g. a string where a number belongs

@@ -5,8 +5,7 @@ virtual pipeline parallelism it returns one model chunk per virtual stage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -14,49 +13,32 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megafox.config import ConfigError, ModelConfig, ParallelConfig
-from megafox.model.fused_loss import DEFAULT_CHUNK_TOKENS
+from megafox.config import BuildConfig, ConfigError, ModelConfig, ParallelConfig
 from megafox.model.specs import layer_spec, resolve_impl
 
 
-@dataclass
-class BuildOptions:
-    """How to build (not what): precision and memory trade-offs, chosen per run."""
-
-    params_dtype: torch.dtype = torch.float32
-    bf16: bool = False
-    recompute: str = "none"  # none | selective | full
-    use_cpu_initialization: Optional[bool] = None  # default: True when there is no GPU
-    fused_loss: bool = False  # chunked linear + cross-entropy (megafox.model.fused_loss)
-    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-    # precompute: LM-head gradients computed in the forward (needs the loss_mask, which the
-    # trainer passes); recompute: each chunk's logits recomputed in the backward
-    loss_grad: str = "precompute"
-    # eager | compiled: the per-chunk softmax/gradient as torch ops or torch.compile'd kernels
-    loss_kernel: str = "eager"
-    compile_layers: bool = False  # torch.compile each decoder layer (megafox.model.compile)
+def uses_bf16(build: BuildConfig) -> bool:
+    """`precision: auto` is bf16 on a GPU and fp32 on a CPU."""
+    return build.precision == "bf16" or (build.precision == "auto" and torch.cuda.is_available())
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
-                       options: BuildOptions = BuildOptions()) -> TransformerConfig:
+                       build: BuildConfig = BuildConfig()) -> TransformerConfig:
     impl = resolve_impl(model.transformer_impl)
     if parallel.sequence_parallel and impl != "te":
         # megatron-core's plain-torch RMSNorm refuses sequence parallelism
         raise ConfigError("parallel.sequence_parallel: needs transformer_impl 'te' (Transformer Engine); "
                           f"the {impl!r} spec's RMSNorm does not support it")
     on_gpu = torch.cuda.is_available()
-    cpu_init = options.use_cpu_initialization
-    if cpu_init is None:
-        cpu_init = not on_gpu
+    bf16 = uses_bf16(build)
+    params_dtype = torch.bfloat16 if bf16 else torch.float32
     # The fusions below need CUDA kernels (TE / apex / jit); they stay off on CPU.
     fused = on_gpu and impl == "te"
     recompute = {}
-    if options.recompute == "selective":
+    if build.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
-    elif options.recompute == "full":
+    elif build.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif options.recompute != "none":
-        raise ValueError(f"recompute: must be none, selective or full, got {options.recompute!r}")
     interleaved = (parallel.virtual_pipeline_model_parallel_size or 1) > 1
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -78,10 +60,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
-        params_dtype=options.params_dtype,
-        bf16=options.bf16,
-        pipeline_dtype=options.params_dtype if parallel.pp > 1 else None,
-        use_cpu_initialization=cpu_init,
+        params_dtype=params_dtype,
+        bf16=bf16,
+        pipeline_dtype=params_dtype if parallel.pp > 1 else None,
+        use_cpu_initialization=not on_gpu,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=fused,
@@ -103,11 +85,13 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig,
-                options: BuildOptions = BuildOptions()) -> List[GPTModel]:
-    """One GPTModel per virtual pipeline stage held by this rank (a list of one without VPP)."""
+                build: BuildConfig = BuildConfig()) -> List[GPTModel]:
+    """One GPTModel per virtual pipeline stage held by this rank (a list of one without VPP).
+    Every chunk shares one TransformerConfig (`chunks[0].config`): DDP and Float16Module take it
+    from there rather than building a second one."""
     from megafox.model.gpt import FoxGPTModel
 
-    config = transformer_config(model, parallel, options)
+    config = transformer_config(model, parallel, build)
     spec = layer_spec(model.transformer_impl)
     vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []
@@ -123,12 +107,12 @@ def build_model(model: ModelConfig, parallel: ParallelConfig,
             position_embedding_type="rope",
             rotary_base=int(model.rope_theta),
             vp_stage=vp_stage,
-            fused_loss=options.fused_loss,
-            loss_chunk_tokens=options.loss_chunk_tokens,
-            loss_grad=options.loss_grad,
-            loss_kernel=options.loss_kernel,
+            fused_loss=build.fused_loss,
+            loss_chunk_tokens=build.loss_chunk_tokens,
+            loss_grad=build.loss_grad,
+            loss_kernel=build.loss_kernel,
         ))
-    if options.compile_layers:
+    if build.compile_layers:
         from megafox.model.compile import compile_decoder_layers
 
         for chunk in chunks:

@@ -37,6 +37,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megafox.config import DEFAULT_LOSS_CHUNK_TOKENS
 from megafox.model import loss_kernels
 
 # Cap on one chunk's fp32 logits (the eager kernel's working copy; its bf16 logits/gradient come
@@ -47,7 +48,7 @@ from megafox.model import loss_kernels
 # backward by the precompute variant and during the backward by the recompute variant).
 LOGITS_BUDGET_BYTES = 1 << 30
 # Tokens per chunk asked for by default (the budget lowers it for large vocabularies).
-DEFAULT_CHUNK_TOKENS = 4096
+DEFAULT_CHUNK_TOKENS = DEFAULT_LOSS_CHUNK_TOKENS  # the config owns the default
 # Cap on the low-precision partial product added into the fp32 weight gradient at a time: 64K
 # vocab rows of a 2048-wide weight in bf16, still one large GEMM per block.
 WGRAD_BLOCK_BYTES = 1 << 28

@@ -14,7 +14,6 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
-from megafox.model import loss_kernels
 from megafox.model.fused_loss import DEFAULT_CHUNK_TOKENS, fused_linear_cross_entropy
 
 _POSTPROCESS_SIGNATURE = inspect.signature(GPTModel._postprocess)
@@ -32,12 +31,6 @@ class FoxGPTModel(GPTModel):
     def __init__(self, *args, fused_loss: bool = False, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                  loss_grad: str = "precompute", loss_kernel: str = "eager", **kwargs):
         super().__init__(*args, **kwargs)
-        if loss_chunk_tokens < 1:
-            raise ValueError(f"loss_chunk_tokens: must be >= 1, got {loss_chunk_tokens}")
-        if loss_grad not in ("precompute", "recompute"):
-            raise ValueError(f"loss_grad: must be precompute or recompute, got {loss_grad!r}")
-        if loss_kernel not in loss_kernels.KERNELS:
-            raise ValueError(f"loss_kernel: must be one of {', '.join(loss_kernels.KERNELS)}, got {loss_kernel!r}")
         if fused_loss and self.config.mtp_num_layers is not None:
             raise ValueError("fused_loss does not support multi-token prediction (mtp_num_layers)")
         self.fused_loss = fused_loss
