@@ -1,0 +1,45 @@
+"""Process-level facts every floor shares: the stop signals and the exit statuses.
+
+Exit statuses of `megafox-train` (README's table; launch/ scripts act on them):
+    0   the stage finished (or was already finished)
+    1   any other failure
+    2   bad configuration or usage (the message names the file and field)
+    3   halted on a non-finite loss or gradient (nan_policy: halt)
+    4   no usable checkpoint: every checkpoint to resume from is incomplete or corrupt (each named);
+        requeueing cannot help, so the SLURM scripts stop
+    5   the checkpoint directory is in use by another live run (its lock is held)
+    75  stopped early after saving a checkpoint (SIGUSR1/SIGTERM or --exit-after-minutes):
+        resubmit / requeue to continue. 75 is EX_TEMPFAIL from sysexits.h.
+    130 interrupted by Ctrl-C (SIGINT) before a save could be made
+
+Imports nothing heavy: `megafox.train` calls `hold_stop_signals()` before importing torch, so a
+SIGUSR1 that arrives while a rank is still starting up (SLURM's time-limit warning, an operator)
+waits instead of killing the process.
+"""
+from __future__ import annotations
+
+import signal
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_NAN = 3
+EXIT_NO_CHECKPOINT = 4
+EXIT_LOCKED = 5
+EXIT_REQUEUE = 75
+EXIT_INTERRUPTED = 130
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def hold_stop_signals() -> None:
+    """Block the stop signals: one that arrives now stays pending (it is not lost and does not
+    kill the process) until `release_stop_signals`, called once the trainer's handler is in place.
+    The mask is inherited by helper processes started meanwhile (e.g. the checkpoint writer), which
+    must never die of these signals."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def release_stop_signals() -> None:
+    """Unblock the stop signals; a pending one is delivered to the (new) handler right away."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
