@@ -95,26 +95,17 @@ def _init_megatron():
 
 def megafox_step(m, seq, mbs, fused: bool, recompute: str, loss_grad: str, impl: str, chunk: int,
                  loss_kernel: str = "eager", compile_layers: bool = False):
-    from megatron.core.transformer.module import Float16Module
-
     import megafox.training.step as step_mod
-    from megafox.config import ParallelConfig
-    from megafox.model.build import BuildOptions, build_model, transformer_config
-    from megafox.training.step import OptimizerSettings, build_optimizer, configure_schedule_hooks, wrap_ddp
+    from megafox.config import BuildConfig, ParallelConfig
+    from megafox.training.stack import build_training_stack
 
     _init_megatron()
     m.transformer_impl = impl
-    parallel = ParallelConfig(use_distributed_optimizer=True)
-    options = BuildOptions(params_dtype=torch.bfloat16 if CUDA else torch.float32, bf16=CUDA,
-                           recompute=recompute, fused_loss=fused, loss_chunk_tokens=chunk, loss_grad=loss_grad,
-                           loss_kernel=loss_kernel, compile_layers=compile_layers)
-    config = transformer_config(m, parallel, options)
-    chunks = build_model(m, parallel, options)
-    if CUDA:  # (on CPU the test shim owns device placement)
-        chunks = [Float16Module(config, c.cuda()) for c in chunks]
-    ddp = wrap_ddp(chunks, config, parallel)
-    configure_schedule_hooks(ddp)
-    optimizer = build_optimizer(ddp, OptimizerSettings(), parallel, bf16=CUDA)
+    build = BuildConfig(precision="auto", recompute=recompute, fused_loss=fused, loss_chunk_tokens=chunk,
+                        loss_grad=loss_grad, loss_kernel=loss_kernel, compile_layers=compile_layers)
+    # the trainer's own stack (bf16 + Float16Module on a GPU, fp32 on the CPU)
+    stack = build_training_stack(m, ParallelConfig(use_distributed_optimizer=True), build)
+    ddp, optimizer = stack.model, stack.optimizer
     batch = _batch(m, seq, mbs)  # its loss_mask lets the fused loss compute LM-head grads in the forward
 
     def step():

@@ -2,25 +2,29 @@
 
 Runs one curriculum stage under torchrun (or srun: ranks from SLURM_* variables). Overrides come
 from `--override key.sub=value` (repeatable) and the environment variable MEGAFOX_OVERRIDES
-("a.b=1 c.d=x"; command-line overrides win). Exit statuses: see megafox/training/signals.py.
+("a.b=1 c.d=x"; command-line overrides win). Exit statuses: megafox/signals.py.
 """
-from __future__ import annotations
+from megafox.signals import hold_stop_signals
 
-import argparse
-import os
-import shlex
-import sys
-import traceback
+hold_stop_signals()  # first, before the slow imports: a stop signal now waits for the trainer's handler
 
-from megafox.config import ConfigError, load_train_config
-from megafox.training.signals import EXIT_CONFIG, EXIT_FAILURE, EXIT_NAN, EXIT_OK
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
+
+from megafox.config import ConfigError, load_train_config  # noqa: E402
+from megafox.signals import (EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NAN, EXIT_NO_CHECKPOINT,  # noqa: E402
+                             EXIT_OK)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="megafox-train", description="Train one curriculum stage of a megafox run.",
         epilog="exit status: 0 stage complete, 75 stopped after saving (requeue), 2 bad config, "
-               "3 halted on NaN/inf (nan_policy: halt), 1 other failure")
+               "3 halted on NaN/inf (nan_policy: halt), 130 interrupted, 1 other failure")
     parser.add_argument("--config", required=True, help="training YAML (configs/train/*.yaml)")
     parser.add_argument("--stage", required=True, help="stage name from the config's `stages`")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -29,17 +33,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="checkpoint root to start from when checkpoint.dir has none yet (its `latest`)")
     parser.add_argument("--exit-after-minutes", type=float, default=None, metavar="M",
                         help="save and exit 75 once M minutes have passed (checked after every step)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even when the config changes what the checkpoint has trained "
+                             "(model shape, seed, a trained stage's data or length); reported either way")
     return parser.parse_args(argv)
 
 
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 def _error(message: str) -> None:
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    if rank == "0":
+    if _is_rank0():
         print(f"megafox-train: error: {message}", file=sys.stderr, flush=True)
 
 
-def main(argv=None) -> int:
-    status = _run(parse_args(argv))
+def main(argv=None, callbacks: Sequence = ()) -> int:
+    """`callbacks`: extra training callbacks (megafox.testing.faults installs its fault injectors here)."""
+    from megafox.parent_watch import exit_with_parent
+
+    exit_with_parent()
+    status = _run(parse_args(argv), callbacks)
     _report_status(status)
     return status
 
@@ -49,7 +63,7 @@ def _report_status(status: int) -> None:
     also writes its status there so a launcher (launch/local.sh, SLURM scripts) can exit with
     it and requeue on 75."""
     path = os.environ.get("MEGAFOX_EXIT_FILE")
-    if path and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+    if path and _is_rank0():
         try:
             with open(path, "w") as f:
                 f.write(f"{status}\n")
@@ -57,15 +71,17 @@ def _report_status(status: int) -> None:
             print(f"megafox-train: cannot write MEGAFOX_EXIT_FILE {path}: {exc}", file=sys.stderr)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from megafox.checkpoint import CheckpointError
-    from megafox.training.loop import Trainer, TrainingHalted, check_stage_order, log
+def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
+    from megafox.checkpoint import CheckpointSaveError, NoUsableCheckpoint
+    from megafox.records import CheckpointError
+    from megafox.training.curriculum import check_stage_order
+    from megafox.training.loop import Trainer, TrainingHalted, log
 
     overrides = shlex.split(os.environ.get("MEGAFOX_OVERRIDES", "")) + list(args.override)
     if args.exit_after_minutes is not None and args.exit_after_minutes <= 0:
         _error(f"--exit-after-minutes: must be > 0, got {args.exit_after_minutes}")
         return EXIT_CONFIG
-    trainer = None
+    trainer: Optional[Trainer] = None
     try:
         config = load_train_config(args.config, overrides)
         config.stage(args.stage)
@@ -73,18 +89,25 @@ def _run(args: argparse.Namespace) -> int:
         if complete:
             log(f"{complete}; nothing to do")
             return EXIT_OK
-        trainer = Trainer(config, args.stage, args.load, args.exit_after_minutes)
+        trainer = Trainer(config, args.stage, args.load, args.exit_after_minutes, callbacks=callbacks,
+                          allow_config_change=args.allow_config_change)
         trainer.setup()
         return trainer.run()
-    except ConfigError as exc:
+    except CheckpointSaveError as exc:
         _error(str(exc))
-        return EXIT_CONFIG
-    except CheckpointError as exc:
+        return EXIT_FAILURE
+    except NoUsableCheckpoint as exc:
+        _error(str(exc))
+        return EXIT_NO_CHECKPOINT
+    except (ConfigError, CheckpointError) as exc:
         _error(str(exc))
         return EXIT_CONFIG
     except TrainingHalted as exc:
         _error(f"halted: {exc}")
         return EXIT_NAN
+    except KeyboardInterrupt:
+        _error("interrupted (Ctrl-C): stopped without saving; the last complete checkpoint is intact")
+        return EXIT_INTERRUPTED
     except Exception:
         traceback.print_exc()
         return EXIT_FAILURE

@@ -4,10 +4,11 @@ import dataclasses
 import torch
 from megatron.core import parallel_state as ps
 
-from megafox.config import fox1_tiny
-from megafox.model.build import BuildOptions, build_model, transformer_config
+from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
+from megafox.model.build import build_model
 from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
-from megafox.training.step import OptimizerSettings, build_optimizer, configure_schedule_hooks, train_step, wrap_ddp
+from megafox.training.stack import build_training_stack
+from megafox.training.step import train_step
 
 
 def _setup(sequence_parallel):
@@ -18,7 +19,7 @@ def _setup(sequence_parallel):
 
 
 def _build(model, parallel, hf, **options):
-    chunks = build_model(model, parallel, BuildOptions(**options))
+    chunks = build_model(model, parallel, BuildConfig(**options))
     load_hf_weights(chunks, hf, model, parallel)
     return chunks[0]
 
@@ -51,7 +52,7 @@ def grads(hf_path, batch_path, sequence_parallel=False, loss_chunk_tokens=5):
 
 
 def train(hf_path, batch_path, micro_batch_size, variants, sequence_parallel=False):
-    """One optimizer step from the same weights per variant (a dict of BuildOptions fields)."""
+    """One optimizer step from the same weights per variant (a dict of BuildConfig fields)."""
     model, parallel = _setup(sequence_parallel)
     hf, batch = torch.load(hf_path), torch.load(batch_path)
     from torch._dynamo.utils import counters
@@ -59,12 +60,11 @@ def train(hf_path, batch_path, micro_batch_size, variants, sequence_parallel=Fal
     results = []
     for options in variants:
         graphs_before = counters["stats"]["unique_graphs"]
-        chunks = build_model(model, parallel, BuildOptions(**options))
-        load_hf_weights(chunks, hf, model, parallel)
-        ddp = wrap_ddp(chunks, transformer_config(model, parallel, BuildOptions(**options)), parallel)
-        configure_schedule_hooks(ddp)
         # eps = 1 keeps Adam's first step linear in the grads (see tests/parallel/bodies.py)
-        optimizer = build_optimizer(ddp, OptimizerSettings(lr=0.5, eps=1.0, weight_decay=0.01), parallel)
+        stack = build_training_stack(model, parallel, BuildConfig(**options),
+                                     OptimizerConfig(lr=0.5, eps=1.0, weight_decay=0.01),
+                                     load_weights=lambda chunks: load_hf_weights(chunks, hf, model, parallel))
+        ddp, optimizer = stack.model, stack.optimizer
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         local = {k: v.chunk(dp)[dp_rank] for k, v in batch.items()}
         n_micro = local["tokens"].shape[0] // micro_batch_size

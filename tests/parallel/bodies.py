@@ -4,11 +4,10 @@ import dataclasses
 import torch
 from megatron.core import parallel_state as ps
 
-from megafox.config import fox1_tiny
-from megafox.model.build import BuildOptions, build_model, transformer_config
+from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
 from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
-from megafox.training.step import (OptimizerSettings, build_optimizer, configure_schedule_hooks, params_gathered,
-                                   train_step, wrap_ddp)
+from megafox.training.stack import build_training_stack
+from megafox.training.step import params_gathered, train_step
 
 
 def one_step(hf_path, batch_path, micro_batch_size, impl="native", use_distributed_optimizer=True,
@@ -16,19 +15,18 @@ def one_step(hf_path, batch_path, micro_batch_size, impl="native", use_distribut
     """Load the same HF weights, take `steps` optimizer steps on the same global batch.
     `nan_grad_rank`: that rank's gradient of its first parameter becomes NaN (the loss stays finite).
     `overlap`: ParallelConfig overlap fields (overlap_grad_reduce, overlap_param_gather, ddp_bucket_size);
-    `options`: BuildOptions fields."""
+    `options`: BuildConfig fields."""
     model = fox1_tiny()
     model.transformer_impl = impl
     parallel = dataclasses.replace(current_parallel(use_distributed_optimizer), **(overlap or {}))
-    chunks = build_model(model, parallel, BuildOptions(**(options or {})))
-    load_hf_weights(chunks, torch.load(hf_path), model, parallel)
-    ddp = wrap_ddp(chunks, transformer_config(model, parallel), parallel)
-    configure_schedule_hooks(ddp)
+    hf = torch.load(hf_path)
     # Adam's first step is lr * g / (|g| + eps): with a tiny eps it is ~lr * sign(g), so rounding
     # noise in near-zero grads would flip whole updates. eps = 1 keeps it linear in g, so the
     # comparison checks the sharded grads and optimizer, not the sign of noise.
-    settings = OptimizerSettings(lr=0.5, eps=1.0, weight_decay=0.01, clip_grad=1.0)
-    optimizer = build_optimizer(ddp, settings, parallel)
+    settings = OptimizerConfig(lr=0.5, eps=1.0, weight_decay=0.01, clip_grad=1.0)
+    stack = build_training_stack(model, parallel, BuildConfig(**(options or {})), settings,
+                                 load_weights=lambda chunks: load_hf_weights(chunks, hf, model, parallel))
+    ddp, optimizer = stack.model, stack.optimizer
 
     batch = torch.load(batch_path)  # tokens/labels/loss_mask: [global_batch, seq]
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

@@ -30,13 +30,19 @@ SMALL = [
 ]
 
 
+def faulty_trainer(*faults: str) -> Dict[str, str]:
+    """The environment that makes the launcher run megafox-train with test-side fault callbacks
+    (megafox.testing.faults), e.g. faulty_trainer("--kill-at-step", "7")."""
+    return {"MEGAFOX_TRAIN_CMD": " ".join([sys.executable, "-m", "megafox.testing.faults", *faults, "--"])}
+
+
 def run_stage(stage: str, root: Path, data: Path, nproc: int = 2, overrides: List[str] = (),
               env: Optional[Dict[str, str]] = None, timeout: float = 300, popen: bool = False):
     """Run one stage through launch/local.sh; return (exit status, combined output)."""
     full_env = dict(os.environ)
     full_env.update({
-        "CONFIG": str(REPO / "configs" / "train" / "tiny.yaml"), "NPROC": str(nproc),
-        "MASTER_PORT": str(free_port()), "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1",
+        "MEGAFOX_CONFIG": str(REPO / "configs" / "train" / "tiny.yaml"), "MEGAFOX_NPROC": str(nproc),
+        "MEGAFOX_MASTER_PORT": str(free_port()), "MEGAFOX_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1",
         "MEGAFOX_OVERRIDES": " ".join([f"data_dir={data}", f"checkpoint.dir={root}", *SMALL, *overrides]),
     })
     full_env.update(env or {})
@@ -159,7 +165,8 @@ def worker_with_rank(launcher_pid: int, rank: int):
 
     for child in psutil.Process(launcher_pid).children(recursive=True):
         try:
-            if "megafox.train" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+            line = " ".join(child.cmdline())
+            if ("megafox.train" in line or "megafox.testing.faults" in line) and child.environ().get("RANK") == str(rank):
                 return child
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

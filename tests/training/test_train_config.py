@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from megafox import checkpoint as ckpt
-from megafox.config import ConfigError, apply_overrides, load_train_config
+from megafox import records
+from megafox.config import ConfigError, apply_overrides, fox1_tiny, load_train_config
 from megafox.train import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ def test_fox1_recipe():
     assert all(s.batch_tokens == 4 * 2**20 for s in cfg.stages)
     assert (cfg.optimizer.beta2, cfg.optimizer.weight_decay, cfg.optimizer.clip_grad) == (0.95, 0.1, 1.0)
     assert cfg.schedule.style == "wsd" and cfg.schedule.decay_tokens == cfg.stages[-1].trained_tokens
-    assert cfg.precision == "bf16" and cfg.logging.peak_flops == 989e12
+    assert cfg.build.precision == "bf16" and cfg.logging.peak_flops == 989e12
 
 
 def test_tiny_config():
@@ -58,15 +59,26 @@ def _stage(data, name):
     (lambda d: _stage(d, "stage1").update(seq_len=64), "stages.stage1: unknown field(s) seq_len"),
     (lambda d: _stage(d, "stage2").update(name="stage1"), "stages[1].name: duplicate stage name"),
     (lambda d: d.update(nan_policy="ignore"), "nan_policy"),
-    (lambda d: d.update(precision="fp8"), "precision"),
-    (lambda d: d.update(fused_loss=True, loss_kernel="triton"), "loss_kernel: must be one of eager, compiled"),
-    (lambda d: d.update(fused_loss=False, loss_kernel="compiled"), "loss_kernel: 'compiled' applies to the fused loss"),
+    (lambda d: d.setdefault("build", {}).update(precision="fp8"), "build.precision"),
+    (lambda d: d.setdefault("build", {}).update(fused_loss=True, loss_kernel="triton"),
+     "build.loss_kernel: must be one of eager, compiled"),
+    (lambda d: d.setdefault("build", {}).update(fused_loss=False, loss_kernel="compiled"),
+     "build.loss_kernel: 'compiled' applies to the fused loss"),
     (lambda d: d.update(micro_batch_size=3), "stages.stage1.batch_tokens"),
     (lambda d: d["parallel"].update(tensor_model_parallel_size=3), "parallel.tensor_model_parallel_size"),
     (lambda d: d["parallel"].update(overlap_param_gather=True), "parallel.overlap_param_gather: needs"),
     (lambda d: d["parallel"].update(ddp_bucket_size=0), "parallel.ddp_bucket_size"),
     (lambda d: d["checkpoint"].update(interval=0), "checkpoint.interval"),
     (lambda d: d["model"].update(presett="x"), "model: unknown field(s) presett"),
+    # types inside model: are checked too (they used to reach torch as a TypeError traceback)
+    (lambda d: d["model"].update(hidden_size="wide"), "model.hidden_size: must be an integer, got 'wide'"),
+    (lambda d: d["model"].update(hidden_size=64.5), "model.hidden_size: must be an integer, got 64.5"),
+    (lambda d: d["model"].update(transformer_impl="flash"), "model.transformer_impl: must be one of auto, te"),
+    (lambda d: d["model"].update(tie_word_embeddings="yes"), "model.tie_word_embeddings: must be true or false"),
+    # keys that moved say where they live now
+    (lambda d: d.update(precision="bf16"), "precision: moved to build.precision"),
+    (lambda d: d.update(fused_loss=True), "fused_loss: moved to build.fused_loss"),
+    (lambda d: d.update(data={"seed": 3}), "data.seed: moved to seed"),
     (lambda d: d.update(optimiser={}), "unknown field(s) optimiser"),
 ])
 def test_errors_name_file_and_field(tmp_path, mutate, field):
@@ -74,6 +86,12 @@ def test_errors_name_file_and_field(tmp_path, mutate, field):
     with pytest.raises(ConfigError) as err:
         load_train_config(path)
     assert str(err.value).startswith(f"{path}: ") and field in str(err.value), str(err.value)
+
+
+def test_integral_floats_are_integers():
+    cfg = load_train_config(TINY, ["model.hidden_size=64.0", "stages.stage1.token_budget=6.5536e4"])
+    assert cfg.model.hidden_size == 64 and type(cfg.model.hidden_size) is int
+    assert cfg.stage("stage1").token_budget == 65536 and type(cfg.stage("stage1").token_budget) is int
 
 
 def test_overrides_address_stages_by_name_and_parse_types():
@@ -110,8 +128,8 @@ def test_cli_stage_order(tmp_path, capsys, monkeypatch):
     assert main(["--config", str(TINY), "--stage", "stage2"]) == 2
     assert "stage stage1 comes first and is not complete" in capsys.readouterr().err
     assert exit_file.read_text().strip() == "2"
-    (tmp_path / "stage1.done").write_text(json.dumps({"stage_samples": 1}))
-    (tmp_path / "stage2.done").write_text(json.dumps({"stage_samples": 1}))
+    for stage in ("stage1", "stage2"):
+        records.write_stage_done(tmp_path, records.StageDone(stage, iteration=1, consumed_tokens=1, stage_samples=1))
     assert main(["--config", str(TINY), "--stage", "stage2"]) == 0
     assert "stage stage2 already complete" in capsys.readouterr().out
     assert exit_file.read_text().strip() == "0"
@@ -123,7 +141,8 @@ def test_rotation_keeps_last_k_latest_and_stage_ends(tmp_path):
         d.mkdir()
         (d / "shard").write_text("x")
         if complete:
-            (d / ckpt.METADATA_FILE).write_text(json.dumps({"iteration": it, "stage_end": stage_end}))
+            records.write_checkpoint_record(d, records.CheckpointRecord(
+                iteration=it, kind="model-only", model=fox1_tiny(), layout=records.SavedLayout(), stage_end=stage_end))
 
     for it in (10, 20, 30, 40, 50):
         make(it, stage_end=(it == 20))

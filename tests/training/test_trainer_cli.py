@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from megafox import checkpoint as ckpt
 from megafox.config import load_train_config
 from megafox.testing.hf_reference import hf_llama
-from tests.training.harness import (REPO, adam_step, kill_session, latest, losses, metrics, model_tensors, run_stage,
-                                    sample_ids, track, wait_for_line, worker_with_rank)
+from tests.training.harness import (REPO, adam_step, faulty_trainer, kill_session, latest, losses, metrics, model_tensors,
+                                    run_stage, sample_ids, track, wait_for_line, worker_with_rank)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 
@@ -55,13 +55,13 @@ def test_crash_in_save_then_kill9_then_resume_is_bit_exact(reference, tiny_data,
     root = tmp_path / "ckpt"
     interval = ["checkpoint.interval=2"]
     # 1. every rank dies inside the 2nd save (iteration 4), after its shards, before megafox.json
-    rc, out = run_stage("stage1", root, tiny_data, overrides=interval, env={"MEGAFOX_TEST_CRASH_IN_SAVE": "2"})
+    rc, out = run_stage("stage1", root, tiny_data, overrides=interval, env=faulty_trainer("--crash-in-save", "2"))
     assert rc != 0 and "crashing in save #2" in out, out[-4000:]
     assert latest(root) == 2
     assert (root / "iter_0000004").is_dir() and not (root / "iter_0000004" / ckpt.METADATA_FILE).exists()
-    assert ckpt.read_metadata(root)["iteration"] == 2
+    assert ckpt.read_record(root).iteration == 2
     # 2. the restart resumes from 2, saves 4 and 6, and is killed -9 at the start of step 7
-    rc, out = run_stage("stage1", root, tiny_data, overrides=interval, env={"MEGAFOX_TEST_KILL_AT_STEP": "7"})
+    rc, out = run_stage("stage1", root, tiny_data, overrides=interval, env=faulty_trainer("--kill-at-step", "7"))
     assert rc != 0, out[-4000:]
     assert "resumed from" in out and "iter_0000002" in out
     assert latest(root) == 6
@@ -75,7 +75,7 @@ def test_crash_in_save_then_kill9_then_resume_is_bit_exact(reference, tiny_data,
 
 def test_sigusr1_on_one_rank_saves_exits_75_and_resume_matches(reference, tiny_data, tmp_path):
     root = tmp_path / "ckpt"
-    proc = run_stage("stage1", root, tiny_data, popen=True, env={"MEGAFOX_TEST_STEP_SLEEP": "0.4"})
+    proc = run_stage("stage1", root, tiny_data, popen=True, env=faulty_trainer("--step-sleep", "0.4"))
     sessions = set()
     try:
         wait_for_line(proc, "step 2 ")
@@ -100,10 +100,10 @@ def test_sigusr1_on_one_rank_saves_exits_75_and_resume_matches(reference, tiny_d
 
 def test_exit_after_minutes_saves_and_exits_75(tiny_data, tmp_path):
     root = tmp_path / "ckpt"
-    rc, out = run_stage("stage1", root, tiny_data, nproc=1, env={"EXIT_AFTER_MINUTES": "0.0001"})
+    rc, out = run_stage("stage1", root, tiny_data, nproc=1, env={"MEGAFOX_TRAIN_ARGS": "--exit-after-minutes 0.0001"})
     assert rc == 75, out[-4000:]
     assert "--exit-after-minutes reached" in out
-    assert latest(root) == 1 and ckpt.read_metadata(root)["run_state"]["consumed_samples"] == {"stage1": GBS1}
+    assert latest(root) == 1 and ckpt.read_record(root).run_state.consumed_samples == {"stage1": GBS1}
 
 
 @pytest.mark.parametrize("name,source", [
@@ -145,10 +145,10 @@ def test_stage_transition_keeps_optimizer_and_schedule_and_reads_no_sample_twice
     assert f"resumed from {root / 'iter_0000008'}: iteration=8 stage=stage1 tokens=4096" in out
     assert "optimizer_step=8" in out
     assert adam_step(root / "iter_0000012") == 12.0  # 8 + 4: continued, not restarted
-    meta = ckpt.read_metadata(root)
-    assert meta["stage"] == "stage2" and meta["stage_end"] and meta["seq_length"] == 128
-    assert meta["scheduler"]["num_steps"] == 4096 + 4096
-    assert meta["run_state"]["consumed_samples"] == {"stage1": STAGE1_STEPS * GBS1, "stage2": STAGE2_STEPS * GBS2}
+    meta = ckpt.read_record(root)
+    assert meta.stage == "stage2" and meta.stage_end and meta.seq_length == 128
+    assert meta.scheduler["num_steps"] == 4096 + 4096
+    assert meta.run_state.consumed_samples == {"stage1": STAGE1_STEPS * GBS1, "stage2": STAGE2_STEPS * GBS2}
     # one cosine schedule over both stages: step 9's LR is the schedule at 5120 tokens, not a restart
     total, warmup, lr, min_lr = 4096 + 4096 + 16384, 1024, 3e-3, 3e-4
 
@@ -182,7 +182,7 @@ def test_bf16_compiled_with_fused_loss_follows_fp32_and_resumes_bit_exact(refere
     """The GPU precision path on CPU: Float16Module, fp32 main params in the distributed optimizer,
     the fused loss (torch.compile'd kernels) adding into fp32 main_grad from bf16 weights, compiled
     decoder layers, and a resume that reloads them."""
-    bf16 = ["precision=bf16", "fused_loss=true", "loss_kernel=compiled", "compile_layers=true",
+    bf16 = ["build.precision=bf16", "build.fused_loss=true", "build.loss_kernel=compiled", "build.compile_layers=true",
             "checkpoint.interval=2"]
     whole = tmp_path / "whole"
     rc, out = run_stage("stage1", whole, tiny_data, overrides=bf16)
@@ -193,7 +193,7 @@ def test_bf16_compiled_with_fused_loss_follows_fp32_and_resumes_bit_exact(refere
     for it in ref:
         assert got[it] == pytest.approx(ref[it], rel=5e-3), (it, got[it], ref[it])
     root = tmp_path / "killed"
-    rc, out = run_stage("stage1", root, tiny_data, overrides=bf16, env={"MEGAFOX_TEST_KILL_AT_STEP": "6"})
+    rc, out = run_stage("stage1", root, tiny_data, overrides=bf16, env=faulty_trainer("--kill-at-step", "6"))
     assert rc != 0 and latest(root) == 4, out[-4000:]
     rc, out = run_stage("stage1", root, tiny_data, overrides=bf16)
     _ok(rc, out)
@@ -208,7 +208,7 @@ def test_overlapped_grad_reduce_and_param_gather_train_and_resume_like_the_refer
     overlap = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true",
                "parallel.ddp_bucket_size=20000", "checkpoint.interval=2"]
     root = tmp_path / "ckpt"
-    rc, out = run_stage("stage1", root, tiny_data, overrides=overlap, env={"MEGAFOX_TEST_KILL_AT_STEP": "6"})
+    rc, out = run_stage("stage1", root, tiny_data, overrides=overlap, env=faulty_trainer("--kill-at-step", "6"))
     assert rc != 0 and latest(root) == 4, out[-4000:]
     rc, out = run_stage("stage1", root, tiny_data, overrides=overlap)
     _ok(rc, out)
@@ -221,7 +221,7 @@ def test_overlapped_grad_reduce_and_param_gather_train_and_resume_like_the_refer
 def test_nan_skip_policy_skips_the_step_and_continues(tiny_data, tmp_path):
     root = tmp_path / "ckpt"
     rc, out = run_stage("stage1", root, tiny_data, nproc=1, overrides=["checkpoint.interval=1"],
-                        env={"MEGAFOX_TEST_NAN_AT_STEP": "3"})
+                        env=faulty_trainer("--nan-at-step", "3"))
     _ok(rc, out)
     assert "skipped step 3: loss=nan" in out
     m = metrics(root, "stage1")
@@ -232,13 +232,13 @@ def test_nan_skip_policy_skips_the_step_and_continues(tiny_data, tmp_path):
     assert all((w2[k] == w3[k]).all() for k in w2), "a skipped step changed the weights"
     assert any((w3[k] != w4[k]).any() for k in w3), "training did not continue after the skip"
     assert adam_step(root / "iter_0000003") == 2.0 and adam_step(root / "iter_0000004") == 3.0
-    assert ckpt.read_metadata(root)["run_state"]["skipped_steps"] == 1
+    assert ckpt.read_record(root).run_state.skipped_steps == 1
 
 
 def test_nan_halt_policy_exits_3_with_a_message(tiny_data, tmp_path):
     root = tmp_path / "ckpt"
     rc, out = run_stage("stage1", root, tiny_data, nproc=1, overrides=["nan_policy=halt", "checkpoint.interval=2"],
-                        env={"MEGAFOX_TEST_NAN_AT_STEP": "3"})
+                        env=faulty_trainer("--nan-at-step", "3"))
     assert rc == 3, out[-4000:]
     assert "halted: non-finite loss=nan" in out and "nan_policy is halt" in out
     assert "last checkpoint is iteration 2" in out
@@ -274,7 +274,7 @@ def test_load_hf_converted_weights_trains_and_exports_them_back(tiny_data, tmp_p
     root = tmp_path / "ckpt"
     rc, out = run_stage("stage1", root, tiny_data, overrides=[
         "parallel.tensor_model_parallel_size=2", "optimizer.lr=1e-30", "optimizer.min_lr=0",
-        "stages.stage1.token_budget=1024"], env={"LOAD": str(tmp_path / "base")})
+        "stages.stage1.token_budget=1024"], env={"MEGAFOX_TRAIN_ARGS": f"--load {tmp_path / 'base'}"})
     _ok(rc, out)
     assert f"initialized weights from {tmp_path / 'base'}" in out
     assert "stage stage1 complete: iteration=2" in out and adam_step(root / "iter_0000002") == 2.0

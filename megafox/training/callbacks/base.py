@@ -5,7 +5,7 @@ checkpoints, stop requests, in-loop evaluation, and the tests' fault injection) 
 that the trainer calls at these points, in list order:
 
     on_start(trainer)                      after set-up and resume, before the first step
-    pre_step(trainer)                      before each step's batch is built
+    pre_step(trainer, batches)             before each step, with this rank's micro-batches
     post_step(trainer, result)             after the optimizer step and the run-state update
     pre_checkpoint_commit(trainer, path)   a save's shards are on disk, megafox.json not yet
     post_checkpoint(trainer, path)         a save is complete (megafox.json written, `latest` moved)
@@ -13,12 +13,12 @@ that the trainer calls at these points, in list order:
     on_error(trainer, exc)                 the run is failing with `exc` (the trainer re-raises it)
     close(trainer)                         always, last
 
-A callback that wants the run to stop (a signal, a time limit) returns a reason from
-`stop_requested`; the trainer agrees on it over all ranks, saves and exits 75.
+Stop requests (SIGUSR1/SIGTERM, --exit-after-minutes) are the StopCallback's
+(megafox.training.callbacks.stop): the trainer agrees on them over all ranks after each step.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Dict, List
 
 if TYPE_CHECKING:  # pragma: no cover
     from megafox.training.loop import Trainer
@@ -30,7 +30,7 @@ class Callback:
     def on_start(self, trainer: "Trainer") -> None:
         pass
 
-    def pre_step(self, trainer: "Trainer") -> None:
+    def pre_step(self, trainer: "Trainer", batches: List[Dict[str, Any]]) -> None:
         pass
 
     def post_step(self, trainer: "Trainer", result: Any) -> None:
@@ -50,7 +50,3 @@ class Callback:
 
     def close(self, trainer: "Trainer") -> None:
         pass
-
-    def stop_requested(self, trainer: "Trainer") -> Optional[str]:
-        """A local reason to stop after this step (None: keep going); agreed over all ranks."""
-        return None

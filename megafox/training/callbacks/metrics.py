@@ -2,10 +2,12 @@
 an exact per-step record (metrics/<stage>.jsonl) that tests and plots read.
 
 Only global rank 0 writes; every value it reports is already global (the loss and grad norm are
-reduced over all ranks by the step), so no extra communication happens here.
+reduced over all ranks by the step), so no extra communication happens here. Other callbacks
+report through it (`validation`, `scalars`), so every number of a run lands in the same places.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import time
@@ -16,6 +18,7 @@ import torch
 
 from megafox.config import ModelConfig, TrainConfig
 from megafox.info import flops_per_token
+from megafox.training.callbacks.base import Callback
 
 
 def memory_gib() -> float:
@@ -25,7 +28,7 @@ def memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class Metrics:
+class Metrics(Callback):
     def __init__(self, config: TrainConfig, stage: str, model: ModelConfig, seq_length: int,
                  world_size: int, rank: int):
         self.rank, self.stage, self.world = rank, stage, world_size
@@ -57,6 +60,9 @@ class Metrics:
                                          name=config.logging.wandb_run_name, resume="allow")
             except ImportError:
                 print("logging.wandb_project is set but wandb is not installed: W&B logging off", flush=True)
+
+    def post_step(self, trainer, report) -> None:
+        self.step(report.iteration, {k: v for k, v in dataclasses.asdict(report).items() if k != "iteration"})
 
     def step(self, iteration: int, record: Dict[str, Any]) -> None:
         """Record one step; print the log line every `interval` steps."""
@@ -97,13 +103,26 @@ class Metrics:
         self._jsonl.flush()
         self._scalar("valid/loss", loss, consumed_tokens)
 
+    def scalars(self, iteration: int, consumed_tokens: int, values: Dict[str, float]) -> None:
+        """Other callbacks' numbers (e.g. downstream accuracy): a log line, TensorBoard and the jsonl."""
+        if self.rank != 0:
+            return
+        shown = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        print(f"step {iteration} stage={self.stage} tokens={consumed_tokens} {shown}", flush=True)
+        self._jsonl.write(json.dumps({"iteration": iteration, "stage": self.stage,
+                                      "consumed_tokens": consumed_tokens, **values}) + "\n")
+        self._jsonl.flush()
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._scalar(name, float(value), consumed_tokens)
+
     def _scalar(self, name: str, value: float, tokens: int) -> None:
         if self._tb is not None:
             self._tb.add_scalar(name, value, tokens)
         if self._wandb is not None:
             self._wandb.log({name: value, "tokens": tokens})
 
-    def close(self) -> None:
+    def close(self, trainer=None) -> None:
         if self._tb is not None:
             self._tb.close()
         if self._jsonl is not None:

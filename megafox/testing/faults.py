@@ -1,0 +1,108 @@
+"""Fault injection for tests, from the tests' side: `megafox-train` with extra callbacks.
+
+    python -m megafox.testing.faults [--kill-at-step K] [--crash-in-save N] [--nan-at-step K]
+                                     [--step-sleep S] -- <megafox-train arguments>
+
+The launchers run it in place of the trainer through MEGAFOX_TRAIN_CMD (e.g.
+`MEGAFOX_TRAIN_CMD="python -m megafox.testing.faults --kill-at-step 7 --" launch/local.sh stage1`),
+so production code reads no test-only variables: a real run can never be killed or slowed by one
+left in a user's environment.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from megafox.signals import hold_stop_signals
+
+hold_stop_signals()  # as megafox.train does, before the slow imports
+
+from megafox.training.callbacks.base import Callback  # noqa: E402
+
+
+class KillAtStep(Callback):
+    """SIGKILL this process at the start of step `step`, as a node failure: no handler, no cleanup."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def pre_step(self, trainer, batches) -> None:
+        if trainer.state.iteration + 1 == self.step:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CrashInSave(Callback):
+    """Die in this process's `nth` save, after its shards are written and before megafox.json."""
+
+    def __init__(self, nth: int):
+        self.nth, self.saves = nth, 0
+
+    def pre_checkpoint_commit(self, trainer, path) -> None:
+        self.saves += 1
+        if self.saves == self.nth:
+            print(f"[test fault] crashing in save #{self.saves} before metadata", flush=True)
+            os._exit(1)
+
+
+class NanAtStep(Callback):
+    """Make step `step`'s loss NaN (from the last pipeline stage's per-token losses, so the
+    gradients are NaN too)."""
+
+    def __init__(self, step: int):
+        self.step, self.handles = step, []
+
+    def pre_step(self, trainer, batches) -> None:
+        from megafox.checkpoint import unwrap
+
+        if trainer.state.iteration + 1 != self.step:
+            return
+        for chunk in trainer.model:
+            model = unwrap(chunk)
+            if model.post_process:
+                self.handles.append(model.register_forward_hook(lambda mod, args, out: out * float("nan")))
+
+    def post_step(self, trainer, report) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+class StepSleep(Callback):
+    """Sleep before every step: a slow step, so a signal reliably arrives mid-run."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def pre_step(self, trainer, batches) -> None:
+        time.sleep(self.seconds)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(prog="python -m megafox.testing.faults")
+    parser.add_argument("--kill-at-step", type=int)
+    parser.add_argument("--crash-in-save", type=int)
+    parser.add_argument("--nan-at-step", type=int)
+    parser.add_argument("--step-sleep", type=float)
+    faults = parser.parse_args(argv[:split])
+    callbacks = []
+    if faults.kill_at_step:
+        callbacks.append(KillAtStep(faults.kill_at_step))
+    if faults.crash_in_save:
+        callbacks.append(CrashInSave(faults.crash_in_save))
+    if faults.nan_at_step:
+        callbacks.append(NanAtStep(faults.nan_at_step))
+    if faults.step_sleep:
+        callbacks.append(StepSleep(faults.step_sleep))
+    from megafox.train import main as train_main
+
+    return train_main(argv[split + 1:], callbacks=callbacks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
