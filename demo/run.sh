@@ -36,7 +36,7 @@ say "3/5 train: 3-stage curriculum on ${NPROC:-2} ranks"
 export MEGAFOX_OVERRIDES="data_dir=$OUT/data checkpoint.dir=$OUT/checkpoints logging.tensorboard_dir=$OUT/tensorboard ${MEGAFOX_OVERRIDES:-}"
 for stage in stage1 stage2 stage3; do
     echo "--- $stage"
-    CONFIG="$CONFIG" NPROC=${NPROC:-2} MASTER_PORT=${MASTER_PORT:-29517} \
+    MEGAFOX_CONFIG="$CONFIG" MEGAFOX_NPROC=${NPROC:-2} MEGAFOX_MASTER_PORT=${MASTER_PORT:-29517} \
         bash launch/local.sh "$stage" 2>&1 | grep --line-buffered -v -i "warn" | tee -a "$OUT/logs/$stage.log"
 done
 

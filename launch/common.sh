@@ -1,27 +1,42 @@
-# Shared body of launch/stage{1,2,3}.slurm: environment, rendezvous, the trainer under srun,
-# signal forwarding and requeue. Sourced, never run; every stage script ends in
-#     megafox_run_stage <stage>
+# The launchers' shared shell: environment, rendezvous, the trainer under srun, signal forwarding
+# and requeue. Sourced, never run. The stage scripts end in `megafox_run_stage <stage>`;
+# launch/local.sh, launch/curriculum.sh and launch/preprocess.slurm call `megafox_setup_env`, so
+# every launcher reads the same variables:
 #
-# Environment (all optional; the same scripts run on a GPU cluster and in CI on CPU):
-#   MEGAFOX_CONFIG      training YAML (default $MEGAFOX_HOME/configs/train/fox1_1p6b.yaml);
-#                       relative paths are relative to the job's working dir (the submit dir)
-#   MEGAFOX_OVERRIDES   "key.sub=value ..." config overrides, read by the trainer itself
-#   MEGAFOX_TRAIN_ARGS  extra trainer arguments, e.g. "--load /ckpt/base" (word-split)
+#   MEGAFOX_HOME        the megafox checkout (default: the directory above launch/)
 #   MEGAFOX_ENV_SETUP   a file sourced first, e.g. `module load cuda/12.4 nccl` + `source venv/bin/activate`
 #   MEGAFOX_PYTHON      the python that has megafox installed (default $MEGAFOX_HOME/.venv/bin/python,
-#                       else python3 on PATH); MEGAFOX_TRAIN_CMD replaces the whole trainer command
+#                       else python3 on PATH)
+#   MEGAFOX_CONFIG      training YAML (stage scripts / curriculum: configs/train/fox1_1p6b.yaml;
+#                       local.sh: configs/train/tiny.yaml); relative paths are relative to the job's
+#                       working dir (the submit dir)
+#   MEGAFOX_OVERRIDES   "key.sub=value ..." config overrides, read by the trainer itself
+#   MEGAFOX_TRAIN_ARGS  extra trainer arguments, e.g. "--load /ckpt/base" (word-split)
+#   MEGAFOX_TRAIN_CMD   the whole trainer command instead of "$MEGAFOX_PYTHON -m megafox.train"
 #   MEGAFOX_SRUN_ARGS   extra srun arguments, e.g. a container:
 #                       "--container-image=/images/megafox.sqsh --container-mounts=/scratch:/scratch"
-#   MEGAFOX_MASTER_PORT rendezvous port (default 20000 + job id % 20000, so jobs sharing a node differ)
+#   MEGAFOX_MASTER_PORT rendezvous port (SLURM default 20000 + job id % 20000, so jobs sharing a node
+#                       differ; local.sh default 29500)
+#   MEGAFOX_NPROC       local.sh only: ranks on this machine (default: one per GPU, else 1)
 #   MEGAFOX_MAX_REQUEUES  stop requeueing after this many restarts (default 100)
 #   NCCL_* / GLOO_* / TORCH_* / OMP_NUM_THREADS: honoured when set, defaults below otherwise.
+# The older names local.sh (CONFIG, NPROC, LOAD, EXIT_AFTER_MINUTES, MASTER_PORT, PYTHON) and
+# preprocess.slurm (PYTHON, MEGAFOX_REPO) read still work there, with a notice.
 #
 # Exit status: the trainer's (0 stage complete, 75 stopped after a save, 2 bad config, 3 NaN halt,
-# 1 failure). After a 75 caused by the time-limit warning (SIGUSR1 from --signal=B:USR1@lead) or by
-# --exit-after-minutes, the job requeues itself and the next run resumes from the checkpoint's
-# `latest`; dependents (--dependency=afterok) keep waiting because the job is pending again.
+# 4 no usable checkpoint, 5 checkpoint dir in use, 1 failure). After a 75 caused by the time-limit
+# warning (SIGUSR1 from --signal=B:USR1@lead) or by --exit-after-minutes, the job requeues itself
+# and the next run resumes from the checkpoint's `latest`; dependents (--dependency=afterok) keep
+# waiting because the job is pending again. Any other status is final: no requeue.
 
 megafox_log() { echo "[megafox-launch $(date '+%F %T')] $*"; }
+
+megafox_deprecated() {  # megafox_deprecated OLD NEW: take a pre-MEGAFOX_ variable's value, saying so
+  if [ -n "${!1:-}" ] && [ -z "${!2:-}" ]; then
+    echo "megafox launch: $1 is deprecated, use $2" >&2
+    printf -v "$2" '%s' "${!1}"
+  fi
+}
 
 megafox_setup_env() {
   if [ -n "${MEGAFOX_ENV_SETUP:-}" ]; then

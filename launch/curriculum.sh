@@ -16,40 +16,23 @@
 set -euo pipefail
 
 MEGAFOX_HOME=${MEGAFOX_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-export MEGAFOX_HOME
-if [ -n "${MEGAFOX_ENV_SETUP:-}" ]; then
-  # shellcheck disable=SC1090
-  source "$MEGAFOX_ENV_SETUP"
-fi
-if [ -z "${MEGAFOX_PYTHON:-}" ]; then
-  if [ -x "$MEGAFOX_HOME/.venv/bin/python" ]; then MEGAFOX_PYTHON=$MEGAFOX_HOME/.venv/bin/python
-  else MEGAFOX_PYTHON=python3; fi
-fi
-export MEGAFOX_PYTHON
-export MEGAFOX_CONFIG=${MEGAFOX_CONFIG:-$MEGAFOX_HOME/configs/train/fox1_1p6b.yaml}
-export MEGAFOX_OVERRIDES=${MEGAFOX_OVERRIDES:-}
+# shellcheck source=launch/common.sh
+source "$MEGAFOX_HOME/launch/common.sh"
+megafox_setup_env
 STAGES=${MEGAFOX_STAGES:-stage1 stage2 stage3}
 command -v sbatch >/dev/null || { echo "curriculum.sh: sbatch not found (not on a SLURM login node?)" >&2; exit 2; }
 
 # The trainer's own loader reads the config with the overrides, so a bad config fails here,
 # before anything is queued, and checkpoint.dir is exactly the one the trainer will use.
-ckpt=$(PYTHONPATH=$MEGAFOX_HOME${PYTHONPATH:+:$PYTHONPATH} "$MEGAFOX_PYTHON" -c '
-import os, shlex, sys
-from megafox.config import ConfigError, load_train_config
-try:
-    cfg = load_train_config(sys.argv[1], shlex.split(os.environ.get("MEGAFOX_OVERRIDES", "")))
-    for s in sys.argv[2:]:
-        cfg.stage(s)
-except ConfigError as exc:
-    sys.exit(f"curriculum.sh: {exc}")
-print(os.path.abspath(os.path.expanduser(cfg.checkpoint.dir)))
-' "$MEGAFOX_CONFIG" $STAGES) || exit 2
+stage_args=()
+for stage in $STAGES; do stage_args+=(--stage "$stage"); done
+ckpt=$("$MEGAFOX_PYTHON" -m megafox.records checkpoint-dir --config "$MEGAFOX_CONFIG" "${stage_args[@]}") || exit 2
 
 mkdir -p logs   # the stage scripts write logs/%x-%j.out; SLURM does not create the directory
 me=$(id -un)
 prev=""
 for stage in $STAGES; do
-  if [ -f "$ckpt/$stage.done" ]; then
+  if "$MEGAFOX_PYTHON" -m megafox.records stage-done --checkpoint-dir "$ckpt" --stage "$stage" >/dev/null; then
     echo "$stage: already complete ($ckpt/$stage.done), skipped" >&2
     echo "$stage done"
     prev=""
