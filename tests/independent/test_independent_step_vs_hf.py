@@ -1,0 +1,102 @@
+"""One megafox training step equals transformers' LlamaForCausalLM trained by plain torch.
+
+The reference (tests/independent/reference.py) is written from the definitions, not from megafox:
+HF forward, loss = sum(mask * token_loss) / sum(mask) over the global batch, backward,
+torch.nn.utils.clip_grad_norm_, torch.optim.AdamW with weight decay on the matrices only (megatron-
+core's default param groups exclude every 1-D parameter: the RMSNorm weights). Two steps, so the
+second compares the Adam moments' history too. fp32 on CPU; agreement to 1e-5 absolute on every
+weight, while each setting alone (clip, decayed norms) moves weights by far more than that.
+"""
+import pytest
+import torch
+
+from megafox.testing.distributed import run_distributed
+from megafox.testing.hf_reference import hf_state
+from tests.independent.bodies import tiny_model
+from tests.independent.reference import SETTINGS, hf_train, hf_weights_padded, make_batches
+
+pytestmark = pytest.mark.multirank
+
+TOL = 1e-5
+UNPADDED_VOCAB = 1024  # a multiple of 128: megafox's embedding has no padding rows
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vs_hf")
+    model = tiny_model(UNPADDED_VOCAB)
+    state = hf_state(model, seed=5)
+    batches = make_batches(model.vocab_size)
+    torch.save(state, tmp / "hf.pt")
+    torch.save(batches, tmp / "batches.pt")
+    return {"model": model, "state": state, "batches": batches, "hf_path": str(tmp / "hf.pt"),
+            "batches_path": str(tmp / "batches.pt")}
+
+
+@pytest.fixture(scope="module")
+def reference(inputs):
+    return hf_train(inputs["model"], inputs["state"], inputs["batches"])
+
+
+def _megafox(inputs, nproc, layout, vocab_size=UNPADDED_VOCAB, hf_path=None, micro_batch_size=1):
+    return run_distributed("tests/independent/bodies.py:train_steps", nproc, layout,
+                           {"hf_path": hf_path or inputs["hf_path"], "batches_path": inputs["batches_path"],
+                            "micro_batch_size": micro_batch_size, "vocab_size": vocab_size,
+                            "settings": SETTINGS})
+
+
+def max_weight_diff(a, b, rows=None):
+    return max((a[k][:rows] if rows else a[k]).sub(b[k][:rows] if rows else b[k]).abs().max().item() for k in a)
+
+
+def assert_matches_reference(got, ref, rows=None):
+    for step, (g, r) in enumerate(zip(got, ref), 1):
+        assert g["tokens"] == r["tokens"]
+        assert abs(g["loss"] - r["loss"]) < TOL, (step, g["loss"], r["loss"])
+        assert abs(g["grad_norm"] - r["grad_norm"]) < TOL, (step, g["grad_norm"], r["grad_norm"])
+        assert set(g["weights"]) == set(r["weights"]) - {"lm_head.weight"}  # tied: the embedding
+        for name, tensor in g["weights"].items():
+            expected = r["weights"][name][:rows] if rows else r["weights"][name]
+            torch.testing.assert_close(tensor, expected, rtol=0, atol=TOL, msg=lambda m: f"step {step} {name}: {m}")
+
+
+def test_reference_settings_make_every_path_matter(inputs, reference):
+    """The comparison can fail: clipping is active and both clipping and decaying the norms move
+    weights by far more than the tolerance; every parameter is updated."""
+    for step in reference:
+        assert step["grad_norm"] > 2 * SETTINGS["clip_grad"]
+    final = reference[-1]["weights"]
+    unclipped = hf_train(inputs["model"], inputs["state"], inputs["batches"], clip=False)[-1]["weights"]
+    decayed = hf_train(inputs["model"], inputs["state"], inputs["batches"], decay_1d=True)[-1]["weights"]
+    assert max_weight_diff(unclipped, final) > 100 * TOL
+    assert max((decayed[k] - final[k]).abs().max().item() for k in final if k.endswith("norm.weight")) > 100 * TOL
+    for name, tensor in final.items():
+        assert (tensor - inputs["state"][name]).abs().max() > 100 * TOL, f"{name} barely moved"
+
+
+@pytest.mark.parametrize("name,nproc,layout", [
+    ("tp1", 1, {}),
+    ("dp2_distopt", 2, {"use_distributed_optimizer": True}),
+])
+def test_step_equals_transformers_adamw(inputs, reference, name, nproc, layout):
+    got = _megafox(inputs, nproc, layout)
+    assert_matches_reference(got, reference)
+
+
+def test_padded_vocabulary_is_part_of_the_softmax(inputs, tmp_path):
+    """fox1-tiny's 1000-token vocabulary is padded to 1024 rows (zeros, from the HF mapping) and,
+    as in Megatron-LM, the padding logits take part in the softmax and are trained. The step then
+    equals transformers' on the same weights with the vocabulary zero-padded to 1024: loss, grad
+    norm and the 1000 real rows (a 1000-row HF model would give a different loss)."""
+    model = tiny_model(1000)
+    state = hf_state(model, seed=5)
+    torch.save(state, tmp_path / "hf1000.pt")
+    batches = [dict(b, tokens=b["tokens"] % 1000, labels=b["labels"] % 1000) for b in inputs["batches"]]
+    torch.save(batches, tmp_path / "batches1000.pt")
+    ref = hf_train(model, hf_weights_padded(state, UNPADDED_VOCAB), batches, vocab_size=UNPADDED_VOCAB)
+    got = run_distributed("tests/independent/bodies.py:train_steps", 1, {},
+                          {"hf_path": str(tmp_path / "hf1000.pt"), "batches_path": str(tmp_path / "batches1000.pt"),
+                           "micro_batch_size": 1, "vocab_size": 1000, "settings": SETTINGS})
+    unpadded = hf_train(model, state, batches)
+    assert abs(unpadded[0]["loss"] - ref[0]["loss"]) > 100 * TOL  # the padding does change the loss
+    assert_matches_reference(got, ref, rows=1000)
