@@ -16,7 +16,12 @@ setup(
         "pyyaml",
         "tqdm",
     ],
-    extras_require={"hf": ["transformers", "tokenizers", "protobuf"]},
+    extras_require={
+        "hf": ["transformers", "tokenizers", "protobuf"],
+        # `megafox eval` and the in-loop evaluator: EleutherAI's lm-evaluation-harness, pinned
+        # (megafox reads its task registry and results layout), with its `hf` model's deps
+        "eval": ["lm_eval[hf]==0.4.13"],
+    },
     entry_points={
         "console_scripts": [
             "megafox=megafox.cli:main",

@@ -20,6 +20,12 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from megafox.eval.cli import main as eval_main
+
+    return eval_main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megafox", description="megafox: Fox-1 pretraining on megatron-core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +39,11 @@ def main(argv=None) -> int:
     info.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     info.add_argument("--no-fused-loss", action="store_true", help="estimate with full logits materialized")
     info.set_defaults(func=_info)
+    evaluate = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint or HF directory (megafox.eval)")
+    from megafox.eval.cli import add_arguments
+
+    add_arguments(evaluate)
+    evaluate.set_defaults(func=_eval)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,258 @@
+"""Log-probabilities and greedy tokens from megatron-core model chunks, in any TP/PP/DP layout.
+
+One primitive serves every lm_eval request type: for each sequence, the log-probability of given
+target tokens at its last positions and the argmax token there (loglikelihood = the targets'
+sum and "all greedy"; generation = the argmax at the last position).
+
+Multi-rank: global rank 0 drives (it runs lm_eval); every `score` call broadcasts the sequences
+to all ranks, each data-parallel replica takes every dp-th sequence and runs the forward
+collectively through megatron-core's pipeline schedule (forward_only), and the replicas' last
+pipeline stages send their results back to rank 0. The other ranks sit in `serve()` until rank 0
+calls `close()`.
+
+The LM head runs on the scored positions only (a forward pre-hook on the output layer picks their
+hidden states): with a 256K vocabulary, logits for every context token would cost
+context/continuation times the memory of the ones actually used. Log-softmax and argmax are
+computed on each tensor-parallel rank's vocabulary shard and reduced over the TP group, so full
+logits are never gathered either.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from megafox.checkpoint import unwrap
+
+
+@dataclass
+class ScoreItem:
+    tokens: List[int]  # the model input
+    targets: List[int]  # the input's last len(targets) positions predict these tokens
+
+
+@dataclass
+class ScoreResult:
+    logprobs: List[float]  # log p(target) at each scored position
+    greedy: List[int]  # the argmax token at each scored position
+
+
+_SCORE, _STOP = "score", "stop"
+
+
+class CollectiveScorer:
+    """Scores `ScoreItem`s with this rank's model chunks (bare, Float16Module- or DDP-wrapped).
+
+    `vocab_size` is the real vocabulary: the embedding's padding rows (Megatron pads it to a
+    multiple of 128 x TP) are excluded from the softmax, as in the exported HF model.
+    `batch_size` is the most sequences one replica runs per forward.
+    """
+
+    def __init__(self, chunks: Sequence[torch.nn.Module], vocab_size: int, batch_size: int = 16):
+        from megatron.core import parallel_state as ps
+
+        self.chunks = list(chunks)
+        self.models = [unwrap(c) for c in self.chunks]
+        self.vocab_size = vocab_size
+        self.batch_size = batch_size
+        self.config = self.models[0].config
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.tp, self.tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        self.holds_results = ps.is_pipeline_last_stage(ignore_virtual=True) and self.tp_rank == 0
+        self.device = next(self.models[0].parameters()).device
+        self._selection: Optional[torch.Tensor] = None
+        self._hooked = False
+
+    @property
+    def replicas(self) -> int:
+        return self.dp
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------------------ driver side
+    def score(self, items: List[ScoreItem]) -> List[ScoreResult]:
+        """Rank 0 (the only caller): results in the order of `items`."""
+        if self.world == 1:
+            return self._score_replica(items)
+        self._broadcast((_SCORE, items))
+        return self._run_and_collect(items)
+
+    def close(self) -> None:
+        """Rank 0: release the serving ranks."""
+        if self.world > 1:
+            self._broadcast((_STOP, None))
+
+    # ----------------------------------------------------------------------------- serving side
+    def serve(self) -> None:
+        """Every rank but 0: run the forwards rank 0 asks for until it calls `close()`."""
+        while True:
+            command, items = self._broadcast(None)
+            if command == _STOP:
+                return
+            self._run_and_collect(items)
+
+    def _broadcast(self, message):
+        box = [message]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _run_and_collect(self, items: List[ScoreItem]) -> List[ScoreResult]:
+        mine = list(range(self.dp_rank, len(items), self.dp))
+        results = self._score_replica([items[i] for i in mine])
+        sent = list(zip(mine, results)) if self.holds_results else None
+        gathered = [None] * self.world if self.rank == 0 else None
+        torch.distributed.gather_object(sent, gathered, dst=0)
+        if self.rank != 0:
+            return []
+        out: List[Optional[ScoreResult]] = [None] * len(items)
+        for part in gathered:
+            for index, result in part or ():
+                out[index] = result
+        return out
+
+    # ------------------------------------------------------------------------ one replica's work
+    def _score_replica(self, items: List[ScoreItem]) -> List[ScoreResult]:
+        results: List[ScoreResult] = []
+        for start in range(0, len(items), self.batch_size):
+            results.extend(self._forward(items[start:start + self.batch_size]))
+        return results
+
+    def _forward(self, items: List[ScoreItem]) -> List[ScoreResult]:
+        """One pass of the pipeline schedule over `items` (all ranks of this replica call it
+        with the same items, so they agree on every shape)."""
+        if not items:
+            return []
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micro_batches, mbs, seq = self._micro_batches(items)
+        iterator = [iter(micro_batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro_batches)
+        with torch.no_grad(), self._scored_positions_only():
+            outputs = get_forward_backward_func()(
+                forward_step_func=self._forward_step, data_iterator=iterator,
+                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                num_microbatches=len(micro_batches), seq_length=seq, micro_batch_size=mbs,
+                forward_only=True, collect_non_loss_data=True)
+        if not self.holds_results:
+            return []
+        logprobs = torch.cat([o["logprobs"] for o in outputs])
+        greedy = torch.cat([o["greedy"] for o in outputs])
+        return [ScoreResult(logprobs[i, :len(item.targets)].tolist(), greedy[i, :len(item.targets)].tolist())
+                for i, item in enumerate(items)]
+
+    def _micro_batches(self, items: List[ScoreItem]):
+        """Right-padded [mbs, seq] micro-batches; rows past len(items) repeat the first item."""
+        n = len(items)
+        # with pipeline stages, several micro-batches keep every stage busy
+        mbs = n if self.pp == 1 else max(1, math.ceil(n / self.pp))
+        count = math.ceil(n / mbs)
+        if len(self.chunks) > 1:  # the interleaved schedule runs micro-batches in groups of pp
+            count = math.ceil(count / self.pp) * self.pp
+        multiple = 8 * (self.tp if self.config.sequence_parallel else 1)
+        seq = math.ceil(max(len(it.tokens) for it in items) / multiple) * multiple
+        k = max(len(it.targets) for it in items)
+        rows = [items[i] if i < n else items[0] for i in range(count * mbs)]
+        tokens = torch.zeros(len(rows), seq, dtype=torch.long)
+        select = torch.zeros(len(rows), k, dtype=torch.long)
+        targets = torch.zeros(len(rows), k, dtype=torch.long)
+        for r, item in enumerate(rows):
+            length, m = len(item.tokens), len(item.targets)
+            if not 1 <= m <= length:
+                raise ValueError(f"score item: {m} targets for {length} input tokens")
+            tokens[r, :length] = torch.tensor(item.tokens)
+            select[r, :m] = torch.arange(length - m, length)
+            select[r, m:] = length - 1
+            targets[r, :m] = torch.tensor(item.targets)
+        positions = torch.arange(seq).unsqueeze(0).expand(len(rows), seq)
+        batches = []
+        for b in range(count):
+            rows_b = slice(b * mbs, (b + 1) * mbs)
+            batches.append({"tokens": tokens[rows_b].to(self.device), "position_ids": positions[rows_b].to(self.device),
+                            "select": select[rows_b].to(self.device), "targets": targets[rows_b].to(self.device)})
+        return batches, mbs, seq
+
+    def _forward_step(self, data_iterator: Iterator[Dict[str, torch.Tensor]], model: torch.nn.Module):
+        batch = next(data_iterator)
+        self._selection = batch["select"]  # read by the output-layer hook of this same forward
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, partial(self._score_output, batch)
+
+    # --------------------------------------------------------------------- the last stage's math
+    @contextmanager
+    def _scored_positions_only(self):
+        """Feed only the scored positions' hidden states to the LM head, for this forward.
+
+        Not with sequence parallelism: there the output layer gathers the sequence itself, so the
+        selection happens on the full logits instead (more memory, same numbers)."""
+        handles = []
+        if not self.config.sequence_parallel:
+            for model in self.models:
+                if model.post_process:
+                    handles.append(model.output_layer.register_forward_pre_hook(self._select_hidden,
+                                                                                with_kwargs=True))
+        self._hooked = bool(handles)
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._hooked = False
+            self._selection = None
+
+    def _select_hidden(self, module, args, kwargs):
+        hidden = args[0]  # [seq, batch, hidden]
+        index = self._selection.t().unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [k, batch, hidden]
+        return (hidden.gather(0, index),) + tuple(args[1:]), kwargs
+
+    def _score_output(self, batch: Dict[str, torch.Tensor], output: torch.Tensor, non_loss_data: bool = False):
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        logits = output  # [batch, k, vocab / tp] with the hook, else [batch, seq, vocab / tp]
+        if not self._hooked:
+            index = batch["select"].unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+            logits = logits.gather(1, index)
+        logits = logits.float().contiguous()
+        shard = logits.shape[-1]
+        start = self.tp_rank * shard
+        padding = torch.arange(start, start + shard, device=logits.device) >= self.vocab_size
+        if bool(padding.any()):
+            logits.masked_fill_(padding, float("-inf"))
+        greedy = self._vocab_parallel_argmax(logits, start)
+        # megatron-core's vocab-parallel cross-entropy = -log_softmax(target) over the TP shards
+        # (it works in place on `logits`, which is not needed afterwards)
+        logprobs = -vocab_parallel_cross_entropy(logits, batch["targets"])
+        return {"logprobs": logprobs.double().cpu(), "greedy": greedy.cpu()}
+
+    def _vocab_parallel_argmax(self, logits: torch.Tensor, start: int) -> torch.Tensor:
+        """torch.argmax over the whole vocabulary (first maximum on ties) from the TP shards."""
+        values, index = logits.max(dim=-1)
+        if self.tp == 1:
+            return index
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_tensor_model_parallel_group()
+        best = values.clone()
+        torch.distributed.all_reduce(best, op=torch.distributed.ReduceOp.MAX, group=group)
+        candidate = torch.where(values == best, index + start, torch.full_like(index, torch.iinfo(index.dtype).max))
+        torch.distributed.all_reduce(candidate, op=torch.distributed.ReduceOp.MIN, group=group)
+        return candidate
+
+
+def serve_while(scorer: CollectiveScorer, drive):
+    """Run `drive()` on rank 0 while every other rank serves its forwards; rank 0's result
+    (None elsewhere). Rank 0 always releases the others, also when `drive` raises."""
+    if not scorer.is_driver:
+        scorer.serve()
+        return None
+    try:
+        return drive()
+    finally:
+        scorer.close()
