@@ -5,15 +5,19 @@ Kept free of torch / megatron imports so that the preprocessing CLI starts fast.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import glob
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
-from typing import Iterable, List, Sequence
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 log = logging.getLogger("data_prep")
 
@@ -109,6 +113,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.write(data)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as e:  # name the file the user asked for, not the temporary
+        _unlink_quiet(tmp)
+        raise OSError(e.errno, e.strerror, path) from None
     except BaseException:
         _unlink_quiet(tmp)
         raise
@@ -136,6 +143,158 @@ def tmp_name(path: str) -> str:
     return os.path.join(d, f".{b}.tmp{os.getpid()}")
 
 
+def os_error_reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def check_output_dir(prefix: str, what: str = "--output-prefix") -> str:
+    """Create PREFIX's directory and prove it writable (a probe file, created and removed) before any
+    work, so a read-only, full or impossible location fails in one line instead of after hours."""
+    d = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise DataPrepError(f"{what} {prefix}: cannot create directory {d} ({os_error_reason(e)})") from None
+    try:  # named like atomic_write_bytes' temporaries of PREFIX.bin, so a merge removes it if we die here
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(prefix)}.bin.", suffix=".tmp", dir=d)
+        try:
+            os.write(fd, b"\0")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise DataPrepError(f"{what} {prefix}: cannot write in {d} ({os_error_reason(e)})") from None
+    return d
+
+
+# Leftovers of a writer killed mid-write: tmp_name()'s ".NAME.tmp<pid>" and atomic_write_bytes()'s
+# ".NAME.<8 random chars>.tmp" (tempfile's alphabet).  Matched per final name, exactly, so that
+# prefix "web" never touches the temporaries of prefix "web.v2".
+def _stale_patterns(name: str) -> Tuple["re.Pattern", "re.Pattern"]:
+    n = re.escape(name)
+    return re.compile(rf"^\.{n}\.tmp(\d+)$"), re.compile(rf"^\.{n}\.[a-z0-9_]{{8}}\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final_paths: Sequence[str], writers_locked_out: bool) -> List[str]:
+    """Remove temporaries of `final_paths` left by interrupted writers; returns what was removed.
+
+    writers_locked_out: the caller holds output_lock() for these paths, so every temporary not of
+    this process is stale (whatever its host or age).  Without the lock only tmp_name() files whose
+    pid is no longer alive on this host are removed."""
+    removed = []
+    for path in final_paths:
+        d, name = os.path.split(os.path.abspath(path))
+        with_pid, random_name = _stale_patterns(name)
+        try:
+            entries = os.listdir(d)
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            m = with_pid.match(e)
+            if m:
+                pid = int(m.group(1))
+                stale = pid != os.getpid() and (writers_locked_out or not _pid_alive(pid))
+            else:
+                stale = writers_locked_out and random_name.match(e) is not None
+            if not stale:
+                continue
+            try:
+                os.unlink(os.path.join(d, e))
+                removed.append(os.path.join(d, e))
+            except FileNotFoundError:
+                pass
+    if removed:
+        log.info("removed %d temporary file(s) of an interrupted run: %s", len(removed),
+                 ", ".join(os.path.basename(r) for r in removed))
+    return removed
+
+
+def lock_path(prefix: str) -> str:
+    d, b = os.path.split(os.path.abspath(prefix))
+    return os.path.join(d, f".{b}.lock")
+
+
+_held_locks: Dict[str, List[int]] = {}  # lock file -> [fd, depth]: re-entrant within this process
+
+
+@contextlib.contextmanager
+def output_lock(prefix: str, suffixes: Sequence[str] = (".bin", ".idx")) -> Iterator[None]:
+    """Hold the writer lock of PREFIX while PREFIX+suffix files are written (the merge), and remove
+    the temporaries of those files that writers killed earlier left behind.
+
+    An flock on ".PREFIX.lock" next to the output: the kernel drops it when its holder dies, however
+    it dies, and NFS / Lustre (mounted with flock) carry it across hosts.  Where the filesystem
+    has no locks, only temporaries of dead pids on this host are removed."""
+    path = lock_path(prefix)
+    finals = [prefix + s for s in suffixes]
+    held = _held_locks.get(path)
+    if held is not None:
+        held[1] += 1
+        try:
+            remove_stale_temporaries(finals, writers_locked_out=True)
+            yield
+        finally:
+            held[1] -= 1
+        return
+    fd = _acquire(path, prefix)
+    if fd is None:  # no locking on this filesystem
+        remove_stale_temporaries(finals, writers_locked_out=False)
+        yield
+        return
+    _held_locks[path] = [fd, 1]
+    try:
+        remove_stale_temporaries(finals, writers_locked_out=True)
+        yield
+    finally:
+        del _held_locks[path]
+        try:
+            os.unlink(path)  # while still locked: a waiter that opened it sees a different inode and retries
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _acquire(path: str, prefix: str):
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise DataPrepError(f"{prefix}: another process ({holder}) is writing it now "
+                                f"(lock {path}); wait for it to finish") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                _unlink_quiet(path)
+                log.warning("%s: the filesystem does not support locks (%s); only temporaries of dead "
+                            "local processes are cleaned", path, os_error_reason(e))
+                return None
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            return fd
+        os.close(fd)  # the holder released and removed it between our open and flock: retry
+
+
 def setup_logging(verbose: bool = False) -> None:
     if log.handlers:
         return
@@ -146,16 +305,25 @@ def setup_logging(verbose: bool = False) -> None:
     log.propagate = False
 
 
-def run_main(fn, argv=None) -> int:
-    """Run a CLI body; DataPrepError -> one clear line on stderr and exit status 2."""
+INTERRUPTED = "interrupted; rerun to continue: finished shards are kept"
+
+
+def run_main(fn, argv=None, interrupted: str = INTERRUPTED) -> int:
+    """Run a CLI body: DataPrepError, or an OSError that escaped (disk full, permissions), -> one line
+    on stderr and exit status 2; Ctrl-C -> one line and 130 (the shell's convention for SIGINT).
+    Writers only ever put complete files under final names, so either way nothing is half-written."""
     try:
         rc = fn(argv)
         return 0 if rc is None else rc
     except DataPrepError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        sys.stderr.write(f"error: {where}{os_error_reason(e)}\n")
+        return 2
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+        sys.stderr.write(interrupted + "\n")
         return 130
 
 

@@ -11,13 +11,12 @@ Tests check that megatron-core's IndexedDataset reads these files unchanged.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 from typing import List, Sequence
 
 import numpy as np
 
-from .common import DataPrepError, tmp_name
+from .common import DataPrepError, os_error_reason, output_lock, tmp_name
 
 MAGIC = b"MMIDIDX\x00\x00"
 DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
@@ -81,9 +80,19 @@ def read_idx(path: str):
 
 
 def merge_prefixes(prefixes: Sequence[str], out_prefix: str, dtype) -> dict:
-    """Concatenate indexed datasets in order into out_prefix (temp files, then rename)."""
+    """Concatenate indexed datasets in order into out_prefix (temp files, then rename).
+
+    Runs under out_prefix's writer lock, which first removes the temporaries of a merge killed
+    earlier.  An OSError (disk full, quota...) becomes one line naming the file; the previous
+    out_prefix files and the inputs are untouched then."""
+    with output_lock(out_prefix):
+        return _merge(prefixes, out_prefix, dtype)
+
+
+def _merge(prefixes: Sequence[str], out_prefix: str, dtype) -> dict:
     all_lengths: List[np.ndarray] = []
     bin_tmp, idx_tmp = tmp_name(out_prefix + ".bin"), tmp_name(out_prefix + ".idx")
+    writing = out_prefix + ".bin"
     try:
         with open(bin_tmp, "wb") as out:
             for p in prefixes:
@@ -96,14 +105,30 @@ def merge_prefixes(prefixes: Sequence[str], out_prefix: str, dtype) -> dict:
                 if os.path.getsize(p + ".bin") != expect:
                     raise DataPrepError(f"{p}.bin: size does not match its .idx (truncated?)")
                 all_lengths.append(lengths)
-                with open(p + ".bin", "rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 24)
+                _append(p + ".bin", out)
         lengths = np.concatenate(all_lengths) if all_lengths else np.zeros(0, np.int32)
+        writing = out_prefix + ".idx"
         write_idx(idx_tmp, lengths, dtype)
         os.replace(bin_tmp, out_prefix + ".bin")
         os.replace(idx_tmp, out_prefix + ".idx")
+    except OSError as e:
+        where = e.filename if e.filename and e.filename not in (bin_tmp, idx_tmp) else writing
+        raise DataPrepError(f"{where}: {os_error_reason(e)} while merging into {out_prefix}.bin/.idx "
+                            "(nothing was replaced; rerun to retry)") from None
     finally:
         for t in (bin_tmp, idx_tmp):
             if os.path.exists(t):
                 os.unlink(t)
     return {"documents": int(len(lengths)), "tokens": int(lengths.astype(np.int64).sum())}
+
+
+def _append(src: str, out) -> None:
+    with open(src, "rb") as f:
+        while True:
+            try:
+                buf = f.read(1 << 24)
+            except OSError as e:  # name the shard, not the output, when the read side fails
+                raise OSError(e.errno, e.strerror, src) from None
+            if not buf:
+                return
+            out.write(buf)

@@ -21,14 +21,16 @@ import collections
 import glob as globmod
 import os
 import shutil
+import signal
 import sys
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-from .common import (FORMATS, DataPrepError, atomic_write_json, detect_format, expand_inputs, file_stat,
-                     human_bytes, log, read_json, run_main, setup_logging, tmp_name)
+from .common import (FORMATS, DataPrepError, atomic_write_json, check_output_dir, detect_format, expand_inputs,
+                     file_stat, human_bytes, log, os_error_reason, output_lock, read_json, run_main, setup_logging,
+                     tmp_name)
 from .indexed import choose_dtype, dtype_name, merge_prefixes, write_idx
 from .readers import FileReader, parse_chunk, INVALID_UTF8, EMPTY
 from .tokenizer import load_tokenizer, tokenizer_info
@@ -41,6 +43,13 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 # Worker side
 
 _W: Dict[str, object] = {}
+
+
+def _pool_worker_init(init: Callable, *args) -> None:
+    """Ctrl-C reaches the whole process group: workers ignore it and the parent, which owns the
+    output, stops them (otherwise every worker prints its own KeyboardInterrupt traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init(*args)
 
 
 def _worker_init(model_path: str, json_key: str, eos: Optional[int], dtype: str,
@@ -139,6 +148,13 @@ def _spill_dir(opts: "Options") -> str:
     d = os.path.join(base, f".spill-{host}-{os.getpid()}")
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def _final_name(e: OSError, final: str) -> str:
+    """The file to name in an error: e's own, unless it is one of our hidden temporaries (a user
+    knows the final name, and the temporary is gone by the time they read the message)."""
+    name = e.filename if isinstance(e.filename, str) else None
+    return name if name and not os.path.basename(name).startswith(".") else final
 
 
 def _close_spills(spill_dir: Optional[str]) -> None:
@@ -469,8 +485,12 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
         import multiprocessing as mp
 
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        spill_dir = _spill_dir(opts)
-        pool = ctx.Pool(nworkers, initializer=codec.init, initargs=codec.init_args + (spill_dir,))
+        try:
+            spill_dir = _spill_dir(opts)
+        except OSError as e:
+            raise DataPrepError(f"{e.filename or opts.output_prefix + '.shards'}: {os_error_reason(e)}") from None
+        pool = ctx.Pool(nworkers, initializer=_pool_worker_init,
+                        initargs=(codec.init,) + codec.init_args + (spill_dir,))
     else:
         codec.init(*codec.init_args)
 
@@ -492,6 +512,14 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
     max_inflight = 3 * nworkers if pool else 1
 
     def handle(item, res) -> None:
+        try:
+            _handle(item, res)
+        except OSError as e:  # readers turn their own errors into DataPrepError: this is the write side
+            sh = item[1]
+            raise DataPrepError(f"{_final_name(e, sh.prefix + '.bin')}: {os_error_reason(e)} while writing shard "
+                                f"{sh.index} (finished shards are kept; rerun to continue)") from None
+
+    def _handle(item, res) -> None:
         kind, sh, path, payload = item
         if kind == "begin":
             writers[sh.index] = codec.writer(sh, dtype)
@@ -574,14 +602,21 @@ def _finalize(shards: List[Shard], opts: Options, tok: dict, dtype, t0: float, s
         raise DataPrepError(f"{opts.output_prefix}: {len(missing)} of {len(shards)} shards are not finished "
                             f"(e.g. shard {missing[0]} under {opts.output_prefix}.shards/); rerun them first")
     man = _manifest(shards, opts, tok, dtype, time.monotonic() - t0, sig)
-    if len(shards) == 1 and not opts.keep_shards:
-        os.replace(shards[0].prefix + ".bin", opts.output_prefix + ".bin")
-        os.replace(shards[0].prefix + ".idx", opts.output_prefix + ".idx")
-    else:
-        merge_prefixes([s.prefix for s in shards], opts.output_prefix, dtype)
-    man["elapsed_s"] = round(time.monotonic() - t0, 3)
-    man["tokens_per_s"] = round(man["tokens"] / man["elapsed_s"], 1) if man["elapsed_s"] > 0 else None
-    atomic_write_json(opts.output_prefix + ".manifest.json", man)
+    out = opts.output_prefix
+    # the lock also clears what a finalize killed earlier left (.PREFIX.bin.tmp<pid>, manifest temporaries)
+    with output_lock(out, (".bin", ".idx", ".manifest.json")):
+        try:
+            if len(shards) == 1 and not opts.keep_shards:
+                os.replace(shards[0].prefix + ".bin", out + ".bin")
+                os.replace(shards[0].prefix + ".idx", out + ".idx")
+            else:
+                merge_prefixes([s.prefix for s in shards], out, dtype)
+            man["elapsed_s"] = round(time.monotonic() - t0, 3)
+            man["tokens_per_s"] = round(man["tokens"] / man["elapsed_s"], 1) if man["elapsed_s"] > 0 else None
+            atomic_write_json(out + ".manifest.json", man)  # last: marks the output complete
+        except OSError as e:
+            raise DataPrepError(f"{_final_name(e, out + '.manifest.json')}: {os_error_reason(e)} "
+                                f"(the shards under {out}.shards/ are kept; rerun to finish)") from None
     if not opts.keep_shards:
         shutil.rmtree(opts.output_prefix + ".shards", ignore_errors=True)
     return man
@@ -610,7 +645,7 @@ def _up_to_date(opts: Options, sig: dict) -> Optional[dict]:
 def preprocess(opts: Options, merge_only: bool = False) -> dict:
     """Run (a slice of) the preprocessing; returns the manifest (or the slice's stats)."""
     t0 = time.monotonic()
-    os.makedirs(os.path.dirname(opts.output_prefix) or ".", exist_ok=True)
+    check_output_dir(opts.output_prefix)
     sp, tok, dtype, eos, shards, sig_common = _setup(opts)
     del sp
     sig = _overall_signature(shards, sig_common)

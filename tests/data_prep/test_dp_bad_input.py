@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 
 from dp_helpers import write_jsonl
 from dp_helpers import expected, pp, read_megatron, same_files
@@ -130,3 +131,120 @@ def test_io_error_mid_file_fails_the_shard_and_a_rerun_retries_it(tmp_path, corp
     monkeypatch.undo()
     pp(files, tokenizer, out, "--workers", "1")
     assert same_files(tmp_path / "ref", out)
+
+
+# ---------------------------------------------------------------------------------------
+# Unwritable or full output: one line naming the path and the reason, exit 2, nothing lost
+
+
+def _pp_limited(inputs, tokenizer, prefix, *extra, fsize=None):
+    """The CLI as a user runs it, with a file-size limit standing in for a full disk: a write past
+    it fails with EFBIG (Python ignores SIGXFSZ), as one past the end of the disk fails ENOSPC."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from dp_helpers import REPO
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    cmd = [sys.executable, "-m", "data_prep.preprocess", "--input", *map(str, inputs), "--tokenizer", tokenizer,
+           "--output-prefix", str(prefix), "--progress", "none", *map(str, extra)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=REPO), preexec_fn=limit if fsize is not None else None)
+
+
+def _one_error_line(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+def _read_only(path):
+    """Make a directory unwritable even for root (chattr +i) or, as a user, by its mode; the undo
+    function restores it so that pytest can clean up."""
+    import os
+    import subprocess
+
+    import pytest
+
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        return lambda: os.chmod(path, 0o755)
+    r = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"running as root and chattr +i is not available here: {r.stderr!r}")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path, corpus, tokenizer):
+    f = write_jsonl(tmp_path / "a.jsonl", corpus[:3])
+    (tmp_path / "afile").write_text("not a directory")
+    r = pp(f, tokenizer, tmp_path / "afile" / "sub" / "ds", check=False)
+    _one_error_line(r, f"--output-prefix {tmp_path / 'afile' / 'sub' / 'ds'}: cannot create directory "
+                       f"{tmp_path / 'afile' / 'sub'} (Not a directory)")
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    undo = _read_only(ro)
+    try:
+        r = pp(f, tokenizer, ro / "ds", check=False)
+        line = _one_error_line(r, f"--output-prefix {ro / 'ds'}: cannot write in {ro} (")
+        assert line.endswith(("(Permission denied)", "(Operation not permitted)", "(Read-only file system)")), line
+        r = pp(f, tokenizer, ro / "new" / "ds", check=False)
+        _one_error_line(r, f"cannot create directory {ro / 'new'} (")
+        assert os.listdir(ro) == []
+    finally:
+        undo()
+
+    # a disk with no room for even one byte: the probe writes one before the tokenizer is loaded
+    r = _pp_limited([f], tokenizer, tmp_path / "full" / "ds", fsize=0)
+    _one_error_line(r, f"cannot write in {tmp_path / 'full'} (File too large)")
+    assert os.listdir(tmp_path / "full") == []
+
+
+def test_disk_full_mid_shard_or_mid_merge_keeps_everything(tmp_path, corpus, tokenizer):
+    """A write that fails while tokenizing or merging ends the run with one line naming the file;
+    the previous output and every finished shard survive, no temporary is left, and the rerun
+    completes to the same bytes as an uninterrupted run."""
+    files = [write_jsonl(tmp_path / f"in{i}.jsonl", corpus[i::4]) for i in range(4)]
+    pp(files, tokenizer, tmp_path / "ref", "--workers", "1")
+    out = tmp_path / "o" / "ds"
+    pp(files[:2], tokenizer, out, "--workers", "1")  # an earlier, different output under the same prefix
+    before = {ext: open(str(out) + ext, "rb").read() for ext in (".bin", ".idx", ".manifest.json")}
+
+    def assert_previous_output_intact():
+        for ext, data in before.items():
+            assert open(str(out) + ext, "rb").read() == data, ext
+        assert not [f for f in os.listdir(out.parent) if ".tmp" in f or f.endswith(".lock")]
+
+    shard_dir = str(out) + ".shards"
+    # full while a shard is written (64 KB: each shard holds ~160 KB of tokens)
+    r = _pp_limited(files, tokenizer, out, "--workers", "2", "--chunk-mb", "0.02", fsize=64 << 10)
+    _one_error_line(r, f"{shard_dir}/shard-00000.bin: File too large while writing shard 0",
+                    "finished shards are kept; rerun to continue")
+    assert_previous_output_intact()
+    assert not [f for f in os.listdir(shard_dir) if ".tmp" in f or f.startswith(".spill")]
+
+    # full during the merge: every shard fits under the limit, their concatenation does not
+    limit = 400 << 10
+    total = os.path.getsize(tmp_path / "ref.bin")
+    r = _pp_limited(files, tokenizer, out, "--workers", "1", fsize=limit)
+    _one_error_line(r, f"{out}.bin: File too large while merging into {out}.bin/.idx",
+                    "nothing was replaced; rerun to retry")
+    shard_bins = [os.path.getsize(os.path.join(shard_dir, f"shard-{i:05d}.bin")) for i in range(4)]
+    assert max(shard_bins) < limit < total == sum(shard_bins)  # the limit really sat between the two
+    assert_previous_output_intact()
+    assert sorted(f for f in os.listdir(shard_dir) if f.endswith(".json")) == [
+        f"shard-{i:05d}.json" for i in range(4)]
+
+    r = pp(files, tokenizer, out, "--workers", "1", "--progress", "log")
+    assert "4 of 4 shards already complete" in r.stderr
+    assert same_files(tmp_path / "ref", out)
+    assert not [f for f in os.listdir(out.parent) if ".tmp" in f or f.endswith(".lock")]
