@@ -21,6 +21,7 @@ import dataclasses
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -42,12 +43,28 @@ class CheckpointSaveError(CheckpointError):
     def __init__(self, root: Union[str, Path], iteration: int, cause: BaseException):
         reason = _root_cause(cause)
         try:
-            good = f"the last complete checkpoint is iteration {resolve_iteration(root)} in {root}"
+            last = resolve_iteration(root)
+            good = f"the last complete checkpoint is iteration {last} in {root}, untouched"
         except CheckpointError:
-            good = f"there is no complete checkpoint in {root} yet"
-        full = " (the disk is full: free space, then rerun to resume)" if "No space left" in reason else ""
-        super().__init__(f"saving iteration {iteration} to {iteration_dir(root, iteration)} failed: {reason}{full}; "
-                         f"{good}, untouched")
+            last, good = None, f"there is no complete checkpoint in {root} yet"
+        full = _disk_full(Path(root), last)
+        super().__init__(f"saving iteration {iteration} to {iteration_dir(root, iteration)} failed: {reason}"
+                         + (f" (the disk is full: {full}; free space, then rerun to resume)" if full else "")
+                         + f"; {good}")
+
+
+def _disk_full(root: Path, last: Optional[int]) -> Optional[str]:
+    """torch's zip writer reports a full disk as 'unexpected pos ...', not ENOSPC: judge by the
+    free space left, against the size of the last complete checkpoint (what a save needs)."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return None
+    need = 64 << 20
+    if last is not None:
+        need = max(need // 64, sum(f.stat().st_size for f in iteration_dir(root, last).iterdir() if f.is_file()))
+    return f"{free / 2**20:.1f} MiB free on its filesystem, a checkpoint needs about {need / 2**20:.1f}" \
+        if free < need else None
 
 
 class NoUsableCheckpoint(CheckpointError):
@@ -63,6 +80,8 @@ def _root_cause(exc: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         rank, failure = sorted(failures.items())[0]
         inner = getattr(failure, "exc", failure)  # a _WrappedException, or the exception itself
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            inner = inner[0]  # megatron's async writer reports (exception, traceback frames)
         return f"rank {rank}: {type(inner).__name__}: {inner}"
     return f"{type(seen).__name__}: {seen}"
 
@@ -124,11 +143,14 @@ def _save_state(root: Union[str, Path], iteration: int, state: Dict[str, Any], r
 
     path = iteration_dir(root, iteration)
     if _rank() == 0:
-        stale = path / METADATA_FILE
-        if stale.exists():
-            stale.unlink()  # re-saving an iteration: incomplete until the new record lands
+        if (path / METADATA_FILE).exists():
+            # a complete save of this iteration exists, e.g. one a resume found corrupt and fell
+            # back from: it is evidence, so it is kept under another name, never overwritten
+            aside = path.with_name(f"{path.name}.superseded-{int(time.time())}")
+            os.replace(path, aside)
+            print(f"kept the earlier save of iteration {iteration} as {aside}", flush=True)
         elif path.exists():
-            shutil.rmtree(path)  # leftovers of a crashed save: start clean
+            shutil.rmtree(path)  # leftovers of a crashed save (no record): start clean
         path.mkdir(parents=True, exist_ok=True)
     _barrier()
     mcore_compat.start_writer_processes_shielded()
@@ -137,10 +159,9 @@ def _save_state(root: Union[str, Path], iteration: int, state: Dict[str, Any], r
     except BaseException as exc:  # torch's CheckpointException derives from BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        error = CheckpointSaveError(root, iteration, exc)
         if _rank() == 0:
             shutil.rmtree(path, ignore_errors=True)  # never complete, never referenced: give the space back
-        raise error from exc
+        raise CheckpointSaveError(root, iteration, exc) from exc
     _barrier()
     files = digest_saved_files(path)
     if before_commit is not None:

@@ -16,8 +16,8 @@ import traceback  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 from megafox.config import ConfigError, load_train_config  # noqa: E402
-from megafox.signals import (EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NAN, EXIT_NO_CHECKPOINT,  # noqa: E402
-                             EXIT_OK)
+from megafox.signals import (EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_NAN,  # noqa: E402
+                             EXIT_NO_CHECKPOINT, EXIT_OK)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,6 +74,7 @@ def _report_status(status: int) -> None:
 def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
     from megafox.checkpoint import CheckpointSaveError, NoUsableCheckpoint
     from megafox.records import CheckpointError
+    from megafox.run_lock import RunLocked
     from megafox.training.curriculum import check_stage_order
     from megafox.training.loop import Trainer, TrainingHalted, log
 
@@ -93,6 +94,9 @@ def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
                           allow_config_change=args.allow_config_change)
         trainer.setup()
         return trainer.run()
+    except RunLocked as exc:
+        _error(str(exc))
+        return EXIT_LOCKED
     except CheckpointSaveError as exc:
         _error(str(exc))
         return EXIT_FAILURE

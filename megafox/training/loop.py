@@ -21,6 +21,7 @@ import torch
 from megafox import checkpoint as ckpt
 from megafox.config import ConfigError, TrainConfig
 from megafox.records import RunState
+from megafox.run_lock import lock_for_run
 from megafox.signals import EXIT_OK, EXIT_REQUEUE
 from megafox.training import curriculum
 from megafox.training.callbacks.base import Callback
@@ -91,6 +92,7 @@ class Trainer:
         cfg = self.config
         self.stop.install()  # before the slow parts, so an early signal is not lost
         init_distributed(cfg.parallel, cfg.seed)
+        self.lock = lock_for_run(self.root)  # released when the process ends, however it ends
         self.data = self._build_data()
         self.tokenizer = self.data.tokenizer
         stack = build_training_stack(cfg.model, cfg.parallel, cfg.build, cfg.optimizer, run=cfg)

@@ -1,0 +1,191 @@
+"""Trust in every checkpoint (issue 17): corruption is detected and named, the run falls back to the
+newest checkpoint that verifies (keeping the bad one), nothing usable -> exit 4, a full disk says so
+and which checkpoint is still good, one run per checkpoint directory, no rank outlives its launcher,
+a stop signal during start-up stops (75) instead of killing."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from megafox import checkpoint as ckpt
+from tests.training.harness import (faulty_trainer, kill_session, latest, losses, run_stage, track, wait_for_line,
+                                    worker_with_rank)
+
+pytestmark = [pytest.mark.slow, pytest.mark.multirank]
+INTERVAL = ["checkpoint.interval=2"]
+
+
+@pytest.fixture(scope="module")
+def killed(tiny_data, tmp_path_factory):
+    """stage1 on DP2 saved at iterations 2 and 4, killed -9 at the start of step 6."""
+    root = tmp_path_factory.mktemp("killed") / "ckpt"
+    rc, out = run_stage("stage1", root, tiny_data, overrides=INTERVAL, env=faulty_trainer("--kill-at-step", "6"))
+    assert rc != 0 and latest(root) == 4, out[-3000:]
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight") / "ckpt"
+    rc, out = run_stage("stage1", root, tiny_data, overrides=INTERVAL)
+    assert rc == 0, out[-3000:]
+    return losses(root, "stage1")
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _flip_byte(path: Path, offset_fraction=0.5):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset_fraction)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated shard": (lambda d: os.truncate(d / "__0_0.distcp", 1000), "__0_0.distcp: 1000 bytes, the save wrote"),
+    "one flipped bit": (lambda d: _flip_byte(d / "__0_1.distcp"), "__0_1.distcp: checksum mismatch"),
+    "garbage megafox.json": (lambda d: (d / "megafox.json").write_text("{garbage"), "megafox.json: unreadable checkpoint record"),
+    "deleted .metadata": (lambda d: (d / ".metadata").unlink(), ".metadata: missing"),
+    "deleted common.pt": (lambda d: (d / "common.pt").unlink(), "common.pt: missing"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(killed, tmp_path, name):
+    root = _copy(killed, tmp_path)
+    corrupt, message = CORRUPTIONS[name]
+    corrupt(root / "iter_0000004")
+    record, skipped = ckpt.find_usable_checkpoint(root)
+    assert record.iteration == 2
+    assert len(skipped) == 1 and skipped[0].startswith("iteration 4: ") and message in skipped[0], skipped
+    assert (root / "iter_0000004").is_dir()  # never deleted
+
+
+def test_nothing_usable_names_every_checkpoint(killed, tmp_path):
+    root = _copy(killed, tmp_path)
+    _flip_byte(root / "iter_0000004" / "__0_0.distcp")
+    os.truncate(root / "iter_0000002" / "__1_0.distcp", 10)
+    with pytest.raises(ckpt.NoUsableCheckpoint) as err:
+        ckpt.find_usable_checkpoint(root)
+    assert "iteration 4:" in str(err.value) and "iteration 2:" in str(err.value)
+
+
+def test_checkpoints_without_digests_are_checked_against_their_index(killed, tmp_path):
+    """What older megafox (and model-only tools) saved: no `files` in the record."""
+    root = _copy(killed, tmp_path)
+    for it in (2, 4):
+        meta = root / f"iter_{it:07d}" / "megafox.json"
+        record = json.loads(meta.read_text())
+        record.pop("files")
+        meta.write_text(json.dumps(record))
+    assert ckpt.find_usable_checkpoint(root)[0].iteration == 4
+    os.truncate(root / "iter_0000004" / "__0_1.distcp", 100)
+    record, skipped = ckpt.find_usable_checkpoint(root)
+    assert record.iteration == 2 and "__0_1.distcp: truncated shard file (100 bytes" in skipped[0]
+
+
+def test_resume_skips_a_silently_corrupt_checkpoint_and_trains_the_same_run(killed, straight, tiny_data, tmp_path):
+    """One flipped bit in the newest checkpoint used to resume without a word and depart from the
+    trajectory: now the trainer names the file, resumes from the one before, and every logged loss
+    equals the uninterrupted run's."""
+    root = _copy(killed, tmp_path)
+    _flip_byte(root / "iter_0000004" / "__0_0.distcp")
+    rc, out = run_stage("stage1", root, tiny_data, overrides=INTERVAL)
+    assert rc == 0, out[-4000:]
+    assert "skipping an unusable checkpoint: iteration 4: " in out and "__0_0.distcp: checksum mismatch" in out
+    assert f"falling back to iteration 2 ({root / 'iter_0000002'})" in out
+    assert f"resumed from {root / 'iter_0000002'}" in out
+    assert losses(root, "stage1") == straight
+    kept = list(root.glob("iter_0000004.superseded-*"))
+    assert len(kept) == 1 and (kept[0] / "__0_0.distcp").is_file()  # the bad one is kept for inspection
+
+
+def test_no_usable_checkpoint_exits_4_in_one_line(killed, tiny_data, tmp_path):
+    root = _copy(killed, tmp_path)
+    for it in (2, 4):
+        (root / f"iter_{it:07d}" / "megafox.json").write_text("not json")
+    rc, out = run_stage("stage1", root, tiny_data, nproc=1, overrides=INTERVAL)
+    assert rc == 4, out[-3000:]
+    lines = [line for line in out.splitlines() if "megafox-train: error:" in line]
+    assert len(lines) == 1 and f"no usable checkpoint in {root}" in lines[0], out[-3000:]
+    assert "Traceback" not in out
+
+
+def test_a_full_disk_says_so_and_names_the_checkpoint_still_good(tiny_data, tmp_path):
+    """The checkpoint directory on a 7 MB tmpfs: the first save (4.6 MB) fits, the second does not."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.fail("mounting a tmpfs needs root (CI runs as root)")
+    try:
+        root = disk / "ckpt"
+        rc, out = run_stage("stage1", root, tiny_data, overrides=INTERVAL + [
+            f"data.cache_dir={tmp_path / 'cache'}", f"logging.tensorboard_dir={tmp_path / 'tb'}"])
+        assert rc == 1, out[-4000:]
+        lines = [line for line in out.splitlines() if "megafox-train: error:" in line]
+        assert len(lines) == 1, out[-4000:]
+        assert "saving iteration 4 to" in lines[0] and "(the disk is full: " in lines[0], lines[0]
+        assert f"the last complete checkpoint is iteration 2 in {root}" in lines[0]
+        assert latest(root) == 2 and not (root / "iter_0000004").exists()  # the partial save's space is given back
+        assert ckpt.find_usable_checkpoint(root)[0].iteration == 2
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_one_run_per_checkpoint_dir_and_no_rank_outlives_its_launcher(tiny_data, tmp_path):
+    root = tmp_path / "ckpt"
+    long = ["stages.stage1.token_budget=40960"]  # 80 steps of 0.5 s: alive for the whole test
+    proc = run_stage("stage1", root, tiny_data, popen=True, overrides=long, env=faulty_trainer("--step-sleep", "0.5"))
+    sessions = set()
+    try:
+        wait_for_line(proc, "step 2 ")
+        track(proc, sessions)
+        ranks = [worker_with_rank(proc.pid, r) for r in (0, 1)]
+        # a second run on the same directory is refused in one line while the first is alive
+        rc, out = run_stage("stage1", root, tiny_data, nproc=1, overrides=long)
+        assert rc == 5, out[-3000:]
+        assert f"{root}: in use by another run (pid {ranks[0].pid} on " in out and "Traceback" not in out
+        # kill -9 of the launcher's whole process group (an OOM kill, a dead login shell)
+        os.killpg(proc.pid, signal.SIGKILL)
+        gone, alive = psutil.wait_procs(ranks, timeout=20)
+        assert not alive, f"ranks outlived their launcher: {[p.pid for p in alive]}"
+    finally:
+        kill_session(proc, sessions)
+    rc, out = run_stage("stage1", root, tiny_data, overrides=long)  # the lock died with them
+    assert rc == 0 and "resumed from" in out, out[-3000:]
+
+
+def test_a_stop_signal_during_start_up_stops_cleanly(tiny_data, tmp_path):
+    """SIGUSR1 0.5 s after the ranks start, long before the trainer installs its handler: the ranks
+    used to die of it (exit 1, no requeue). Now it is held until the handler exists: exit 75, and
+    with no step run nothing is saved."""
+    root = tmp_path / "ckpt"
+    proc = run_stage("stage1", root, tiny_data, popen=True)
+    sessions = set()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                ranks = [worker_with_rank(proc.pid, r) for r in (0, 1)]
+                break
+            except AssertionError:
+                time.sleep(0.05)
+        time.sleep(0.5)
+        for rank in ranks:
+            rank.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=240)
+        track(proc, sessions)
+    finally:
+        kill_session(proc, sessions)
+    assert proc.returncode == 75, out[-4000:]
+    assert "stopping: signal SIGUSR1; no step ran, nothing to save; exit 75" in out
+    assert not (root / "latest").exists()
