@@ -165,7 +165,9 @@ def load_plan(path: str, output_dir: Optional[str] = None) -> dict:
             if not isinstance(s, dict):
                 raise PlanError(f"{SW}: must be a mapping with name, globs, weight")
             _check_keys(s, ("name", "globs", "weight", "json_key", "format"), SW)
-            for req in ("name", "globs", "weight"):
+            # an sft source without a weight takes its share by conversation count (each conversation
+            # once per epoch); pretraining sources always name theirs
+            for req in ("name", "globs") + (() if kind == "sft" else ("weight",)):
                 if req not in s:
                     raise PlanError(f"{SW}.{req}: required")
             name = s["name"]
@@ -181,7 +183,8 @@ def load_plan(path: str, output_dir: Optional[str] = None) -> dict:
             if not isinstance(jk, str) or not jk:
                 raise PlanError(f"{SW}.json_key: must be a non-empty string")
             out_srcs.append({"name": name, "globs": _globs(s["globs"], f"{SW}.globs"),
-                             "weight": _num(s["weight"], f"{SW}.weight"), "json_key": jk, "format": fmt,
+                             "weight": _num(s["weight"], f"{SW}.weight") if "weight" in s else None,
+                             "json_key": jk, "format": fmt,
                              "where": SW})
         plan["stages"][sname] = {"token_budget": budget, "sources": out_srcs, "kind": kind}
         if kind == "sft":
@@ -235,7 +238,8 @@ def blend_record(plan: dict, stage: str, manifests: Dict[str, dict], tok_path: s
         "stage": stage,
         "tokenizer": (os.path.relpath(tok_path, d) if tok_path.startswith(plan["output_dir"] + os.sep)
                       else os.path.abspath(tok_path)),
-        "datasets": [{"prefix": src["name"], "weight": src["weight"],
+        "datasets": [{"prefix": src["name"],
+                      "weight": src["weight"] if src["weight"] is not None else manifests[src["name"]]["documents"],
                       "documents": manifests[src["name"]]["documents"],
                       "tokens": manifests[src["name"]]["tokens"]} for src in plan["stages"][stage]["sources"]],
         "token_budget": plan["stages"][stage]["token_budget"],

@@ -28,6 +28,7 @@ ScheduleStyle = Literal["cosine", "wsd", "linear", "constant"]
 WsdDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
 NanPolicy = Literal["skip", "halt"]
 StageKind = Literal["pretrain", "sft"]
+PackedAttention = Literal["segments", "mask", "varlen"]  # megafox.model.attention (native spec)
 
 TRANSFORMER_IMPLS = typing.get_args(TransformerImpl)
 LOSS_KERNELS = typing.get_args(LossKernel)
@@ -267,14 +268,20 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
 
 @dataclass
 class StageConfig:
-    """One curriculum stage: only data and sequence length change from the stage before."""
+    """One curriculum stage: only data and sequence length change from the stage before.
+
+    kind pretrain: `token_budget` tokens of the stage's blend. kind sft (supervised fine-tuning on
+    chat data, packed conversations with a prompt-masked loss): `epochs` over the SFT blend; the
+    stage's length comes from the data (its packed rows), capped by `token_budget` when given."""
 
     name: str
     seq_length: int
-    token_budget: int  # tokens to train on in this stage (rounded down to whole batches)
     batch_tokens: int  # global batch in tokens = global_batch_size x seq_length
     data: str  # blend.json from `make preprocess`; relative paths are under `data_dir`
+    token_budget: Optional[int] = None  # tokens to train on in this stage (rounded down to whole batches)
     micro_batch_size: Optional[int] = None  # default: the run's micro_batch_size
+    kind: StageKind = "pretrain"
+    epochs: Optional[int] = None  # sft: passes over the conversations
 
     @property
     def global_batch_size(self) -> int:
@@ -320,6 +327,9 @@ class ScheduleConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = "checkpoints"
+    # A finished run (e.g. the pretraining curriculum) whose `latest` weights start this one when
+    # `dir` has no checkpoint yet: weights only; optimizer, LR schedule and data start fresh.
+    init_from: Optional[str] = None
     interval: int = 1000  # steps between saves; every stage end is saved too
     keep_last: int = 2  # periodic checkpoints kept (stage-end ones are always kept)
 
@@ -359,6 +369,9 @@ class BuildConfig:
     # trainer passes); recompute: each chunk's logits recomputed in the backward
     loss_grad: LossGrad = "precompute"
     compile_layers: bool = False  # torch.compile each decoder layer (megafox.model.compile)
+    # packed (SFT) sequences in the native spec: per-segment causal SDPA, one block-diagonal mask,
+    # or flash varlen (CUDA, bf16/fp16 only)
+    packed_attention: PackedAttention = "segments"
 
     def validate(self) -> "BuildConfig":
         check_types(self, "build")
@@ -435,21 +448,30 @@ class TrainConfig:
             _require(s.name not in seen, f"{where}.name", f"duplicate stage name {s.name!r}")
             seen.add(s.name)
             where = f"stages.{s.name}"
-            for name in ("seq_length", "token_budget", "batch_tokens"):
+            for name in ("seq_length", "batch_tokens") + (("token_budget",) if s.kind == "pretrain" else ()):
                 value = getattr(s, name)
                 _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                          f"{where}.{name}", f"must be a positive integer, got {value!r}")
             validate_seq_length(s.seq_length, self.model, f"{where}.seq_length")
             _require(s.batch_tokens % s.seq_length == 0, f"{where}.batch_tokens",
                      f"{s.batch_tokens} is not a multiple of seq_length ({s.seq_length})")
-            _require(s.token_budget >= s.batch_tokens, f"{where}.token_budget",
+            _require(s.token_budget is None or s.token_budget >= s.batch_tokens, f"{where}.token_budget",
                      f"{s.token_budget} is less than one batch ({s.batch_tokens} tokens)")
+            if s.kind == "sft":
+                _require(s.epochs is not None and s.epochs >= 1, f"{where}.epochs",
+                         f"an sft stage needs epochs >= 1, got {s.epochs!r}")
+            else:
+                _require(s.epochs is None, f"{where}.epochs", "only sft stages count epochs; set token_budget")
             mbs = self.mbs(s)
             _require(mbs >= 1, f"{where}.micro_batch_size", f"must be >= 1, got {mbs}")
             _require(s.global_batch_size % mbs == 0, f"{where}.batch_tokens",
                      f"global batch of {s.global_batch_size} sequences is not a multiple of "
                      f"micro_batch_size ({mbs})")
             _require(isinstance(s.data, str) and s.data != "", f"{where}.data", "must be a path to a blend.json")
+        kinds = {s.kind for s in self.stages}
+        _require(kinds != {"pretrain", "sft"}, "stages",
+                 "an sft stage has its own optimizer state and LR schedule: put it in a config of its own "
+                 "whose checkpoint.init_from names the pretraining run (see configs/train/fox1_sft.yaml)")
         o = self.optimizer
         _require(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
         _require(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, lr={o.lr}], got {o.min_lr}")
@@ -458,16 +480,12 @@ class TrainConfig:
         _require(o.eps > 0, "optimizer.eps", f"must be > 0, got {o.eps}")
         _require(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
         _require(o.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0 (0 = off), got {o.clip_grad}")
-        sc, total = self.schedule, self.total_tokens
-        _require(0 <= sc.warmup_tokens < total, "schedule.warmup_tokens",
-                 f"must be in [0, total trained tokens = {total}), got {sc.warmup_tokens}")
+        sc = self.schedule
         _require(0 <= sc.init_lr <= o.lr, "schedule.init_lr", f"must be in [0, optimizer.lr], got {sc.init_lr}")
-        if sc.style == "wsd":
-            _require(sc.decay_tokens is not None and 0 < sc.decay_tokens <= total - sc.warmup_tokens,
-                     "schedule.decay_tokens", f"wsd needs 0 < decay_tokens <= total - warmup "
-                     f"({total - sc.warmup_tokens}), got {sc.decay_tokens}")
-        else:
+        if sc.style != "wsd":
             _require(sc.decay_tokens is None, "schedule.decay_tokens", f"only used by style wsd, not {sc.style}")
+        if all(s.token_budget is not None for s in self.stages):
+            self.validate_schedule()  # else once the data has given every stage its length
         c = self.checkpoint
         _require(bool(c.dir), "checkpoint.dir", "must be set")
         _require(c.interval >= 1, "checkpoint.interval", f"must be >= 1, got {c.interval}")
@@ -480,6 +498,17 @@ class TrainConfig:
         _require(0 <= v.valid_fraction < 1, "validation.valid_fraction", f"must be in [0, 1), got {v.valid_fraction}")
         _require(v.interval == 0 or v.valid_fraction > 0, "validation.valid_fraction",
                  "must be > 0 when validation.interval is set")
+        return self
+
+    def validate_schedule(self) -> "TrainConfig":
+        """The schedule against the run's length (for sft stages: once their data gave it)."""
+        sc, total = self.schedule, self.total_tokens
+        _require(0 <= sc.warmup_tokens < total, "schedule.warmup_tokens",
+                 f"must be in [0, total trained tokens = {total}), got {sc.warmup_tokens}")
+        if sc.style == "wsd":
+            _require(sc.decay_tokens is not None and 0 < sc.decay_tokens <= total - sc.warmup_tokens,
+                     "schedule.decay_tokens", f"wsd needs 0 < decay_tokens <= total - warmup "
+                     f"({total - sc.warmup_tokens}), got {sc.decay_tokens}")
         return self
 
 

@@ -22,6 +22,7 @@ segment computes exactly what it would alone.  `packed_kernel` chooses how:
 from __future__ import annotations
 
 import math
+import typing
 from typing import List, Optional
 
 import torch
@@ -32,7 +33,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-PACKED_KERNELS = ("segments", "mask", "varlen")
+from megafox.config import PackedAttention
+
+PACKED_KERNELS = typing.get_args(PackedAttention)  # the config owns the choices
 
 # The host copy of cu_seqlens rides on the PackedSeqParams object (shared by every layer of one
 # forward), so the segments kernel does not copy device offsets to the host in every layer.

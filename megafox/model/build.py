@@ -92,7 +92,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig,
     from megafox.model.gpt import FoxGPTModel
 
     config = transformer_config(model, parallel, build)
-    spec = layer_spec(model.transformer_impl)
+    spec = layer_spec(model.transformer_impl, packed_attention=build.packed_attention)
     vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in (range(vpp) if vpp else [None]):

@@ -99,6 +99,9 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = stack.model, stack.optimizer, stack.scheduler
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.gbs, self.mbs = self.stage.global_batch_size, cfg.mbs(self.stage)
+        # what the pipeline schedule sees of a micro-batch: packed SFT rows run as one long sequence
+        self.schedule_shape = (self.data.pipeline_shape(self.mbs) if self.stage.kind == "sft"
+                               else (self.stage.seq_length, self.mbs))
         self.num_microbatches = self._num_microbatches(cfg.parallel.pp, cfg.parallel.vpp)
         self.is_sample_logger = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
         self.resume()
@@ -121,17 +124,20 @@ class Trainer:
         return n
 
     def _build_data(self):
-        from megafox.data.stage_data import StageData
-
         cfg, stage = self.config, self.stage
         blend = cfg.blend_path(stage)
         if not blend.is_file():
             raise ConfigError(f"stages.{stage.name}.data: {blend} not found (run `make preprocess` or set data_dir)")
-        data = StageData(str(blend), stage.seq_length, stage.global_batch_size, seed=cfg.seed,
-                         cache_dir=cfg.data.cache_dir or str(self.root / "data_cache"),
-                         valid_fraction=cfg.validation.valid_fraction,
-                         previous_stages=curriculum.previous_stage_specs(cfg, self.stage_index),
-                         token_budget=stage.token_budget)
+        cache = cfg.data.cache_dir or str(self.root / "data_cache")
+        if stage.kind == "sft":
+            data = self._build_sft_data(blend, cache)
+        else:
+            from megafox.data.stage_data import StageData
+
+            data = StageData(str(blend), stage.seq_length, stage.global_batch_size, seed=cfg.seed, cache_dir=cache,
+                             valid_fraction=cfg.validation.valid_fraction,
+                             previous_stages=curriculum.previous_stage_specs(cfg, self.stage_index),
+                             token_budget=stage.token_budget)
         data.check_vocab(cfg.model.vocab_size)
         # special ids come from the tokenizer, never from presets (they end up in checkpoints/HF)
         cfg.model.eos_token_id = data.tokenizer.eos
@@ -139,10 +145,37 @@ class Trainer:
             cfg.model.bos_token_id = data.tokenizer.bos
         return data
 
+    def _build_sft_data(self, blend: Path, cache: str):
+        """Packed chat conversations; the stage's length is the data's (its epochs of packed rows),
+        capped by token_budget when the config sets one."""
+        from megafox.data.sft_data import SFTData
+        from megafox.model.specs import require_packed_support
+
+        cfg, stage = self.config, self.stage
+        require_packed_support(cfg.model.transformer_impl)
+        data = SFTData(str(blend), stage.seq_length, stage.global_batch_size, seed=cfg.seed, epochs=stage.epochs,
+                       valid_fraction=cfg.validation.valid_fraction, cache_dir=cache)
+        available = data.num_samples * stage.seq_length
+        stage.token_budget = min(stage.token_budget or available, available)
+        cfg.validate_schedule()
+        log(f"stage {stage.name}: {data.num_real_samples} packed rows of {stage.seq_length} tokens over {stage.epochs} "
+            f"epoch(s), packing efficiency {100 * data.packing_efficiency:.1f}%: {stage.num_steps} steps")
+        return data
+
+    @property
+    def tokenizer_record(self) -> dict:
+        """What checkpoints record of the tokenizer (megafox-to-hf ships it), with the chat template
+        of SFT data, so the exported tokenizer formats chats as the model was trained."""
+        record = self.tokenizer.info()
+        template = getattr(self.data, "chat_template", None)
+        if template:
+            record["chat_template"] = template
+        return record
+
     def resume(self) -> None:
         """Own `latest`, else --load, else a fresh start (curriculum.py has the rules)."""
         own = (self.root / ckpt.LATEST_FILE).is_file()
-        source = str(self.root) if own else self.load_dir
+        source = str(self.root) if own else (self.load_dir or self.config.checkpoint.init_from)
         if source is None:
             if self.stage_index > 0:
                 raise ConfigError(f"--stage {self.stage.name}: no checkpoint in {self.root} to continue from "
@@ -150,7 +183,10 @@ class Trainer:
             log(f"starting stage {self.stage.name} from scratch (no checkpoint in {self.root})")
             return
         record = self._usable_checkpoint(source)
-        if not record.is_training:
+        stages = [s.name for s in self.config.stages]
+        if not record.is_training or (not own and (record.stage not in stages or not self.load_dir)):
+            # model-only, checkpoint.init_from, or --load of another run's stage (e.g. SFT from a
+            # pretraining run): its weights start this run; optimizer, schedule and data start fresh
             self._start_from_weights(record, own)
             return
         curriculum.check_resumable_stage(record, self.config, self.stage_index)
@@ -188,12 +224,16 @@ class Trainer:
     def _start_from_weights(self, record, own: bool) -> None:
         if self.stage_index > 0 and own:
             raise ConfigError(f"{record.path}: a model-only checkpoint cannot continue a curriculum")
+        if self.stage_index > 0:
+            raise ConfigError(f"{record.path}: initial weights start the first stage "
+                              f"({self.config.stages[0].name}), not {self.stage.name}")
         shape = curriculum.check_model_shape(record, self.config)
         if shape:
             raise ConfigError(f"{record.path}: the checkpoint's model differs from the config's: {'; '.join(shape)}")
         ckpt.load_model(record.path, self.model)
         self.optimizer.reload_model_params()  # bf16 keeps fp32 main params in the optimizer: refresh them
-        log(f"initialized weights from {record.path} (model only; optimizer and data start fresh)")
+        what = "model only" if not record.is_training else f"the weights of its stage {record.stage} checkpoint"
+        log(f"initialized weights from {record.path} ({what}; optimizer, schedule and data start fresh)")
 
     def _check_config(self, record) -> None:
         from megafox.records import config_mapping
@@ -287,7 +327,7 @@ class Trainer:
         lr = self.lr
         self.state.iteration += 1
         result = train_step(self.model, self.optimizer, self.iterator(batches), self.num_microbatches,
-                            stage.seq_length, self.mbs, skip_nonfinite=True)
+                            *self.schedule_shape, skip_nonfinite=True)
         self.state.consumed_samples[stage.name] = self.stage_samples + self.gbs
         self.state.consumed_tokens += stage.batch_tokens
         skipped = result.skipped or not (math.isfinite(result.loss) and math.isfinite(result.grad_norm))

@@ -37,13 +37,14 @@ def faulty_trainer(*faults: str) -> Dict[str, str]:
 
 
 def run_stage(stage: str, root: Path, data: Path, nproc: int = 2, overrides: List[str] = (),
-              env: Optional[Dict[str, str]] = None, timeout: float = 300, popen: bool = False):
+              env: Optional[Dict[str, str]] = None, timeout: float = 300, popen: bool = False,
+              config: str = "tiny.yaml", small: List[str] = SMALL):
     """Run one stage through launch/local.sh; return (exit status, combined output)."""
     full_env = dict(os.environ)
     full_env.update({
-        "MEGAFOX_CONFIG": str(REPO / "configs" / "train" / "tiny.yaml"), "MEGAFOX_NPROC": str(nproc),
+        "MEGAFOX_CONFIG": str(REPO / "configs" / "train" / config), "MEGAFOX_NPROC": str(nproc),
         "MEGAFOX_MASTER_PORT": str(free_port()), "MEGAFOX_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1",
-        "MEGAFOX_OVERRIDES": " ".join([f"data_dir={data}", f"checkpoint.dir={root}", *SMALL, *overrides]),
+        "MEGAFOX_OVERRIDES": " ".join([f"data_dir={data}", f"checkpoint.dir={root}", *small, *overrides]),
     })
     full_env.update(env or {})
     cmd = ["bash", str(LOCAL_SH), stage]

@@ -36,7 +36,7 @@ class CheckpointCallback(Callback):
         cfg = trainer.config
         record = CheckpointRecord(
             iteration=trainer.state.iteration, kind="train", model=cfg.model, layout=ckpt.layout_signature(),
-            tokenizer=trainer.tokenizer.info(),  # what megafox-to-hf ships with the weights
+            tokenizer=trainer.tokenizer_record,  # what megafox-to-hf ships with the weights
             stage=trainer.stage.name, stage_index=trainer.stage_index, stage_end=stage_end,
             seq_length=trainer.stage.seq_length, global_batch_size=trainer.gbs,
             scheduler=trainer.scheduler.state_dict(), run_state=dataclasses.replace(trainer.state),

@@ -32,7 +32,7 @@ class ValidationCallback(Callback):
             try:
                 with torch.no_grad():
                     result = train_step(trainer.model, trainer.optimizer, trainer.iterator(batches), len(batches),
-                                        trainer.stage.seq_length, trainer.mbs, forward_only=True)
+                                        *trainer.schedule_shape, forward_only=True)
             finally:
                 for chunk in trainer.model:
                     chunk.train()
