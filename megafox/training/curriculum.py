@@ -17,6 +17,7 @@ stage already (partly) trained, which would change which samples were and will b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from megafox.config import ConfigError, StageConfig, TrainConfig
@@ -59,10 +60,34 @@ def previous_stage_specs(config: TrainConfig, stage_index: int) -> List[Dict[str
     return specs
 
 
-def write_done(config: TrainConfig, stage: StageConfig, state, documents: Optional[str] = None) -> None:
+def finish_stage(config: TrainConfig, stage: StageConfig, state, data) -> None:
+    """Rank 0, after the stage's final save: record the documents it read (with every earlier
+    stage's; once, so later stages never recompute them), then its .done, which names the record."""
+    from megafox.data.documents_read import record_dir, write_documents_read
+
+    documents = None
+    if stage.kind == "pretrain":
+        directory = record_dir(config.checkpoint.dir, stage.name)
+        write_documents_read(data, state.consumed_samples.get(stage.name, 0), directory)
+        documents = directory.name
     write_stage_done(config.checkpoint.dir, StageDone(
         stage=stage.name, iteration=state.iteration, consumed_tokens=state.consumed_tokens,
         stage_samples=state.consumed_samples.get(stage.name, 0), loss=state.last_loss, documents=documents))
+
+
+def excluded_documents(config: TrainConfig, stage_index: int):
+    """The documents stages 1..N-1 read, from stage N-1's record (memory-mapped bitmaps); None for
+    the first stage, or when the earlier stage finished before such records existed (then the data
+    recomputes them from `previous_stage_specs`)."""
+    from megafox.data.documents_read import read_documents_read, record_exists
+
+    if stage_index == 0:
+        return None
+    root = Path(config.checkpoint.dir)
+    done = read_stage_done(root, config.stages[stage_index - 1].name)
+    if done is None or not done.documents or not record_exists(root / done.documents):
+        return None
+    return read_documents_read(root / done.documents)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -134,10 +134,14 @@ class Trainer:
         else:
             from megafox.data.stage_data import StageData
 
+            excluded = curriculum.excluded_documents(cfg, self.stage_index)
+            if excluded is not None:
+                log(f"stage {stage.name}: leaving out the documents of {', '.join(e['stage'] for e in excluded.stages)}"
+                    f" ({sum(e.count for e in excluded.entries.values())} documents, recorded in {excluded.path})")
             data = StageData(str(blend), stage.seq_length, stage.global_batch_size, seed=cfg.seed, cache_dir=cache,
-                             valid_fraction=cfg.validation.valid_fraction,
-                             previous_stages=curriculum.previous_stage_specs(cfg, self.stage_index),
-                             token_budget=stage.token_budget)
+                             valid_fraction=cfg.validation.valid_fraction, token_budget=stage.token_budget,
+                             excluded_documents=excluded,
+                             previous_stages=curriculum.previous_stage_specs(cfg, self.stage_index) if excluded is None else ())
         data.check_vocab(cfg.model.vocab_size)
         # special ids come from the tokenizer, never from presets (they end up in checkpoints/HF)
         cfg.model.eos_token_id = data.tokenizer.eos
@@ -300,7 +304,7 @@ class Trainer:
             if ran or not self.resumed_at_stage_end:  # else: died between the final save and .done
                 self.checkpointing.save(self, stage_end=True)
             if _rank0():
-                curriculum.write_done(self.config, stage, self.state)
+                curriculum.finish_stage(self.config, stage, self.state, self.data)
             self.call("on_stage_end")
             log(f"stage {stage.name} complete: iteration={self.state.iteration} loss={self.state.last_loss:.6f}")
             return EXIT_OK

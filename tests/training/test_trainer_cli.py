@@ -143,6 +143,9 @@ def test_stage_transition_keeps_optimizer_and_schedule_and_reads_no_sample_twice
     _ok(rc, out)
     # starts from stage1's final checkpoint with its optimizer (Adam step 8) and token count
     assert f"resumed from {root / 'iter_0000008'}: iteration=8 stage=stage1 tokens=4096" in out
+    # what stage1 read comes from its record, written once at its end, not recomputed (issue 18)
+    assert "stage stage2: leaving out the documents of stage1 (" in out
+    assert json.loads((root / "stage1.done").read_text())["documents"] == "stage1.documents"
     assert "optimizer_step=8" in out
     assert adam_step(root / "iter_0000012") == 12.0  # 8 + 4: continued, not restarted
     meta = ckpt.read_record(root)
