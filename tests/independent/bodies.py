@@ -54,10 +54,15 @@ def one_training_step(stack, batch, micro_batch_size: int):
     return result
 
 
-def _build(model, parallel, settings, batches, micro_batch_size, hf=None, overlap=None):
+def _run_of(model, parallel, settings, batches, micro_batch_size, overlap=None):
+    """The run's TrainConfig and the layout with `overlap` (ParallelConfig overlap fields) applied."""
     parallel = dataclasses.replace(parallel, **(overlap or {}))
     seq, gbs = batches[0]["tokens"].shape[1], batches[0]["tokens"].shape[0]
-    run = run_config(model, parallel, settings, seq, gbs, len(batches) + 1, micro_batch_size)
+    return run_config(model, parallel, settings, seq, gbs, len(batches) + 1, micro_batch_size), parallel
+
+
+def _build(model, parallel, settings, batches, micro_batch_size, hf=None, overlap=None):
+    run, parallel = _run_of(model, parallel, settings, batches, micro_batch_size, overlap)
     load = (lambda chunks: load_hf_weights(chunks, hf, model, parallel)) if hf is not None else None
     return build_training_stack(model, parallel, BuildConfig(precision="fp32"), settings, load_weights=load,
                                 run=run), run, parallel
@@ -79,9 +84,9 @@ def train_steps(hf_path, batches_path, micro_batch_size, vocab_size, settings):
     return out
 
 
-def micro_batch_variants(hf_path, batches_path, micro_batch_sizes, vocab_size, settings):
-    """The same steps once per micro-batch size, each from the same HF weights."""
-    return {mbs: train_steps(hf_path, batches_path, mbs, vocab_size, settings) for mbs in micro_batch_sizes}
+def train_runs(runs):
+    """Several `train_steps` runs in one process (each builds its own stack): one torchrun start."""
+    return [train_steps(**run) for run in runs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,55 +164,56 @@ def _weights(stack, model, parallel):
         return gather_hf_weights(stack.model, model, parallel)
 
 
-def _load_fresh(root, model, parallel, settings, batches, micro_batch_size, overlap):
-    """A new stack (its own random initial weights) resumed from `root` as the trainer resumes."""
-    stack, _, parallel = _build(model, parallel, settings, batches, micro_batch_size, overlap=overlap)
+def _snapshot(stack, model, parallel):
+    return {"state": gather_optimizer_state(stack, model, parallel), "weights": _weights(stack, model, parallel)}
+
+
+def _step(stack, batch, micro_batch_size, model, parallel):
+    result = one_training_step(stack, batch, micro_batch_size)
+    return {"loss": result.loss, "grad_norm": result.grad_norm, "weights": _weights(stack, model, parallel)}
+
+
+def _resume(root, model, parallel, settings, batches, micro_batch_size, overlap):
+    """A new stack (its own random initial weights) resumed from `root` as the trainer resumes:
+    load_training_checkpoint, then the scheduler from the record."""
+    stack, _, _ = _build(model, parallel, settings, batches, micro_batch_size, overlap=overlap)
     record, _ = ckpt.load_training_checkpoint(root, stack.model, stack.optimizer)
     stack.scheduler.load_state_dict(record.scheduler)
     assert stack.scheduler.num_steps == record.run_state.consumed_tokens
-    return stack, parallel
+    return stack, record.iteration
 
 
-def train_save_reload(hf_path, batches_path, root, micro_batch_size, vocab_size, settings, overlap=None):
-    """Train len(batches) - 1 steps, save; continue one step (the uninterrupted run); then resume a
-    fresh stack from the checkpoint at this same layout and take that last step again."""
+def resume_cycle(batches_path, micro_batch_size, vocab_size, settings, hf_path=None, root_in=None, root_out=None,
+                 steps_before_save=0, overlap=None):
+    """At this rank layout: start from HF weights or resume from `root_in` (then `loaded` is the
+    state right after loading); train `steps_before_save` steps (`steps`, one batch each, in run
+    order); with `root_out`: save (`saved`), take the next step (`after_save`, the uninterrupted
+    run), resume a fresh stack from that checkpoint (`reloaded`) and take the same step again
+    (`after_reload`)."""
     model, parallel = tiny_model(vocab_size), current_parallel()
     settings = OptimizerConfig(**settings)
     batches = torch.load(batches_path)
-    *before, last = batches
-    stack, run, parallel_used = _build(model, parallel, settings, batches, micro_batch_size, hf=torch.load(hf_path),
-                                       overlap=overlap)
-    for batch in before:
-        one_training_step(stack, batch, micro_batch_size)
-    saved = gather_optimizer_state(stack, model, parallel_used)
-    saved_weights = _weights(stack, model, parallel_used)
-    with params_gathered(stack.model):
-        ckpt.save_training_checkpoint(root, len(before), stack.model, stack.optimizer,
-                                      _record(run, stack, len(before), int(stack.scheduler.num_steps)))
-    uninterrupted = one_training_step(stack, last, micro_batch_size)
-    uninterrupted_weights = _weights(stack, model, parallel_used)
-
-    resumed_stack, _ = _load_fresh(root, model, parallel, settings, batches, micro_batch_size, overlap)
-    loaded = gather_optimizer_state(resumed_stack, model, parallel_used)
-    loaded_weights = _weights(resumed_stack, model, parallel_used)
-    resumed = one_training_step(resumed_stack, last, micro_batch_size)
-    return {"saved": saved, "saved_weights": saved_weights, "loaded": loaded, "loaded_weights": loaded_weights,
-            "uninterrupted": {"loss": uninterrupted.loss, "grad_norm": uninterrupted.grad_norm,
-                              "weights": uninterrupted_weights},
-            "resumed": {"loss": resumed.loss, "grad_norm": resumed.grad_norm,
-                        "weights": _weights(resumed_stack, model, parallel_used)}}
-
-
-def load_and_step(batches_path, root, micro_batch_size, vocab_size, settings, overlap=None):
-    """Resume from `root` at this rank layout (another one than it was saved at) and take the
-    last batch's step."""
-    model, parallel = tiny_model(vocab_size), current_parallel()
-    batches = torch.load(batches_path)
-    stack, parallel_used = _load_fresh(root, model, parallel, OptimizerConfig(**settings), batches,
-                                       micro_batch_size, overlap)
-    loaded = gather_optimizer_state(stack, model, parallel_used)
-    loaded_weights = _weights(stack, model, parallel_used)
-    resumed = one_training_step(stack, batches[-1], micro_batch_size)
-    return {"loaded": loaded, "loaded_weights": loaded_weights,
-            "resumed": {"loss": resumed.loss, "grad_norm": resumed.grad_norm,
-                        "weights": _weights(stack, model, parallel_used)}}
+    out = {}
+    if root_in is None:
+        stack, run, used = _build(model, parallel, settings, batches, micro_batch_size, hf=torch.load(hf_path),
+                                  overlap=overlap)
+        iteration = 0
+    else:
+        stack, iteration = _resume(root_in, model, parallel, settings, batches, micro_batch_size, overlap)
+        run, used = _run_of(model, parallel, settings, batches, micro_batch_size, overlap)
+        out["loaded"] = _snapshot(stack, model, used)
+    out["steps"] = []
+    for _ in range(steps_before_save):
+        out["steps"].append(_step(stack, batches[iteration], micro_batch_size, model, used))
+        iteration += 1
+    if root_out is not None:
+        out["saved"] = _snapshot(stack, model, used)
+        with params_gathered(stack.model):
+            ckpt.save_training_checkpoint(root_out, iteration, stack.model, stack.optimizer,
+                                          _record(run, stack, iteration, int(stack.scheduler.num_steps)))
+        out["after_save"] = _step(stack, batches[iteration], micro_batch_size, model, used)
+        fresh, resumed_at = _resume(root_out, model, parallel, settings, batches, micro_batch_size, overlap)
+        assert resumed_at == iteration
+        out["reloaded"] = _snapshot(fresh, model, used)
+        out["after_reload"] = _step(fresh, batches[iteration], micro_batch_size, model, used)
+    return out

@@ -38,11 +38,29 @@ def reference(inputs):
     return hf_train(inputs["model"], inputs["state"], inputs["batches"])
 
 
-def _megafox(inputs, nproc, layout, vocab_size=UNPADDED_VOCAB, hf_path=None, micro_batch_size=1):
-    return run_distributed("tests/independent/bodies.py:train_steps", nproc, layout,
-                           {"hf_path": hf_path or inputs["hf_path"], "batches_path": inputs["batches_path"],
-                            "micro_batch_size": micro_batch_size, "vocab_size": vocab_size,
-                            "settings": SETTINGS})
+def _run(inputs, vocab_size=UNPADDED_VOCAB, hf_path=None, batches_path=None):
+    return {"hf_path": hf_path or inputs["hf_path"], "batches_path": batches_path or inputs["batches_path"],
+            "micro_batch_size": 1, "vocab_size": vocab_size, "settings": SETTINGS}
+
+
+@pytest.fixture(scope="module")
+def padded_vocab_inputs(inputs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vs_hf_padded")
+    model = tiny_model(1000)
+    state = hf_state(model, seed=5)
+    batches = [dict(b, tokens=b["tokens"] % 1000, labels=b["labels"] % 1000) for b in inputs["batches"]]
+    torch.save(state, tmp / "hf.pt")
+    torch.save(batches, tmp / "batches.pt")
+    return {"model": model, "state": state, "batches": batches,
+            "run": _run(inputs, 1000, str(tmp / "hf.pt"), str(tmp / "batches.pt"))}
+
+
+@pytest.fixture(scope="module")
+def megafox_tp1(inputs, padded_vocab_inputs):
+    """Both single-rank runs (vocabulary 1024 and 1000) in one torchrun start."""
+    unpadded, padded = run_distributed("tests/independent/bodies.py:train_runs", 1, {},
+                                       {"runs": [_run(inputs), padded_vocab_inputs["run"]]})
+    return {"unpadded": unpadded, "padded": padded}
 
 
 def max_weight_diff(a, b, rows=None):
@@ -74,29 +92,24 @@ def test_reference_settings_make_every_path_matter(inputs, reference):
         assert (tensor - inputs["state"][name]).abs().max() > 100 * TOL, f"{name} barely moved"
 
 
-@pytest.mark.parametrize("name,nproc,layout", [
-    ("tp1", 1, {}),
-    ("dp2_distopt", 2, {"use_distributed_optimizer": True}),
-])
-def test_step_equals_transformers_adamw(inputs, reference, name, nproc, layout):
-    got = _megafox(inputs, nproc, layout)
+def test_tp1_step_equals_transformers_adamw(megafox_tp1, reference):
+    assert_matches_reference(megafox_tp1["unpadded"], reference)
+
+
+def test_dp2_distributed_optimizer_step_equals_transformers_adamw(inputs, reference):
+    got = run_distributed("tests/independent/bodies.py:train_runs", 2, {"use_distributed_optimizer": True},
+                          {"runs": [_run(inputs)]})[0]
     assert_matches_reference(got, reference)
 
 
-def test_padded_vocabulary_is_part_of_the_softmax(inputs, tmp_path):
+def test_padded_vocabulary_is_part_of_the_softmax(megafox_tp1, padded_vocab_inputs):
     """fox1-tiny's 1000-token vocabulary is padded to 1024 rows (zeros, from the HF mapping) and,
     as in Megatron-LM, the padding logits take part in the softmax and are trained. The step then
     equals transformers' on the same weights with the vocabulary zero-padded to 1024: loss, grad
-    norm and the 1000 real rows (a 1000-row HF model would give a different loss)."""
-    model = tiny_model(1000)
-    state = hf_state(model, seed=5)
-    torch.save(state, tmp_path / "hf1000.pt")
-    batches = [dict(b, tokens=b["tokens"] % 1000, labels=b["labels"] % 1000) for b in inputs["batches"]]
-    torch.save(batches, tmp_path / "batches1000.pt")
+    norm and the 1000 real rows (a 1000-row HF model gives another loss). Fox-1's 256,000 tokens
+    need no padding at TP <= 16."""
+    model, state, batches = padded_vocab_inputs["model"], padded_vocab_inputs["state"], padded_vocab_inputs["batches"]
     ref = hf_train(model, hf_weights_padded(state, UNPADDED_VOCAB), batches, vocab_size=UNPADDED_VOCAB)
-    got = run_distributed("tests/independent/bodies.py:train_steps", 1, {},
-                          {"hf_path": str(tmp_path / "hf1000.pt"), "batches_path": str(tmp_path / "batches1000.pt"),
-                           "micro_batch_size": 1, "vocab_size": 1000, "settings": SETTINGS})
     unpadded = hf_train(model, state, batches)
     assert abs(unpadded[0]["loss"] - ref[0]["loss"]) > 100 * TOL  # the padding does change the loss
-    assert_matches_reference(got, ref, rows=1000)
+    assert_matches_reference(megafox_tp1["padded"], ref, rows=1000)
