@@ -7,28 +7,25 @@ fp32 main weights/grads and Adam, as megafox trains on GPUs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict
 
 from megafox.config import ModelConfig
+from megafox.model.hf_adapter import HF_EMBEDDING, HF_FINAL_NORM, HF_LM_HEAD, hf_layer_shapes, hf_plan
 
 GIB = 1024 ** 3
 
 
 def parameter_breakdown(model: ModelConfig) -> Dict[str, int]:
-    """Parameters of the unpadded model, as HF counts them (tied weights once)."""
-    h, d = model.hidden_size, model.head_dim
-    q = h * model.num_attention_heads * d
-    kv = 2 * h * model.num_query_groups * d
-    o = model.num_attention_heads * d * h
-    mlp = 3 * h * model.ffn_hidden_size
-    norms = 2 * h
-    per_layer = q + kv + o + mlp + norms
-    embedding = model.vocab_size * h
-    head = 0 if model.tie_word_embeddings else model.vocab_size * h
+    """Parameters of the unpadded model, as HF counts them (tied weights once): the sizes of the
+    tensors the HF adapter says a checkpoint of this model holds."""
+    size = {name: math.prod(shape) for name, shape in hf_plan(model)}
+    per_layer = sum(math.prod(shape) for shape in hf_layer_shapes(model).values())
+    embedding, final_norm, head = size[HF_EMBEDDING], size[HF_FINAL_NORM], size.get(HF_LM_HEAD, 0)
     return {"embedding": embedding, "per_layer": per_layer, "layers": per_layer * model.num_layers,
-            "final_norm": h, "lm_head": head,
-            "total": embedding + per_layer * model.num_layers + h + head}
+            "final_norm": final_norm, "lm_head": head,
+            "total": sum(size.values())}
 
 
 def parameter_count(model: ModelConfig) -> int:

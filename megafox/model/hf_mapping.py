@@ -1,27 +1,26 @@
-"""The state-dict adapter between Hugging Face `LlamaForCausalLM` and megatron-core `GPTModel`.
+"""HF `LlamaForCausalLM` <-> megatron-core `GPTModel` for a whole model on a TP/PP(/VPP) layout.
 
-HF keeps q/k/v and gate/up as separate matrices; megatron-core fuses them and shards them over
-tensor-parallel ranks, splits layers over pipeline (and virtual pipeline) stages, and pads the
-vocabulary. The two layout facts conversion bugs come from (GQA interleaving, tied embeddings)
-live here and only here:
-
-* `linear_qkv` rows are grouped per KV group: for each group, its query heads, then its key
-  head, then its value head. A TP rank owns a contiguous run of whole groups.
-* `linear_fc1` on each TP rank is [gate shard; up shard], so the full TP=1 tensor is [gate; up]
-  but a TP=2 shard is not a plain row-slice of it.
-* With tied embeddings the output layer reuses `embedding.word_embeddings.weight`; with PP>1 the
-  last stage holds a copy in `output_layer.weight`, kept equal by megatron-core's embedding group.
+megatron-core shards each weight over tensor-parallel ranks, splits layers over pipeline (and
+virtual pipeline) stages and pads the vocabulary. This module distributes a HF state dict over the
+ranks of a `Layout` and gathers it back, and translates `config.json`. Tensor names, shapes and
+the per-layer transforms (GQA-grouped QKV, [gate; up] FC1) come from `megafox.model.hf_adapter`.
 
 Per-rank state dicts are keyed by `RankKey(pp_rank, vp_stage, tp_rank)` and use the local layer
-numbering megatron-core's modules expect.
+numbering megatron-core's modules expect. With tied embeddings and PP>1 the last stage holds a
+copy of the embedding in its output layer, kept equal by megatron-core's embedding group.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional
 
 import torch
 
 from megafox.config import ModelConfig
+from megafox.model.hf_adapter import (
+    HF_EMBEDDING, HF_FINAL_NORM, HF_LM_HEAD, MCORE_EMBEDDING, MCORE_FINAL_NORM, MCORE_OUTPUT_LAYER,
+    hf_layer_to_megatron, mcore_layer_name, megatron_layer_to_hf, missing_hf_tensors, pad_vocab, tp_rows)
+# Older callers import the per-layer transforms from here; they live in the adapter.
+from megafox.model.hf_adapter import fuse_qkv, split_qkv  # noqa: F401,E402
 
 
 class RankKey(NamedTuple):
@@ -57,116 +56,28 @@ def is_last_chunk(layout: Layout, key: RankKey) -> bool:
     return key.pp_rank == layout.pp - 1 and key.vp_stage == layout.vpp - 1
 
 
-# ----------------------------------------------------------------------------------------------
-# Tensor-level transforms (full, unsharded tensors)
-
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConfig) -> torch.Tensor:
-    d, groups = model.head_dim, model.num_query_groups
-    per_group = model.num_attention_heads // groups
-    hidden = q.shape[1]
-    q = q.view(groups, per_group * d, hidden)
-    k = k.view(groups, d, hidden)
-    v = v.view(groups, d, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
-
-
-def split_qkv(qkv: torch.Tensor, model: ModelConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    d, groups = model.head_dim, model.num_query_groups
-    per_group = model.num_attention_heads // groups
-    hidden = qkv.shape[1]
-    grouped = qkv.view(groups, (per_group + 2) * d, hidden)
-    q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
-    return (q.reshape(-1, hidden).clone(), k.reshape(-1, hidden).clone(), v.reshape(-1, hidden).clone())
-
-
-def pad_vocab(weight: torch.Tensor, padded_rows: int) -> torch.Tensor:
-    if weight.shape[0] == padded_rows:
-        return weight
-    pad = weight.new_zeros(padded_rows - weight.shape[0], weight.shape[1])
-    return torch.cat([weight, pad], dim=0)
-
-
-def _tp_rows(t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    return torch.chunk(t, tp, dim=0)[rank].clone()
-
-
-def _tp_cols(t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    return torch.chunk(t, tp, dim=1)[rank].clone()
-
-
-def _fc1_shard(gate: torch.Tensor, up: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    return torch.cat([_tp_rows(gate, tp, rank), _tp_rows(up, tp, rank)], dim=0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Whole state dicts
-
-def _norm_keys(te_names: bool) -> Tuple[str, str]:
-    if te_names:  # the TE spec fuses each norm into the linear layer after it
-        return "self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"
-    return "input_layernorm.weight", "pre_mlp_layernorm.weight"
-
-
-def hf_layer_to_megatron(hf: Dict[str, torch.Tensor], i: int, model: ModelConfig, tp: int,
-                         tp_rank: int, te_names: bool = False) -> Dict[str, torch.Tensor]:
-    """One decoder layer, HF layer `i` -> the local keys of one TP rank (without the prefix)."""
-    p = f"model.layers.{i}."
-    qkv = fuse_qkv(hf[p + "self_attn.q_proj.weight"], hf[p + "self_attn.k_proj.weight"],
-                   hf[p + "self_attn.v_proj.weight"], model)
-    in_norm, mlp_norm = _norm_keys(te_names)
-    return {
-        in_norm: hf[p + "input_layernorm.weight"].clone(),
-        "self_attention.linear_qkv.weight": _tp_rows(qkv, tp, tp_rank),
-        "self_attention.linear_proj.weight": _tp_cols(hf[p + "self_attn.o_proj.weight"], tp, tp_rank),
-        mlp_norm: hf[p + "post_attention_layernorm.weight"].clone(),
-        "mlp.linear_fc1.weight": _fc1_shard(hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"], tp, tp_rank),
-        "mlp.linear_fc2.weight": _tp_cols(hf[p + "mlp.down_proj.weight"], tp, tp_rank),
-    }
-
-
 def hf_to_megatron(hf: Dict[str, torch.Tensor], model: ModelConfig, layout: Layout = Layout(),
                    te_names: bool = False) -> Dict[RankKey, Dict[str, torch.Tensor]]:
     """A HF Llama state dict -> megatron-core state dicts for every rank of `layout`."""
     _check_hf_keys(hf, model)
     padded = model.padded_vocab_size(layout.tp)
-    embed = pad_vocab(hf["model.embed_tokens.weight"], padded)
-    lm_head = embed if model.tie_word_embeddings else pad_vocab(hf["lm_head.weight"], padded)
+    embed = pad_vocab(hf[HF_EMBEDDING], padded)
+    lm_head = embed if model.tie_word_embeddings else pad_vocab(hf[HF_LM_HEAD], padded)
     out: Dict[RankKey, Dict[str, torch.Tensor]] = {}
     for key in layout.ranks():
         sd: Dict[str, torch.Tensor] = {}
         if is_first_chunk(layout, key):
-            sd["embedding.word_embeddings.weight"] = _tp_rows(embed, layout.tp, key.tp_rank)
+            sd[MCORE_EMBEDDING] = tp_rows(embed, layout.tp, key.tp_rank)
         for local, i in enumerate(layer_range(model, layout, key.pp_rank, key.vp_stage)):
             layer = hf_layer_to_megatron(hf, i, model, layout.tp, key.tp_rank, te_names)
-            sd.update({f"decoder.layers.{local}.{k}": v for k, v in layer.items()})
+            sd.update({mcore_layer_name(local, k): v for k, v in layer.items()})
         if is_last_chunk(layout, key):
-            sd["decoder.final_layernorm.weight"] = hf["model.norm.weight"].clone()
+            sd[MCORE_FINAL_NORM] = hf[HF_FINAL_NORM].clone()
             # Tied and on the first stage too: the output layer reads the embedding itself.
             if not (model.tie_word_embeddings and is_first_chunk(layout, key)):
-                sd["output_layer.weight"] = _tp_rows(lm_head, layout.tp, key.tp_rank)
+                sd[MCORE_OUTPUT_LAYER] = tp_rows(lm_head, layout.tp, key.tp_rank)
         out[key] = sd
     return out
-
-
-def megatron_layer_to_hf(shards: List[Dict[str, torch.Tensor]], i: int, model: ModelConfig,
-                         te_names: bool = False) -> Dict[str, torch.Tensor]:
-    """One layer's TP shards (local keys without prefix, in TP-rank order) -> HF layer `i`."""
-    in_norm, mlp_norm = _norm_keys(te_names)
-    qkv = torch.cat([s["self_attention.linear_qkv.weight"] for s in shards], dim=0)
-    q, k, v = split_qkv(qkv, model)
-    gates, ups = zip(*(torch.chunk(s["mlp.linear_fc1.weight"], 2, dim=0) for s in shards))
-    p = f"model.layers.{i}."
-    return {
-        p + "input_layernorm.weight": shards[0][in_norm].clone(),
-        p + "self_attn.q_proj.weight": q,
-        p + "self_attn.k_proj.weight": k,
-        p + "self_attn.v_proj.weight": v,
-        p + "self_attn.o_proj.weight": torch.cat([s["self_attention.linear_proj.weight"] for s in shards], dim=1),
-        p + "post_attention_layernorm.weight": shards[0][mlp_norm].clone(),
-        p + "mlp.gate_proj.weight": torch.cat(gates, dim=0),
-        p + "mlp.up_proj.weight": torch.cat(ups, dim=0),
-        p + "mlp.down_proj.weight": torch.cat([s["mlp.linear_fc2.weight"] for s in shards], dim=1),
-    }
 
 
 def megatron_to_hf(ranks: Dict[RankKey, Dict[str, torch.Tensor]], model: ModelConfig,
@@ -175,36 +86,29 @@ def megatron_to_hf(ranks: Dict[RankKey, Dict[str, torch.Tensor]], model: ModelCo
     hf: Dict[str, torch.Tensor] = {}
     tp_ranks = range(layout.tp)
     first, last = RankKey(0, 0, 0), RankKey(layout.pp - 1, layout.vpp - 1, 0)
-    embed = torch.cat([ranks[first._replace(tp_rank=t)]["embedding.word_embeddings.weight"] for t in tp_ranks], 0)
-    hf["model.embed_tokens.weight"] = embed[: model.vocab_size].clone()
+    embed = torch.cat([ranks[first._replace(tp_rank=t)][MCORE_EMBEDDING] for t in tp_ranks], 0)
+    hf[HF_EMBEDDING] = embed[: model.vocab_size].clone()
     for p in range(layout.pp):
         for v in range(layout.vpp):
             for local, i in enumerate(layer_range(model, layout, p, v)):
-                prefix = f"decoder.layers.{local}."
+                prefix = mcore_layer_name(local, "")
                 shards = [{k[len(prefix):]: t for k, t in ranks[RankKey(p, v, tp)].items() if k.startswith(prefix)}
                           for tp in tp_ranks]
                 hf.update(megatron_layer_to_hf(shards, i, model, te_names))
-    hf["model.norm.weight"] = ranks[last]["decoder.final_layernorm.weight"].clone()
+    hf[HF_FINAL_NORM] = ranks[last][MCORE_FINAL_NORM].clone()
     if not model.tie_word_embeddings:
-        head = torch.cat([ranks[last._replace(tp_rank=t)]["output_layer.weight"] for t in tp_ranks], 0)
-        hf["lm_head.weight"] = head[: model.vocab_size].clone()
+        head = torch.cat([ranks[last._replace(tp_rank=t)][MCORE_OUTPUT_LAYER] for t in tp_ranks], 0)
+        hf[HF_LM_HEAD] = head[: model.vocab_size].clone()
     return hf
 
 
 def _check_hf_keys(hf: Dict[str, torch.Tensor], model: ModelConfig) -> None:
-    needed = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not model.tie_word_embeddings:
-        needed.append("lm_head.weight")
-    for i in range(model.num_layers):
-        needed += [f"model.layers.{i}.{n}.weight" for n in (
-            "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-            "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
-    missing = [k for k in needed if k not in hf]
+    missing = missing_hf_tensors(hf, model)
     if missing:
         raise KeyError(f"HF state dict is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
-    emb = hf["model.embed_tokens.weight"]
+    emb = hf[HF_EMBEDDING]
     if tuple(emb.shape) != (model.vocab_size, model.hidden_size):
-        raise ValueError(f"model.embed_tokens.weight has shape {tuple(emb.shape)}, config expects "
+        raise ValueError(f"{HF_EMBEDDING} has shape {tuple(emb.shape)}, config expects "
                          f"({model.vocab_size}, {model.hidden_size})")
 
 

@@ -33,3 +33,26 @@ def meta_parameter_count():
     with torch.device("meta"):
         chunk = build_model(model, current_parallel())[0]
     return sum(p.numel() for p in chunk.parameters())
+
+
+def sharded_names_and_shapes(untied=False):
+    """What megatron-core itself names and shapes: the module's own parameter names of one layer
+    (local spec) and every ShardedTensor its sharded_state_dict saves (key -> global, local shape)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    model = fox1_tiny()
+    model.transformer_impl = "local"
+    model.tie_word_embeddings = not untied
+    chunk = build_model(model, current_parallel())[0]
+    layer0 = sorted(k[len("decoder.layers.0."):] for k, v in chunk.state_dict().items()
+                    if k.startswith("decoder.layers.0.") and not k.endswith("_extra_state"))
+    saved = {}
+    for t in nested_values(chunk.sharded_state_dict()):
+        if isinstance(t, ShardedTensorFactory):  # SwiGLU fc1 at TP>1: gate and up saved as two pieces
+            pieces = [p for p in nested_values(t.build()) if isinstance(p, ShardedTensor)]
+            assert {p.key for p in pieces} == {t.key} and len({p.global_shape for p in pieces}) == 1
+            saved[t.key] = {"global": tuple(pieces[0].global_shape), "local": tuple(t.data.shape)}
+        elif isinstance(t, ShardedTensor):
+            saved[t.key] = {"global": tuple(t.global_shape), "local": tuple(t.local_shape)}
+    return {"layer0": layer0, "saved": saved, "padded_vocab": model.padded_vocab_size(current_parallel().tp)}
