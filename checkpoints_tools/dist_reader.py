@@ -11,28 +11,25 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from checkpoints_tools.common import ToolError
-from megafox.checkpoint import CheckpointError, checkpoint_path, read_metadata
-from megafox.config import ConfigError, ModelConfig, from_dict
+from megafox.checkpoint import CheckpointError, checkpoint_path, read_metadata, read_record
+from megafox.config import ModelConfig
+from megafox.model.hf_adapter import (MCORE_EMBEDDING, MCORE_FINAL_NORM, MCORE_LAYER_PREFIX, MCORE_MODULE_PREFIXES,
+                                      MCORE_OUTPUT_LAYER, layer_names, megatron_global_shapes, uses_te_names)
+from megafox.safe_load import SafeFileSystemReader, safe_torch_load
 
-LAYER_PREFIX = "decoder.layers."
-EMBEDDING = "embedding.word_embeddings.weight"
-OUTPUT_LAYER = "output_layer.weight"
-FINAL_NORM = "decoder.final_layernorm.weight"
-# Local-spec layers save their norms under TE's names (megatron-core's sharded_state_dict_keys_map),
-# so both spellings can appear in a checkpoint; `te_names` says which one this one uses.
-LAYER_TENSORS_TE = ("self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight",
-                    "self_attention.linear_proj.weight", "mlp.linear_fc1.layer_norm_weight",
-                    "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
-LAYER_TENSORS_LOCAL = ("input_layernorm.weight",) + LAYER_TENSORS_TE[1:3] + ("pre_mlp_layernorm.weight",) + LAYER_TENSORS_TE[4:]
+# The global keys this reader asks for (names owned by megafox.model.hf_adapter).
+LAYER_PREFIX = MCORE_LAYER_PREFIX
+EMBEDDING = MCORE_EMBEDDING
+OUTPUT_LAYER = MCORE_OUTPUT_LAYER
+FINAL_NORM = MCORE_FINAL_NORM
 
 
 class _SliceLoadPlanner(LoadPlanner):
@@ -108,40 +105,39 @@ class DistCheckpoint:
     def __init__(self, root: Union[str, Path], iteration: Union[int, str, None] = "latest"):
         try:
             self.path = checkpoint_path(root, iteration)
-            self.meta = read_metadata(root, iteration)
+            self.record = read_record(root, iteration)
+            self.meta = read_metadata(root, iteration)  # the record as a mapping, for printing
         except (CheckpointError, ValueError, json.JSONDecodeError) as exc:
             raise ToolError(str(exc) if isinstance(exc, CheckpointError) else f"{root}: not a megafox checkpoint ({exc})") from None
         if not (self.path / ".metadata").is_file():
             raise ToolError(f"{self.path}: no torch_dist '.metadata' file (not a megatron-core dist checkpoint)")
-        self.reader = FileSystemReader(str(self.path))
-        try:
-            self.metadata = self.reader.read_metadata()
-        except Exception as exc:  # a truncated/corrupt pickle
-            raise ToolError(f"{self.path / '.metadata'}: unreadable ({type(exc).__name__}: {exc})") from None
+        # `.metadata` is a pickle: read it with the restricted unpickler (a refused class raises
+        # UnsafeCheckpointError, one line like any CheckpointError; a corrupt one CheckpointError).
+        self.reader = SafeFileSystemReader(str(self.path))
+        self.metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self.tensors: Dict[str, TensorStorageMetadata] = {
             k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self._check_shard_files()
-        self.model = self._model_config()
-        self.te_names = LAYER_PREFIX + LAYER_TENSORS_TE[0] in self.tensors
-        self.layer_tensors = LAYER_TENSORS_TE if self.te_names else LAYER_TENSORS_LOCAL
+        self.model: ModelConfig = self.record.model  # validated by the record reader
+        # Local-spec layers save their norms under TE's names (megatron-core's
+        # sharded_state_dict_keys_map), so a checkpoint may use either spelling.
+        self.te_names = uses_te_names(self.tensors)
+        self.layer_tensors = layer_names(self.te_names).all()
 
     @property
     def progress(self) -> Dict[str, Any]:
-        """Stage and consumed tokens/samples: the trainer keeps them in `run_state`, model-only
-        checkpoints (from_hf, reshard) at the top level."""
-        run = self.meta.get("run_state") or {}
-        found = {k: run.get(k, self.meta.get(k)) for k in ("stage", "consumed_tokens", "consumed_samples")}
-        return {k: v for k, v in found.items() if v is not None}
+        """Stage and consumed tokens/samples (a model-only checkpoint's: where its weights were)."""
+        return {k: v for k, v in self.record.summary().items() if v is not None}
 
     # -- index -----------------------------------------------------------------------------
 
     @property
     def iteration(self) -> int:
-        return int(self.meta["iteration"])
+        return self.record.iteration
 
     def model_keys(self) -> List[str]:
-        return sorted(k for k in self.tensors if k.startswith(("embedding.", "decoder.", "output_layer.")))
+        return sorted(k for k in self.tensors if k.startswith(MCORE_MODULE_PREFIXES))
 
     def has(self, key: str) -> bool:
         return key in self.tensors
@@ -165,15 +161,6 @@ class DistCheckpoint:
             size = (self.path / f).stat().st_size
             if size < need:
                 raise ToolError(f"{self.path / f}: truncated shard file ({size} bytes, index needs {need})")
-
-    def _model_config(self) -> ModelConfig:
-        cfg = self.meta.get("model")
-        if not isinstance(cfg, dict):
-            raise ToolError(f"{self.path / 'megafox.json'}: no 'model' entry (the ModelConfig the checkpoint was trained with)")
-        try:
-            return from_dict(ModelConfig, cfg, f"{self.path / 'megafox.json'}: model").validate()
-        except ConfigError as exc:
-            raise ToolError(str(exc)) from None
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, requests: Dict[str, Optional[int]], dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
@@ -210,16 +197,27 @@ class DistCheckpoint:
                     tensor = tensor[0]
                 out[key] = tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
                 del parts
+        except (ToolError, CheckpointError):
+            raise  # already one line naming the file
         except (OSError, RuntimeError, EOFError, ValueError) as exc:
             raise ToolError(f"{self.path}: reading {', '.join(requests)[:200]} failed: {exc}") from None
         return out
 
     def _load_item(self, item: ReadItem) -> torch.Tensor:
         info = self.metadata.storage_data[item.storage_index]
-        if info.transform_descriptors:  # compressed/extended storage: let torch's reader decode it
-            return self._load_item_via_reader(item)
-        with open(self.path / info.relative_path, "rb") as f:
-            tensor = torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        file = self.path / info.relative_path
+        try:
+            if info.transform_descriptors:  # compressed/extended storage: let torch's reader decode it
+                return self._load_item_via_reader(item)
+            with open(file, "rb") as f:
+                tensor = safe_torch_load(_FileSlice(f, info.offset, info.length), where=file)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # a corrupt shard: whatever torch's zip/pickle reader trips over
+            raise ToolError(f"{file}: unreadable data for tensor {item.dest_index.fqn} "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if not isinstance(tensor, torch.Tensor):
+            raise ToolError(f"{file}: entry for {item.dest_index.fqn} holds a {type(tensor).__name__}, not a tensor")
         for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
             tensor = tensor.narrow(dim, start, length)
         return tensor
@@ -237,22 +235,14 @@ class DistCheckpoint:
         return target
 
     def read_layer(self, layer: int, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
-        """One decoder layer as local keys (`self_attention.linear_qkv.weight`, ...), TP=1 layout."""
+        """One decoder layer, TP=1 layout, named relative to the layer (`hf_adapter.layer_names(self.te_names)`)."""
         got = self.read({LAYER_PREFIX + name: layer for name in self.layer_tensors}, dtype)
         return {k[len(LAYER_PREFIX):]: v for k, v in got.items()}
 
     # -- validation ------------------------------------------------------------------------
     def expected_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Global shapes the model config implies (vocab rows checked separately: they are padded)."""
-        m = self.model
-        L, h, d = m.num_layers, m.hidden_size, m.head_dim
-        qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * d
-        per_layer = dict(zip(self.layer_tensors, [
-            (L, h), (L, qkv_rows, h), (L, h, m.num_attention_heads * d), (L, h), (L, 2 * m.ffn_hidden_size, h),
-            (L, h, m.ffn_hidden_size)]))
-        shapes = {LAYER_PREFIX + k: v for k, v in per_layer.items()}
-        shapes[FINAL_NORM] = (h,)
-        return shapes
+        return megatron_global_shapes(self.model, self.te_names)
 
     def validate(self) -> None:
         """Every tensor the config needs is there with the config's shape; else one clear error."""

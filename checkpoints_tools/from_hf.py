@@ -1,12 +1,16 @@
 """Turn a Hugging Face Llama directory (e.g. released Fox-1 weights) into a megafox checkpoint.
 
     megafox-from-hf --hf HF_DIR --output DIR --tp T --pp P [--vpp V] [--iteration 0]
-                    [--verify [--tolerance 1e-3]]
+                    [--verify [--tolerance 1e-3]] [--force] [--allow-nonfinite]
 
 dist checkpoints store global tensors, so one process builds the model at TP1/PP1, streams the
 weights in layer by layer and saves; the trainer then loads it at any layout. Only the vocab
 padding depends on the TP size, so the embedding is padded for the requested --tp.
 The result is model-only (`model_only: true` in megafox.json): no optimizer, RNG or data state.
+Weights with NaN/Inf are refused (naming the tensor) unless --allow-nonfinite. An --output that
+already holds a checkpoint is refused unless --force (which then points its `latest` at the new
+iteration). The checkpoint is written to a temporary sibling and moved in only when complete
+(and, with --verify, verified), `latest` last: a failure leaves the output as it was.
 Exit codes: 0 ok, 2 bad input (one-line message), 1 --verify found a mismatch.
 """
 from __future__ import annotations
@@ -21,8 +25,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from checkpoints_tools.common import EXIT_VERIFY_FAILED, ToolError, run_cli
+from checkpoints_tools.output_dir import StagedCheckpoint, refuse_checkpoint_output
 from checkpoints_tools.streams import HFWeights, fill_model, groups_from_hf
 from megafox.config import ConfigError, ModelConfig, ParallelConfig
+from megafox.records import CheckpointRecord, SavedLayout
 from megafox.model.hf_mapping import model_config_from_hf
 
 
@@ -43,23 +49,13 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
         raise ToolError(f"{path}: not a Llama-compatible model: {detail}") from None
 
 
-def layout_metadata(parallel: ParallelConfig) -> Dict[str, Any]:
-    """The layout the checkpoint is padded for, in the trainer's `layout` form (no data parallelism yet)."""
-    return {"tp": parallel.tp, "pp": parallel.pp, "vpp": parallel.vpp, "dp": None, "world": None}
-
-
-def model_only_metadata(model: ModelConfig, parallel: ParallelConfig, source: str,
-                        tokenizer: Optional[str]) -> Dict[str, Any]:
-    """megafox.json for a checkpoint that holds weights only (the trainer starts its state fresh)."""
-    return {
-        "model": dataclasses.asdict(model),
-        "layout": layout_metadata(parallel),
-        "stage": None,
-        "consumed_tokens": 0,
-        "model_only": True,
-        "source": source,
-        "tokenizer": tokenizer,
-    }
+def model_only_record(model: ModelConfig, parallel: ParallelConfig, source: str,
+                      tokenizer: Optional[Dict[str, Any]], progress: Optional[Dict[str, Any]] = None) -> CheckpointRecord:
+    """The record of a checkpoint that holds weights only (the trainer starts its state fresh),
+    padded for `parallel`'s TP (no data parallelism yet)."""
+    return CheckpointRecord(iteration=0, kind="model-only", model=model,
+                            layout=SavedLayout(tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp),
+                            tokenizer=tokenizer, source=source, progress=progress or None)
 
 
 def padded_for(model: ModelConfig, tp: int) -> ModelConfig:
@@ -68,13 +64,15 @@ def padded_for(model: ModelConfig, tp: int) -> ModelConfig:
 
 
 def save_model_only(output: Path, iteration: int, model: ModelConfig, parallel: ParallelConfig, groups,
-                    metadata: Dict[str, Any]) -> Path:
+                    record: CheckpointRecord) -> Path:
+    """Fill a TP1 model from `groups` and save it as checkpoint root `output` (a fresh directory:
+    callers write into a StagedCheckpoint and publish it)."""
     from checkpoints_tools.verify import build_single
     from megafox.checkpoint import save_checkpoint
 
     module = build_single(padded_for(model, parallel.tp))
     fill_model(module, model, groups)
-    path = save_checkpoint(output, iteration, [module], metadata)
+    path = save_checkpoint(output, iteration, [module], record)
     del module
     return path
 
@@ -89,6 +87,9 @@ def _args(argv):
     p.add_argument("--iteration", type=int, default=0, help="iteration number to save under (default 0)")
     p.add_argument("--verify", action="store_true", help="compare transformers' and megafox's logits afterwards")
     p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| for --verify (default 1e-3)")
+    p.add_argument("--force", action="store_true",
+                   help="write into an --output that already holds a checkpoint (its `latest` then points here)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert weights that contain NaN/Inf")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -105,21 +106,27 @@ def _main(argv: Optional[List[str]] = None) -> int:
         parallel.validate(model)
     except ConfigError as exc:
         raise ToolError(f"--tp/--pp/--vpp: {exc}") from None
+    output = Path(a.output)
+    refuse_checkpoint_output(output, a.force, "--force", f"write iteration {a.iteration} there and point its latest at it")
     weights = HFWeights(hf_dir)
     weights.check(model)
     tok = hf_dir / "tokenizer.model"
-    meta = model_only_metadata(model, parallel, f"hf:{hf_dir.resolve()}", str(tok.resolve()) if tok.is_file() else None)
-    groups = groups_from_hf(weights, model)
+    record = model_only_record(model, parallel, f"hf:{hf_dir.resolve()}",
+                               {"path": str(tok.resolve())} if tok.is_file() else None)
+    groups = groups_from_hf(weights, model, allow_nonfinite=a.allow_nonfinite)
     if not a.no_progress:
         from tqdm import tqdm
 
         groups = tqdm(groups, total=model.num_layers + 2, desc="from_hf", unit="part", file=sys.stderr)
-    path = save_model_only(Path(a.output), a.iteration, model, parallel, groups, meta)
+    with StagedCheckpoint(output) as staged:
+        save_model_only(staged.path, a.iteration, model, parallel, groups, record)
+        if a.verify and not verify.hf_matches_checkpoint(hf_dir, str(staged.path), a.iteration, model,
+                                                         padded_for(model, parallel.tp).padded_vocab_size(1), a.tolerance):
+            print(f"not written: {output} left as it was", file=sys.stderr, flush=True)
+            return EXIT_VERIFY_FAILED
+        path = staged.publish(a.iteration)
     print(f"wrote {path} (model only, for TP={parallel.tp} PP={parallel.pp}; loads at any layout "
           f"with the same vocab padding)", flush=True)
-    if a.verify and not verify.hf_matches_checkpoint(hf_dir, a.output, a.iteration, model,
-                                                     padded_for(model, parallel.tp).padded_vocab_size(1), a.tolerance):
-        return EXIT_VERIFY_FAILED
     return 0
 
 

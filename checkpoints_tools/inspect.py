@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from checkpoints_tools.common import parse_iteration, run_cli
 from checkpoints_tools.dist_reader import DistCheckpoint
 
-SHOWN_KEYS = ("iteration", "stage", "consumed_tokens", "consumed_samples", "model_only", "source", "tokenizer")
+SHOWN_KEYS = ("iteration", "kind", "stage", "consumed_tokens", "consumed_samples", "source", "tokenizer")
 
 
 def summary(ckpt: DistCheckpoint, all_tensors: bool = False) -> Dict[str, Any]:

@@ -1,7 +1,7 @@
 """Make a checkpoint loadable at another TP/PP layout.
 
     megafox-ckpt reshard --checkpoint DIR [--iteration N|latest] --tp T --pp P [--vpp V]
-                         [--output DIR2] [--force]
+                         [--output DIR2] [--force] [--overwrite]
 
 megatron-core's dist checkpoints store global tensors, so a different TP/PP is already a plain
 load (the trainer's `load_model` reshards on the fly). The one layout-dependent thing is the
@@ -9,6 +9,8 @@ vocab padding (padded to a multiple of make_vocab_size_divisible_by x TP). When 
 this says so and writes nothing; otherwise (or with --force) it writes a model-only copy to
 --output, streamed layer by layer, padded for T and recording the new layout. Optimizer, RNG and
 data state are not carried over (the trainer starts them fresh from a model-only checkpoint).
+An --output that already holds a checkpoint is refused unless --overwrite; the copy is written to a
+temporary sibling and moved in (then `latest`) only when complete.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import List, Optional
 
 from checkpoints_tools.common import ToolError, parse_iteration, run_cli
 from checkpoints_tools.dist_reader import EMBEDDING, DistCheckpoint
+from checkpoints_tools.output_dir import StagedCheckpoint, refuse_checkpoint_output
 from megafox.config import ConfigError, ParallelConfig
 
 
@@ -27,7 +30,7 @@ def needs_rewrite(ckpt: DistCheckpoint, tp: int) -> bool:
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
-    from checkpoints_tools.from_hf import model_only_metadata, save_model_only
+    from checkpoints_tools.from_hf import model_only_record, save_model_only
     from checkpoints_tools.streams import groups_from_checkpoint
 
     p = argparse.ArgumentParser(prog="megafox-ckpt reshard", description=__doc__.split("\n\n")[0])
@@ -38,6 +41,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--vpp", type=int, default=None)
     p.add_argument("--output", default=None, help="where to write the re-padded model-only checkpoint")
     p.add_argument("--force", action="store_true", help="write a copy even when a plain load would do")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an --output that already holds a checkpoint (its `latest` then points here)")
     a = p.parse_args(argv)
     ckpt = DistCheckpoint(a.checkpoint, parse_iteration(a.iteration))
     ckpt.validate()
@@ -55,11 +60,16 @@ def _main(argv: Optional[List[str]] = None) -> int:
     if not a.output:
         raise ToolError(f"--output: required (the embedding is padded to {ckpt.shape(EMBEDDING)[0]} rows, "
                         f"TP={a.tp} needs {ckpt.model.padded_vocab_size(a.tp)})" if rewrite else "--output: required with --force")
-    if Path(a.output).resolve() == Path(a.checkpoint).resolve():
+    output = Path(a.output)
+    if output.resolve() == Path(a.checkpoint).resolve():
         raise ToolError("--output: must differ from --checkpoint")
-    meta = model_only_metadata(ckpt.model, parallel, f"megafox:{ckpt.path}", ckpt.meta.get("tokenizer"))
-    meta.update(ckpt.progress)  # for inspection; a model-only checkpoint restarts optimizer and data
-    path = save_model_only(Path(a.output), ckpt.iteration, ckpt.model, parallel, groups_from_checkpoint(ckpt), meta)
+    refuse_checkpoint_output(output, a.overwrite, "--overwrite",
+                             f"write iteration {ckpt.iteration} there and point its latest at it")
+    # progress for inspection only: a model-only checkpoint restarts optimizer and data
+    record = model_only_record(ckpt.model, parallel, f"megafox:{ckpt.path}", ckpt.record.tokenizer, ckpt.progress)
+    with StagedCheckpoint(output) as staged:
+        save_model_only(staged.path, ckpt.iteration, ckpt.model, parallel, groups_from_checkpoint(ckpt), record)
+        path = staged.publish(ckpt.iteration)
     print(f"wrote {path} (model only) for TP={a.tp} PP={a.pp}")
     return 0
 

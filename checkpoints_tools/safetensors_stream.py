@@ -8,6 +8,7 @@ Sharding follows transformers: `model.safetensors`, or `model-0000i-of-0000n.saf
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from pathlib import Path
@@ -96,10 +97,7 @@ class StreamingSafetensorsWriter:
         return list(self.files)
 
 
-def remove_stale_weights(out_dir: Path) -> None:
-    """Drop weights of an earlier export so transformers never mixes two of them."""
-    for p in Path(out_dir).glob("model*.safetensors"):
-        p.unlink()
-    for name in (INDEX_FILE, "pytorch_model.bin", "pytorch_model.bin.index.json"):
-        if (Path(out_dir) / name).exists():
-            (Path(out_dir) / name).unlink()
+def is_weights_file(name: str) -> bool:
+    """A file transformers would load weights from (an earlier export's must not mix with ours)."""
+    return (fnmatch.fnmatch(name, "model*.safetensors") or name == INDEX_FILE
+            or fnmatch.fnmatch(name, "pytorch_model*.bin") or name == "pytorch_model.bin.index.json")

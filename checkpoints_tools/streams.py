@@ -3,40 +3,25 @@
 Both directions go through the same groups, so peak memory is one group, not one model:
 `groups_from_checkpoint` reads a dist checkpoint layer by layer; `groups_from_hf` reads a HF
 directory's safetensors lazily; `fill_model` copies groups into a TP1/PP1 megatron-core model.
-The per-layer GQA/SwiGLU/tied-embedding mapping itself lives in megafox.model.hf_mapping.
+Names, shapes and the per-layer GQA/SwiGLU mapping come from megafox.model.hf_adapter.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from checkpoints_tools.common import ToolError
-from checkpoints_tools.dist_reader import EMBEDDING, FINAL_NORM, OUTPUT_LAYER, DistCheckpoint
+from checkpoints_tools.dist_reader import DistCheckpoint
 from megafox.config import ModelConfig
-from megafox.model.hf_mapping import hf_layer_to_megatron, megatron_layer_to_hf, pad_vocab
+from megafox.model.hf_adapter import (
+    HF_EMBEDDING, HF_FINAL_NORM, HF_LAYER_TENSORS, HF_LM_HEAD, MCORE_EMBEDDING, MCORE_FINAL_NORM, MCORE_OUTPUT_LAYER,
+    hf_layer_index, hf_layer_name, hf_layer_to_megatron, hf_plan, mcore_layer_name, megatron_layer_to_hf, pad_vocab,
+    uses_te_names)
 
 Group = Dict[str, torch.Tensor]
-
-HF_LAYER_NAMES = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                  "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-                  "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-
-
-def hf_plan(model: ModelConfig) -> List[Tuple[str, Tuple[int, ...]]]:
-    """Every HF tensor name and shape, in stream order."""
-    h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
-    q, kv = model.num_attention_heads * d, model.num_query_groups * d
-    shapes = dict(zip(HF_LAYER_NAMES, [(h,), (q, h), (kv, h), (kv, h), (h, q), (h,), (f, h), (f, h), (h, f)]))
-    plan = [("model.embed_tokens.weight", (model.vocab_size, h))]
-    for i in range(model.num_layers):
-        plan += [(f"model.layers.{i}.{n}", s) for n, s in shapes.items()]
-    plan.append(("model.norm.weight", (h,)))
-    if not model.tie_word_embeddings:
-        plan.append(("lm_head.weight", (model.vocab_size, h)))
-    return plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,14 +31,14 @@ def groups_from_checkpoint(ckpt: DistCheckpoint, dtype: Optional[torch.dtype] = 
     """Cast right after reading: the mapping only permutes rows, so it is exact in any dtype
     and moves half the bytes in bf16."""
     model = ckpt.model
-    emb = ckpt.read({EMBEDDING: None}, dtype)[EMBEDDING]
-    yield {"model.embed_tokens.weight": emb[: model.vocab_size]}
+    emb = ckpt.read({MCORE_EMBEDDING: None}, dtype)[MCORE_EMBEDDING]
+    yield {HF_EMBEDDING: emb[: model.vocab_size]}
     del emb
     for i in range(model.num_layers):
         yield megatron_layer_to_hf([ckpt.read_layer(i, dtype)], i, model, te_names=ckpt.te_names)
-    tail = {"model.norm.weight": ckpt.read({FINAL_NORM: None}, dtype)[FINAL_NORM]}
+    tail = {HF_FINAL_NORM: ckpt.read({MCORE_FINAL_NORM: None}, dtype)[MCORE_FINAL_NORM]}
     if not model.tie_word_embeddings:
-        tail["lm_head.weight"] = ckpt.read({OUTPUT_LAYER: None}, dtype)[OUTPUT_LAYER][: model.vocab_size]
+        tail[HF_LM_HEAD] = ckpt.read({MCORE_OUTPUT_LAYER: None}, dtype)[MCORE_OUTPUT_LAYER][: model.vocab_size]
     yield tail
 
 
@@ -135,6 +120,9 @@ class HFWeights:
     def get(self, name: str) -> torch.Tensor:
         return self.handles[self.where[name]].get_tensor(name)
 
+    def file_of(self, name: str) -> Path:
+        return self.dir / self.where[name]
+
     def check(self, model: ModelConfig) -> None:
         """Every tensor a Llama of this config needs is present with the right shape."""
         for name, shape in hf_plan(model):
@@ -145,12 +133,22 @@ class HFWeights:
                 raise ToolError(f"{self.dir}: tensor {name} has shape {list(got)}, config.json implies {list(shape)}")
 
 
-def groups_from_hf(weights: HFWeights, model: ModelConfig) -> Iterator[Group]:
-    plan = hf_plan(model)
-    yield {plan[0][0]: weights.get(plan[0][0]).float()}
+def groups_from_hf(weights: HFWeights, model: ModelConfig, allow_nonfinite: bool = False) -> Iterator[Group]:
+    """The HF weights group by group, as fp32; a NaN/Inf anywhere raises ToolError naming the
+    tensor and its file (a model trained from it would only produce NaN), unless allowed."""
+    def get(name: str) -> torch.Tensor:
+        tensor = weights.get(name).float()
+        if not allow_nonfinite:
+            bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+            if bad:
+                raise ToolError(f"{weights.file_of(name)}: tensor {name} has {bad} NaN/Inf value(s) "
+                                f"(refusing to convert it; --allow-nonfinite to convert anyway)")
+        return tensor
+
+    yield {HF_EMBEDDING: get(HF_EMBEDDING)}
     for i in range(model.num_layers):
-        yield {f"model.layers.{i}.{n}": weights.get(f"model.layers.{i}.{n}").float() for n in HF_LAYER_NAMES}
-    yield {name: weights.get(name).float() for name, _ in plan[1 + 9 * model.num_layers:]}
+        yield {hf_layer_name(i, n): get(hf_layer_name(i, n)) for n in HF_LAYER_TENSORS}
+    yield {name: get(name) for name in ([HF_FINAL_NORM] + ([] if model.tie_word_embeddings else [HF_LM_HEAD]))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +159,7 @@ def fill_model(module: torch.nn.Module, model: ModelConfig, groups: Iterator[Gro
     """Copy every group into `module` (one GPTModel holding all layers); all params must be set."""
     params = {k: v for k, v in module.state_dict(keep_vars=True).items()
               if not k.endswith("_extra_state") and v is not None}
-    te_names = "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in params
+    te_names = uses_te_names(params)
     filled = set()
 
     def put(key: str, value: torch.Tensor) -> None:
@@ -172,19 +170,18 @@ def fill_model(module: torch.nn.Module, model: ModelConfig, groups: Iterator[Gro
         filled.add(key)
 
     for group in groups:
-        layers = {int(k.split(".")[2]) for k in group if k.startswith("model.layers.")}
+        layers = {i for i in map(hf_layer_index, group) if i is not None}
         for i in layers:
             for k, v in hf_layer_to_megatron(group, i, model, 1, 0, te_names).items():
-                put(f"decoder.layers.{i}.{k}", v)
-        if "model.embed_tokens.weight" in group:
-            embed = pad_vocab(group["model.embed_tokens.weight"], params["embedding.word_embeddings.weight"].shape[0])
-            put("embedding.word_embeddings.weight", embed)
-        if "model.norm.weight" in group:
-            put("decoder.final_layernorm.weight", group["model.norm.weight"])
-        if "lm_head.weight" in group and not model.tie_word_embeddings:
-            put("output_layer.weight", pad_vocab(group["lm_head.weight"], params["output_layer.weight"].shape[0]))
+                put(mcore_layer_name(i, k), v)
+        if HF_EMBEDDING in group:
+            put(MCORE_EMBEDDING, pad_vocab(group[HF_EMBEDDING], params[MCORE_EMBEDDING].shape[0]))
+        if HF_FINAL_NORM in group:
+            put(MCORE_FINAL_NORM, group[HF_FINAL_NORM])
+        if HF_LM_HEAD in group and not model.tie_word_embeddings:
+            put(MCORE_OUTPUT_LAYER, pad_vocab(group[HF_LM_HEAD], params[MCORE_OUTPUT_LAYER].shape[0]))
     missing = sorted(set(params) - filled)
-    if model.tie_word_embeddings and "output_layer.weight" in missing:
-        missing.remove("output_layer.weight")  # reads the embedding on a single stage
+    if model.tie_word_embeddings and MCORE_OUTPUT_LAYER in missing:
+        missing.remove(MCORE_OUTPUT_LAYER)  # reads the embedding on a single stage
     if missing:
         raise ToolError(f"weights do not cover the model: missing {missing[:4]}")

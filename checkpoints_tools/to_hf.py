@@ -7,6 +7,8 @@ Writes config.json, generation_config.json, model.safetensors (sharded with an i
 --max-shard-size) and, given a SentencePiece tokenizer (or one recorded in the checkpoint's
 megafox.json), tokenizer.model + tokenizer.json + tokenizer_config.json. Tensors stream from the
 dist checkpoint one layer at a time straight into the safetensors files.
+Everything is written to a temporary sibling of HF_DIR and swapped in only when complete (and,
+with --verify, verified): a failure leaves an earlier export in HF_DIR untouched.
 Exit codes: 0 ok, 2 bad input (one-line message), 1 --verify found a mismatch.
 """
 from __future__ import annotations
@@ -20,9 +22,11 @@ from typing import Dict, List, Optional
 import torch
 
 from checkpoints_tools.common import EXIT_VERIFY_FAILED, ToolError, dtype_name, parse_dtype, parse_iteration, parse_size, run_cli
-from checkpoints_tools.dist_reader import EMBEDDING, DistCheckpoint
-from checkpoints_tools.safetensors_stream import StreamingSafetensorsWriter, remove_stale_weights
-from checkpoints_tools.streams import groups_from_checkpoint, hf_plan, prefetch
+from checkpoints_tools.dist_reader import DistCheckpoint
+from checkpoints_tools.output_dir import StagedExport, describe_checkpoint, holds_checkpoint
+from checkpoints_tools.safetensors_stream import StreamingSafetensorsWriter, is_weights_file
+from checkpoints_tools.streams import groups_from_checkpoint, prefetch
+from megafox.model.hf_adapter import MCORE_EMBEDDING, hf_plan
 from megafox.model.hf_mapping import hf_config_dict
 
 
@@ -49,6 +53,7 @@ def convert(ckpt: DistCheckpoint, out_dir: Path, dtype: torch.dtype = torch.bflo
             max_shard_bytes: int = 5 * 10**9, tokenizer: Optional[str] = None, progress: bool = True) -> Dict:
     from checkpoints_tools.hf_tokenizer import resolve_model_file, write_hf_tokenizer
 
+    """Write the export into `out_dir` (a fresh directory: the caller stages it)."""
     ckpt.validate()
     model = ckpt.model
     out_dir = Path(out_dir)
@@ -66,7 +71,6 @@ def convert(ckpt: DistCheckpoint, out_dir: Path, dtype: torch.dtype = torch.bflo
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
-    remove_stale_weights(out_dir)
     writer = StreamingSafetensorsWriter(out_dir, hf_plan(model), dtype, max_shard_bytes)
     groups = prefetch(groups_from_checkpoint(ckpt, dtype))
     if progress:
@@ -101,14 +105,22 @@ def _main(argv: Optional[List[str]] = None) -> int:
     dtype, shard = parse_dtype(a.dtype), parse_size(a.max_shard_size)
     iteration = parse_iteration(a.iteration)
     ckpt = DistCheckpoint(a.checkpoint, iteration)
+    output = Path(a.output)
+    if holds_checkpoint(output):  # swapping an export in would move a training run aside
+        raise ToolError(f"--output {output}: holds {describe_checkpoint(output)}; an export needs a directory of its own")
     tok = tokenizer_source(a.tokenizer, ckpt.meta)
-    result = convert(ckpt, Path(a.output), dtype, shard, tok, progress=not a.no_progress)
-    print(f"wrote {a.output}: iteration {ckpt.iteration}, {len(result['files'])} safetensors file(s), "
+    with StagedExport(output) as staged:
+        result = convert(ckpt, staged.path, dtype, shard, tok, progress=not a.no_progress)
+        # ckpt.path is the exported iteration's own directory (iteration None: that directory itself)
+        if a.verify and not verify.hf_matches_checkpoint(staged.path, str(ckpt.path), None, ckpt.model,
+                                                         ckpt.shape(MCORE_EMBEDDING)[0], a.tolerance, round_to=dtype):
+            print(f"not written: {output} left as it was", file=sys.stderr, flush=True)
+            return EXIT_VERIFY_FAILED
+        # weights of an earlier export in the same directory are dropped, so transformers never
+        # mixes two exports; anything else there (a README, say) is kept
+        staged.publish(keep_old=lambda name: not is_weights_file(name))
+    print(f"wrote {output}: iteration {ckpt.iteration}, {len(result['files'])} safetensors file(s), "
           f"{result['bytes'] / 1e9:.2f} GB {dtype_name(dtype)}" + (", tokenizer" if tok else ""), flush=True)
-    # ckpt.path is the exported iteration's own directory (iteration None: that directory itself)
-    if a.verify and not verify.hf_matches_checkpoint(Path(a.output), str(ckpt.path), None, ckpt.model,
-                                                     ckpt.shape(EMBEDDING)[0], a.tolerance, round_to=dtype):
-        return EXIT_VERIFY_FAILED
     return 0
 
 

@@ -46,7 +46,7 @@ def test_hf_megafox_hf_identical(round_trip):
         assert a[key] == b[key], key
     assert a["rope_parameters"]["rope_theta"] == b["rope_theta"] == 10000.0  # transformers 5 vs 4.x spelling
     meta = json.loads((round_trip["ckpt"] / "iter_0000000" / "megafox.json").read_text())
-    assert meta["model_only"] is True and meta["iteration"] == 0 and meta["consumed_tokens"] == 0
+    assert meta["kind"] == "model-only" and meta["iteration"] == 0 and meta["run_state"] is None
     assert meta["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": None, "world": None}
     assert meta["model"]["num_query_groups"] == 2 and meta["model"]["vocab_size"] == 1000
 

@@ -92,7 +92,8 @@ def test_verify_checks_the_exported_iteration_not_latest(trained, tmp_path):
     root = tmp_path / "ckpt"
     shutil.copytree(trained["root"], root)
     other = save_hf_dir(trained["model"], tmp_path / "other", seed=99)
-    proc = run_tool("from_hf", "--hf", other, "--output", root, "--iteration", "7", "--tp", 1, "--pp", 1, "--no-progress")
+    proc = run_tool("from_hf", "--hf", other, "--output", root, "--iteration", "7", "--tp", 1, "--pp", 1, "--no-progress",
+                    "--force")  # root holds the training run
     assert proc.returncode == 0, proc.stderr
     from megafox import checkpoint as ckpt
     assert ckpt.read_metadata(root)["iteration"] == 7  # the other model is latest
