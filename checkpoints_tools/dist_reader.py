@@ -99,6 +99,14 @@ class _FileSlice(io.RawIOBase):
         return got
 
 
+def _reason(exc: Exception) -> str:
+    """The line of a load error that says what is wrong. torch's weights_only unpickler prefixes
+    its complaint about a garbled record with advice to load it unsafely; that part is dropped."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    specific = [l for l in lines if l.startswith(("Unsupported", "Trying", "Can only", "invalid", "PytorchStreamReader"))]
+    return (specific or lines or [""])[0][:200]
+
+
 class DistCheckpoint:
     """One iteration of a megafox checkpoint: its metadata, model config and tensor index."""
 
@@ -214,8 +222,8 @@ class DistCheckpoint:
         except CheckpointError:
             raise
         except Exception as exc:  # a corrupt shard: whatever torch's zip/pickle reader trips over
-            raise ToolError(f"{file}: unreadable data for tensor {item.dest_index.fqn} "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+            raise ToolError(f"{file}: corrupt or unreadable data for tensor {item.dest_index.fqn} "
+                            f"({type(exc).__name__}: {_reason(exc)})") from None
         if not isinstance(tensor, torch.Tensor):
             raise ToolError(f"{file}: entry for {item.dest_index.fqn} holds a {type(tensor).__name__}, not a tensor")
         for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
