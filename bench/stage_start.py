@@ -21,9 +21,10 @@ For each size N (stage-1 tokens, consumed to the end) it writes a synthetic corp
 Stage 1: web 0.8 + code 0.2 at seq 2048, global batch 2048 (Fox-1's); stage 2: web 0.6 + code 0.4
 at seq 4096 with a fixed 5e7-token budget, so that its own index stays the same size and what
 grows is what stage 1 left behind.  Times are wall seconds of the measured call inside the child
-(imports excluded); RSS is the child's peak, imports included (`baseline` row).  The growth
-exponent between the two largest measured sizes extrapolates to Fox-1 (stage 1 = 2e12 tokens,
-3e12 in all).
+(imports excluded), the fastest of --repeat runs for the steps that can be repeated; RSS is the
+child's peak, imports included (`baseline` row).  Extrapolations to Fox-1 (stage 1 = 2e12 tokens,
+3e12 in all) are printed linear from the largest size and with the growth exponent measured
+between the two largest sizes.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ MEAN_DOC = 1000
 FOX_STAGE1, FOX_TOTAL = 2e12, 3e12
 PG_TIMEOUT_S = 30 * 60
 STEPS = ["baseline", "build1", "start1", "record", "start2", "requeue2", "before"]
+REPEATED = ("start1", "record", "requeue2")  # no cold cache to reset between runs
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -147,16 +149,19 @@ def child(step: str, spec: dict) -> dict:
     from megafox.data.stage_data import StageData
 
     out = {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if step == "baseline":
         pass
     elif step in ("build1", "start1"):
         sd = StageData(spec["s1"], SEQ1, GBS1, cache_dir=spec["cache"])
         next(iter(sd.micro_batches(0, 1, 0, GBS1)))
     elif step == "record":
+        import shutil
+
+        shutil.rmtree(spec["record"], ignore_errors=True)  # a repeat must not find the record written
         sd = StageData(spec["s1"], SEQ1, GBS1, cache_dir=spec["cache"])
         out["load_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rec = write_documents_read(sd, spec["consumed"], spec["record"])
         out["excluded"] = {os.path.basename(p): int(e.count) for p, e in rec.entries.items()}
     elif step in ("start2", "requeue2"):
@@ -165,12 +170,12 @@ def child(step: str, spec: dict) -> dict:
         next(iter(sd.micro_batches(0, 1, 0, GBS2)))
     elif step == "before":
         module = _before_module(Path(spec["root"]))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sd = module.StageData(spec["s2"], SEQ2, GBS2, cache_dir=spec["cache"],
                               previous_stages=[(spec["s1"], spec["consumed"], SEQ1)])
         next(iter(sd.micro_batches(0, 1, 0, GBS2)))
         out["excluded"] = {os.path.basename(p): int(len(v)) for p, v in sd.excluded_documents.items()}
-    out["seconds"] = time.perf_counter() - t0
+    out["seconds"], out["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     return out
 
 
@@ -206,8 +211,8 @@ def _fit(xs, ys):
     return math.log(y2 / y1) / math.log(x2 / x1)
 
 
-def _extrapolate(xs, ys, x):
-    b = _fit(xs, ys)
+def _extrapolate(xs, ys, x, b=None):
+    b = _fit(xs, ys) if b is None else b
     if b is None:
         return None, None
     return ys[-1] * (x / xs[-1]) ** max(b, 0.0), b
@@ -218,7 +223,7 @@ def _cell(r):
         return "skipped"
     if "error" in r:
         return "error"
-    return f"{r['seconds']:.2f} s / {r['rss_gb']:.2f} GB"
+    return f"{r['seconds']:.2f} s ({r['cpu_seconds']:.2f}) / {r['rss_gb']:.2f} GB"
 
 
 def report(rows: list, sizes: list) -> str:
@@ -228,13 +233,17 @@ def report(rows: list, sizes: list) -> str:
         lines.append(f"| {size:.0e} | {row['documents']:,} | {row['consumed']:,} | "
                      + " | ".join(_cell(row.get(s)) for s in STEPS[1:]) + " |")
     base = rows[0].get("baseline") or {}
-    lines.append(f"\nbaseline (imports only): {base.get('rss_gb', float('nan')):.2f} GB RSS")
+    base_rss = base.get("rss_gb", 0.0)
+    lines.append(f"\nwall seconds (CPU seconds of the process) / peak RSS; baseline (imports only): "
+                 f"{base_rss:.2f} GB RSS")
     for size, row in zip(sizes, rows):
         if row.get("record") and row.get("before") and "excluded" in row["before"]:
             same = row["record"].get("excluded") == row["before"]["excluded"]
             lines.append(f"{size:.0e}: documents excluded {row['record'].get('excluded')} - the previous code: "
                          f"{'the same' if same else 'DIFFERENT: ' + str(row['before']['excluded'])}")
-    lines.append("\nextrapolated (exponent b of time ~ N^b from the two largest measured sizes):")
+    lines.append("\nextrapolated from the largest size: linear, and with the growth exponent b (y ~ N^b) measured "
+                 "between the two largest sizes; CPU time (less disturbed by other load than wall time) and "
+                 "peak RSS above the baseline:")
     fox_docs = FOX_STAGE1 * 1.25 / MEAN_DOC
 
     def extrapolate(step, label, to, axis="tokens"):
@@ -244,14 +253,19 @@ def report(rows: list, sizes: list) -> str:
             lines.append(f"  {label}: not enough measured sizes")
             return None
         xs = [p[0] for p in pts]
-        t, b = _extrapolate(xs, [p[1]["seconds"] for p in pts], to)
-        m, bm = _extrapolate(xs, [p[1]["rss_gb"] for p in pts], to)
-        if t is None:
+        cpu = [p[1]["cpu_seconds"] for p in pts]
+        rss = [max(p[1]["rss_gb"] - base_rss, 1e-3) for p in pts]
+        t, b = _extrapolate(xs, cpu, to)
+        m, bm = _extrapolate(xs, rss, to)
+        if t is None or m is None:
             lines.append(f"  {label}: no growth to extrapolate")
             return None
-        lines.append(f"  {label}: {t:,.0f} s ({t / 60:,.1f} min), {m:,.1f} GB peak RSS "
-                     f"(b = {b:.2f} time, {bm:.2f} RSS; from {xs[-1]:.0e} {axis})")
-        return t
+        t1, _ = _extrapolate(xs, cpu, to, 1.0)
+        m1, _ = _extrapolate(xs, rss, to, 1.0)
+        lines.append(f"  {label}: linear {t1:,.0f} CPU s ({t1 / 60:,.1f} min), +{m1:,.1f} GB; measured growth "
+                     f"{t:,.0f} s ({t / 60:,.1f} min), +{m:,.1f} GB (b = {b:.2f} time, {bm:.2f} RSS; "
+                     f"from {xs[-1]:.0e} {axis})")
+        return max(t, t1)
 
     t = extrapolate("build1", f"stage-1 index build at Fox-1's stage 1 ({FOX_STAGE1:.0e} tokens)", FOX_STAGE1)
     t3 = extrapolate("build1", f"stage-1 index build over {FOX_TOTAL:.0e} tokens", FOX_TOTAL)
@@ -272,6 +286,8 @@ def main(argv=None) -> int:
     p.add_argument("--before-max", type=float, default=1e10, help="largest size to run the previous code at")
     p.add_argument("--workdir", default=None, help="keep corpora and caches here (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per measurement")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="runs of start1/record/requeue2; the fastest is kept (a shared machine is noisy)")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -301,7 +317,9 @@ def main(argv=None) -> int:
             if step == "before" and size > a.before_max:
                 row[step] = None
                 continue
-            row[step] = measure(step, spec, a.timeout)
+            runs = [measure(step, spec, a.timeout) for _ in range(a.repeat if step in REPEATED else 1)]
+            ok = [r for r in runs if "error" not in r]
+            row[step] = min(ok, key=lambda r: r["seconds"]) if ok else runs[0]
             print(f"[{size:.0e}] {step}: {_cell(row[step])} {row[step].get('error', '')}", flush=True)
         rows.append(row)
     table = report(rows, sizes)

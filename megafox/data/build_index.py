@@ -48,9 +48,10 @@ def stage_data_from_config(config: TrainConfig, stage_name: str, excluded_docume
                      excluded_documents=excluded_documents)
 
 
-def previous_record(config: TrainConfig, stage_name: str):
-    """The documents-read record of the stage before `stage_name` (None for the first stage);
-    ConfigError when that stage has not left one."""
+def previous_record(config: TrainConfig, stage_name: str, required: bool = True):
+    """The documents-read record of the stage before `stage_name`, or None for the first stage.
+    Without one: ConfigError when `required`, else None (a run from before records existed: the
+    trainer then passes previous_stages and StageData recomputes)."""
     from megafox.data.documents_read import read_documents_read, record_dir, record_exists
 
     index = config.stage_index(stage_name)
@@ -59,6 +60,8 @@ def previous_record(config: TrainConfig, stage_name: str):
     before = config.stages[index - 1].name
     where = record_dir(config.checkpoint.dir, before)
     if not record_exists(where):
+        if not required:
+            return None
         raise ConfigError(f"--stage {stage_name}: its indices depend on the documents stage {before} read, "
                           f"recorded in {where} when {before} completes; there is none yet")
     return read_documents_read(where)
