@@ -138,7 +138,7 @@ def _run_checkpoint(args, specs, version: str) -> int:
     max_length = args.max_length or model.max_position_embeddings
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                               use_distributed_optimizer=False).validate(model)
-    _single_process_rendezvous()
+    single_process_rendezvous()
     init_distributed(parallel)
     try:
         import torch
@@ -257,7 +257,7 @@ def _agree(problem: Optional[str]) -> Optional[str]:
     return box[0]
 
 
-def _single_process_rendezvous() -> None:
+def single_process_rendezvous() -> None:
     """Outside torchrun: one rank on a free port (a fixed default port would collide with any
     other evaluation or training on the machine)."""
     if "RANK" in os.environ or "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:

@@ -133,8 +133,8 @@ class MegafoxLM(TemplateLM):
 
     # -------------------------------------------------------------------------------- generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
-        """Greedy decoding, each new token from a forward over the whole sequence so far (no KV
-        cache: simple in every layout, at a cost per token that grows with the context)."""
+        """Greedy decoding: incremental with megatron-core's KV cache where the layout allows
+        (one pipeline stage), else each new token from a forward over the whole sequence."""
         from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen_kwargs,
                                           postprocess_generated_text)
 
@@ -165,6 +165,8 @@ class MegafoxLM(TemplateLM):
         if room <= 0:
             raise ValueError(f"max_gen_toks ({max_new}) must be below max_length ({self.max_length})")
         prompts = [self.tok_encode(c)[-room:] for c in contexts]
+        if self.scorer.caches_kv:
+            return self._greedy_cached(prompts, until, max_new)
         generated: List[List[int]] = [[] for _ in contexts]
         active = list(range(len(contexts)))
         for _ in range(max_new):
@@ -181,6 +183,39 @@ class MegafoxLM(TemplateLM):
                 if not any(stop and stop in text for stop in until):
                     still.append(i)
             active = still
+        return [self.tok_decode(g) for g in generated]
+
+    def _greedy_cached(self, prompts: List[List[int]], until: List[str], max_new: int) -> List[str]:
+        """The same decoding, one token per forward against a KV cache. The batch advances in
+        lockstep (a static cache): it starts after the shortest prompt, and a longer prompt is fed
+        its own next token until it ends (batches hold prompts of similar length, longest first)."""
+        lengths = [len(p) for p in prompts]
+        position = min(lengths)
+        predicted = self.scorer.generate_start(prompts, position, max(lengths) + max_new)
+        generated: List[List[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        try:
+            while True:
+                feed = []
+                for i, prompt in enumerate(prompts):
+                    if position < lengths[i]:  # still reading its prompt: the prediction is not used
+                        feed.append(prompt[position])
+                        continue
+                    if not done[i]:
+                        token = predicted[i]
+                        if token == self.eot_token_id:
+                            done[i] = True
+                        else:
+                            generated[i].append(token)
+                            text = self.tok_decode(generated[i])
+                            done[i] = len(generated[i]) >= max_new or any(stop and stop in text for stop in until)
+                    feed.append(generated[i][-1] if generated[i] else self.eot_token_id)
+                if all(done):
+                    break
+                predicted = self.scorer.generate_step(feed)
+                position += 1
+        finally:
+            self.scorer.generate_end()
         return [self.tok_decode(g) for g in generated]
 
     def _desc(self, kind: str) -> str:

@@ -2,7 +2,9 @@
 
 One primitive serves every lm_eval request type: for each sequence, the log-probability of given
 target tokens at its last positions and the argmax token there (loglikelihood = the targets'
-sum and "all greedy"; generation = the argmax at the last position).
+sum and "all greedy"; generation = the argmax at the last position). Greedy generation has a
+faster path where the layout allows it (one pipeline stage, no sequence parallelism): incremental
+decoding with megatron-core's static KV cache (`StaticInferenceContext`), one token per step.
 
 Multi-rank: global rank 0 drives (it runs lm_eval); every `score` call broadcasts the sequences
 to all ranks, each data-parallel replica takes every dp-th sequence and runs the forward
@@ -41,7 +43,7 @@ class ScoreResult:
     greedy: List[int]  # the argmax token at each scored position
 
 
-_SCORE, _STOP = "score", "stop"
+_SCORE, _STOP, _GEN_START, _GEN_STEP, _GEN_END = "score", "stop", "gen_start", "gen_step", "gen_end"
 
 
 class CollectiveScorer:
@@ -69,6 +71,7 @@ class CollectiveScorer:
         self.device = next(self.models[0].parameters()).device
         self._selection: Optional[torch.Tensor] = None
         self._hooked = False
+        self._generation = None  # (this replica's sequence indices, its KV cache) while generating
 
     @property
     def replicas(self) -> int:
@@ -81,43 +84,104 @@ class CollectiveScorer:
     # ------------------------------------------------------------------------------ driver side
     def score(self, items: List[ScoreItem]) -> List[ScoreResult]:
         """Rank 0 (the only caller): results in the order of `items`."""
-        if self.world == 1:
-            return self._score_replica(items)
-        self._broadcast((_SCORE, items))
-        return self._run_and_collect(items)
+        return self._collective(_SCORE, items, len(items))
 
     def close(self) -> None:
         """Rank 0: release the serving ranks."""
         if self.world > 1:
-            self._broadcast((_STOP, None))
+            self._broadcast((_STOP, None, 0))
+
+    @property
+    def caches_kv(self) -> bool:
+        """Whether `generate_*` is available: megatron-core's static KV cache is used here with one
+        pipeline stage (and one model chunk) and without sequence parallelism."""
+        return self.pp == 1 and len(self.chunks) == 1 and not self.config.sequence_parallel
+
+    def generate_start(self, prompts: List[List[int]], prefix: int, capacity: int) -> List[int]:
+        """Rank 0: open a KV cache of `capacity` positions for `prompts`, run their first `prefix`
+        tokens (every prompt has at least that many) and return each one's argmax token there."""
+        return self._collective(_GEN_START, (prompts, prefix, capacity), len(prompts))
+
+    def generate_step(self, tokens: List[int]) -> List[int]:
+        """Rank 0: append one token to every sequence; the argmax token after it, per sequence."""
+        return self._collective(_GEN_STEP, tokens, len(tokens))
+
+    def generate_end(self) -> None:
+        self._collective(_GEN_END, None, 0)
 
     # ----------------------------------------------------------------------------- serving side
     def serve(self) -> None:
         """Every rank but 0: run the forwards rank 0 asks for until it calls `close()`."""
         while True:
-            command, items = self._broadcast(None)
+            command, payload, count = self._broadcast(None)
             if command == _STOP:
                 return
-            self._run_and_collect(items)
+            self._run_and_gather(command, payload, count)
 
     def _broadcast(self, message):
         box = [message]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _run_and_collect(self, items: List[ScoreItem]) -> List[ScoreResult]:
-        mine = list(range(self.dp_rank, len(items), self.dp))
-        results = self._score_replica([items[i] for i in mine])
+    def _collective(self, command: str, payload, count: int):
+        if self.world > 1:
+            self._broadcast((command, payload, count))
+        return self._run_and_gather(command, payload, count)
+
+    def _run_and_gather(self, command: str, payload, count: int) -> list:
+        """This replica's share (every dp-th sequence) of `command`; rank 0 gets every share back."""
+        mine = list(range(self.dp_rank, count, self.dp))
+        if command == _SCORE:
+            results = self._score_replica([payload[i] for i in mine])
+        elif command == _GEN_START:
+            results = self._generation_start(mine, *payload)
+        elif command == _GEN_STEP:
+            results = self._generation_step([payload[i] for i in mine])
+        else:
+            self._generation = None  # frees the cache
+            results = []
+        if self.world == 1:
+            return results
         sent = list(zip(mine, results)) if self.holds_results else None
         gathered = [None] * self.world if self.rank == 0 else None
         torch.distributed.gather_object(sent, gathered, dst=0)
         if self.rank != 0:
             return []
-        out: List[Optional[ScoreResult]] = [None] * len(items)
+        out = [None] * count
         for part in gathered:
             for index, result in part or ():
                 out[index] = result
         return out
+
+    # -------------------------------------------------------------- one replica's KV-cached decoding
+    def _generation_start(self, mine: List[int], prompts: List[List[int]], prefix: int, capacity: int) -> List[int]:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        if not mine:
+            self._generation = None
+            return []
+        cache = StaticInferenceContext(max_batch_size=len(mine), max_sequence_length=capacity)
+        self._generation = cache
+        tokens = torch.tensor([prompts[i][:prefix] for i in mine], dtype=torch.long, device=self.device)
+        return self._decode(tokens)
+
+    def _generation_step(self, tokens: List[int]) -> List[int]:
+        if self._generation is None:
+            return []
+        return self._decode(torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1))
+
+    def _decode(self, tokens: torch.Tensor) -> List[int]:
+        """Run `tokens` [batch, n] at the cache's current position; argmax after the last one."""
+        cache = self._generation
+        start = cache.sequence_len_offset
+        positions = torch.arange(start, start + tokens.shape[1], device=self.device).unsqueeze(0).expand_as(tokens)
+        with torch.no_grad():
+            # in eval mode with a static context, GPTModel keeps the last position only and
+            # gathers its logits over TP: [batch, 1, padded vocab]
+            logits = self.chunks[0](tokens, positions, None, inference_context=cache, runtime_gather_output=True)
+        cache.increment_sequence_len_offset(tokens.shape[1])
+        cache.enable_decode_mode()
+        return logits[:, -1, :self.vocab_size].argmax(dim=-1).tolist()
 
     # ------------------------------------------------------------------------ one replica's work
     def _score_replica(self, items: List[ScoreItem]) -> List[ScoreResult]:

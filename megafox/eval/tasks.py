@@ -152,8 +152,10 @@ def resolve(tm, spec: TaskSpec) -> Dict[str, Any]:
             raise ConfigError(f"task file {spec.name}: has no 'task' (or 'group') name")
     entry = tm.task_index.get(name)
     if entry is None:
-        close = sorted(n for n in tm.all_tasks if name.split("_")[0] in n)[:8]
-        hint = f"; similar: {', '.join(close)}" if close else ""
+        import difflib
+
+        close = difflib.get_close_matches(name, tm.all_tasks, n=6, cutoff=0.75)
+        hint = f"; similar: {', '.join(close)}" if close else " (`lm_eval ls tasks` lists them)"
         raise ConfigError(f"task {name!r}: not in lm_eval's task registry{hint}")
     kind = {Kind.GROUP: "group", Kind.TAG: "tag"}.get(entry.kind, "task")
     return {"name": name, "kind": kind, "leaves": _leaves(tm, name, set())}

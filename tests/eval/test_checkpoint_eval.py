@@ -1,5 +1,5 @@
 """`megafox eval --checkpoint` (in-process, megafox's own model) against lm_eval's `hf` model on the
-checkpoint's HF export, and against itself at TP2 x PP2 and DP2: the same per-example
+checkpoint's HF export, and against itself at TP2 x PP2, DP2 and TP2: the same per-example
 loglikelihoods, the same greedy generations, the same scores."""
 import json
 
@@ -28,17 +28,18 @@ def _evaluate(material, name, *args, nproc=1, source="checkpoint"):
             "markdown": (out / f"{label}.md").read_text(), "stdout": proc.stdout}
 
 
-ARC = ("--tasks", "arc_challenge:2", "--limit", LIMIT)
+# one multiple-choice (loglikelihood) and one generation task, both real lm_eval tasks on staged data
+TASKS = ("--tasks", "arc_challenge:2,gsm8k:2", "--limit", LIMIT, "--gen-kwargs", "max_gen_toks=24")
 
 
 @pytest.fixture(scope="module")
-def arc_tp1(material):
-    return _evaluate(material, "arc_tp1", *ARC)
+def tp1(material):
+    return _evaluate(material, "tp1", *TASKS)
 
 
 @pytest.fixture(scope="module")
-def arc_hf(material):
-    return _evaluate(material, "arc_hf", *ARC, source="hf")
+def hf(material):
+    return _evaluate(material, "hf", *TASKS, source="hf")
 
 
 def _loglikelihoods(run):
@@ -51,8 +52,16 @@ def _loglikelihoods(run):
     return out
 
 
-def test_loglikelihoods_equal_lm_eval_on_hf_export(arc_tp1, arc_hf):
-    ours, theirs = _loglikelihoods(arc_tp1), _loglikelihoods(arc_hf)
+def _generations(run):
+    return {doc_id: r["resps"][0][0] for doc_id, r in _records(run["out"], run["label"], "gsm8k").items()}
+
+
+def _row(run, task):
+    return next(r for r in run["report"]["tasks"] if r["task"] == task)
+
+
+def test_loglikelihoods_equal_lm_eval_on_hf_export(tp1, hf):
+    ours, theirs = _loglikelihoods(tp1), _loglikelihoods(hf)
     assert set(ours) == set(theirs) and len(ours) == 4 * LIMIT
     for key, (logprob, greedy) in theirs.items():
         assert ours[key][0] == pytest.approx(logprob, abs=1e-4), key
@@ -60,52 +69,60 @@ def test_loglikelihoods_equal_lm_eval_on_hf_export(arc_tp1, arc_hf):
     # the choices of a question differ by whole nats: scoring the wrong positions could not pass
     spread = [max(ours[(d, c)][0] for c in range(4)) - min(ours[(d, c)][0] for c in range(4)) for d in range(LIMIT)]
     assert sorted(spread)[LIMIT // 2] > 1.0
-    a, b = arc_tp1["report"]["tasks"][0], arc_hf["report"]["tasks"][0]
-    assert (a["metric"], a["value"], a["samples"]) == (b["metric"], b["value"], b["samples"]) == ("acc_norm", a["value"], LIMIT)
+    a, b = _row(tp1, "arc_challenge"), _row(hf, "arc_challenge")
+    assert (a["metric"], a["samples"]) == (b["metric"], b["samples"]) == ("acc_norm", LIMIT)
+    assert a["value"] == b["value"]
 
 
-def test_results_json_and_markdown(arc_tp1, material):
-    report = arc_tp1["report"]
+def test_gsm8k_generations_equal_transformers(tp1, hf):
+    """The real gsm8k task (its prompt format, stop strings, strict-match exact match) end to end:
+    megafox's greedy generations (KV-cached) equal transformers' through lm_eval's hf model."""
+    ours, theirs = _generations(tp1), _generations(hf)
+    assert sorted(ours) == sorted(theirs) == list(range(LIMIT))
+    assert ours == theirs
+    assert sum(bool(text.strip()) for text in ours.values()) > LIMIT // 2
+    row = _row(tp1, "gsm8k")
+    assert (row["metric"], row["filter"], row["samples"], row["shots"]) == ("exact_match", "strict-match", LIMIT, 2)
+    assert row["value"] == _row(hf, "gsm8k")["value"]
+    targets = _records(tp1["out"], tp1["label"], "gsm8k")
+    assert all("#### " in r["target"] for r in targets.values())
+
+
+def test_results_json_and_markdown(tp1):
+    report = tp1["report"]
     assert report["lm_eval_version"] == "0.4.13"
     assert report["model"]["kind"] == "checkpoint" and report["model"]["iteration"] == 0
     assert report["model"]["tokenizer"].endswith("tokenizer.model")
-    row = report["tasks"][0]
+    row = _row(tp1, "arc_challenge")
     assert (row["task"], row["shots"], row["metric"], row["filter"], row["samples"]) == \
         ("arc_challenge", 2, "acc_norm", "none", LIMIT)
     assert 0 <= row["value"] <= 1 and row["stderr"] > 0
-    assert report["settings"]["layout"] == "TP1 PP1 DP1 (1 process)" and report["settings"]["limit"] == LIMIT
+    settings = report["settings"]
+    assert settings["layout"] == "TP1 PP1 DP1 (1 process)" and settings["limit"] == LIMIT and settings["finished"]
     # lm_eval's own record of the prompt protocol is kept
     assert report["lm_eval"]["arc_challenge"]["n-shot"]["arc_challenge"] == 2
-    md = arc_tp1["markdown"]
+    md = tp1["markdown"]
     assert f"| ARC-Challenge | 2 | acc_norm | {100 * row['value']:.2f} | {100 * row['stderr']:.2f} |" in md
-    assert "not comparable" in md  # --limit
+    assert "| GSM8K | 2 | exact_match (strict-match) |" in md
+    assert "not comparable" in md  # --limit, --gen-kwargs
 
 
-@pytest.mark.parametrize("name,nproc,layout", [("tp2pp2", 4, ("--tp", 2, "--pp", 2)), ("dp2", 2, ())])
-def test_other_layouts_score_like_tp1(material, arc_tp1, name, nproc, layout):
-    run = _evaluate(material, f"arc_{name}", *ARC, *layout, nproc=nproc)
-    ref, got = _loglikelihoods(arc_tp1), _loglikelihoods(run)
+@pytest.mark.parametrize("name,nproc,layout,expected", [
+    # generation without a KV cache (pipeline), vocab-parallel log-softmax / argmax, pipeline schedule
+    ("tp2pp2", 4, ("--tp", 2, "--pp", 2), "TP2 PP2 DP1 (4 processes)"),
+    # requests split over replicas, each with its own KV cache
+    ("dp2", 2, (), "TP1 PP1 DP2 (2 processes)"),
+    # KV-cached generation with TP-sharded attention and gathered logits
+    ("tp2", 2, ("--tp", 2), "TP2 PP1 DP1 (2 processes)"),
+])
+def test_other_layouts_score_like_tp1(material, tp1, name, nproc, layout, expected):
+    run = _evaluate(material, name, *TASKS, *layout, nproc=nproc)
+    ref, got = _loglikelihoods(tp1), _loglikelihoods(run)
     assert set(got) == set(ref)
     for key, (logprob, greedy) in ref.items():
         assert got[key][0] == pytest.approx(logprob, abs=1e-5), key
         assert got[key][1] == greedy, key
-    expected = "TP2 PP2 DP1 (4 processes)" if name == "tp2pp2" else "TP1 PP1 DP2 (2 processes)"
+    assert _generations(run) == _generations(tp1)
     assert run["report"]["settings"]["layout"] == expected
-    assert run["report"]["tasks"][0]["value"] == arc_tp1["report"]["tasks"][0]["value"]
-
-
-def test_gsm8k_generation_end_to_end(material):
-    """The real gsm8k task (5-shot prompt format, strict-match exact match) on the staged data:
-    megafox's greedy generations equal transformers' (through lm_eval's hf model) token for token."""
-    args = ("--tasks", "gsm8k:2", "--limit", 4, "--gen-kwargs", "max_gen_toks=24")
-    ours, theirs = _evaluate(material, "gsm_ckpt", *args), _evaluate(material, "gsm_hf", *args, source="hf")
-    a, b = _records(ours["out"], ours["label"], "gsm8k"), _records(theirs["out"], theirs["label"], "gsm8k")
-    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
-    for doc_id in a:
-        assert a[doc_id]["resps"] == b[doc_id]["resps"], doc_id
-        assert a[doc_id]["resps"][0][0].strip(), "empty generation"
-        assert "#### " in a[doc_id]["target"]
-    row = ours["report"]["tasks"][0]
-    assert (row["task"], row["metric"], row["filter"], row["samples"]) == ("gsm8k", "exact_match", "strict-match", 4)
-    assert row["value"] == theirs["report"]["tasks"][0]["value"]
-    assert ours["report"]["settings"]["gen_kwargs"] == "max_gen_toks=24"
+    for task in ("arc_challenge", "gsm8k"):
+        assert _row(run, task)["value"] == _row(tp1, task)["value"]
