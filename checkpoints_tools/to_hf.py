@@ -49,8 +49,24 @@ def tokenizer_source(arg: Optional[str], meta: dict) -> Optional[str]:
     return recorded if isinstance(recorded, str) and Path(recorded).expanduser().exists() else None
 
 
+def chat_template_source(arg: Optional[str], meta: dict) -> Optional[str]:
+    """--chat-template (a built-in name or a .jinja file), else the one the checkpoint's SFT data
+    was rendered with (recorded by the trainer), else none (a base model)."""
+    if arg:
+        from data_prep.chat_template import load_chat_template
+        from data_prep.common import DataPrepError
+
+        try:
+            return load_chat_template(arg).text
+        except DataPrepError as exc:
+            raise ToolError(f"--chat-template: {exc}") from None
+    recorded = meta.get("tokenizer")
+    return recorded.get("chat_template") if isinstance(recorded, dict) else None
+
+
 def convert(ckpt: DistCheckpoint, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
-            max_shard_bytes: int = 5 * 10**9, tokenizer: Optional[str] = None, progress: bool = True) -> Dict:
+            max_shard_bytes: int = 5 * 10**9, tokenizer: Optional[str] = None, progress: bool = True,
+            chat_template: Optional[str] = None) -> Dict:
     from checkpoints_tools.hf_tokenizer import resolve_model_file, write_hf_tokenizer
 
     """Write the export into `out_dir` (a fresh directory: the caller stages it)."""
@@ -60,7 +76,7 @@ def convert(ckpt: DistCheckpoint, out_dir: Path, dtype: torch.dtype = torch.bflo
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer:
         ids = write_hf_tokenizer(resolve_model_file(tokenizer), out_dir, model.max_position_embeddings,
-                                 vocab_limit=model.vocab_size)
+                                 vocab_limit=model.vocab_size, chat_template=chat_template)
         if ids["bos"] is None or ids["eos"] is None:
             raise ToolError(f"tokenizer {tokenizer}: has no bos/eos piece; an exported Llama needs both")
     else:
@@ -92,6 +108,8 @@ def _args(argv: Optional[List[str]]):
     p.add_argument("--dtype", default="bf16", help="bf16 (default, as Fox-1 is released), fp16 or fp32")
     p.add_argument("--tokenizer", default=None, help="SentencePiece .model (or a directory with tokenizer.model)")
     p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors past this size (default 5GB)")
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                   help="chat template for tokenizer_config.json (default: the one the checkpoint's SFT data used)")
     p.add_argument("--verify", action="store_true", help="compare transformers' and megafox's logits afterwards")
     p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| for --verify (default 1e-3)")
     p.add_argument("--no-progress", action="store_true")
@@ -109,8 +127,11 @@ def _main(argv: Optional[List[str]] = None) -> int:
     if holds_checkpoint(output):  # swapping an export in would move a training run aside
         raise ToolError(f"--output {output}: holds {describe_checkpoint(output)}; an export needs a directory of its own")
     tok = tokenizer_source(a.tokenizer, ckpt.meta)
+    template = chat_template_source(a.chat_template, ckpt.meta)
+    if template and not tok:
+        raise ToolError("--chat-template: a chat template needs the tokenizer (--tokenizer, or one recorded in the checkpoint)")
     with StagedExport(output) as staged:
-        result = convert(ckpt, staged.path, dtype, shard, tok, progress=not a.no_progress)
+        result = convert(ckpt, staged.path, dtype, shard, tok, progress=not a.no_progress, chat_template=template)
         # ckpt.path is the exported iteration's own directory (iteration None: that directory itself)
         if a.verify and not verify.hf_matches_checkpoint(staged.path, str(ckpt.path), None, ckpt.model,
                                                          ckpt.shape(MCORE_EMBEDDING)[0], a.tolerance, round_to=dtype):
@@ -120,7 +141,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         # mixes two exports; anything else there (a README, say) is kept
         staged.publish(keep_old=lambda name: not is_weights_file(name))
     print(f"wrote {output}: iteration {ckpt.iteration}, {len(result['files'])} safetensors file(s), "
-          f"{result['bytes'] / 1e9:.2f} GB {dtype_name(dtype)}" + (", tokenizer" if tok else ""), flush=True)
+          f"{result['bytes'] / 1e9:.2f} GB {dtype_name(dtype)}" + (", tokenizer" if tok else "")
+          + (", chat template" if template else ""), flush=True)
     return 0
 
 
