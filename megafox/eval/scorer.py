@@ -71,7 +71,7 @@ class CollectiveScorer:
         self.device = next(self.models[0].parameters()).device
         self._selection: Optional[torch.Tensor] = None
         self._hooked = False
-        self._generation = None  # (this replica's sequence indices, its KV cache) while generating
+        self._generation = None  # this replica's KV cache (StaticInferenceContext) while generating
 
     @property
     def replicas(self) -> int:

@@ -46,7 +46,7 @@ class DownstreamEvalCallback(Callback):
                 problem = str(exc)
         problem = _broadcast(problem)
         if problem is not None:
-            raise ConfigError(f"eval.tasks: {problem}")
+            raise ConfigError(f"eval: {problem}")
         self.scorer = CollectiveScorer(trainer.model, trainer.config.model.vocab_size, self.config.batch_size)
 
     def _load_tasks(self, trainer):
