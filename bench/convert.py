@@ -25,17 +25,16 @@ GOAL_SECONDS, GOAL_RSS_FACTOR = 60.0, 1.5
 
 def make_checkpoint(root: Path) -> None:
     """Random fox1-1.6b weights (megatron-core's init) saved as a TP1/PP1 torch_dist checkpoint."""
-    import dataclasses
-
     from checkpoints_tools.verify import build_single
     from megafox.checkpoint import save_checkpoint
     from megafox.config import fox1_1p6b
+    from megafox.records import CheckpointRecord, SavedLayout
 
     model = fox1_1p6b()
     module = build_single(model)
-    meta = {"model": dataclasses.asdict(model), "parallel": {"tp": 1, "pp": 1, "vpp": 1, "dp": 1},
-            "stage": "bench", "consumed_tokens": 0}
-    save_checkpoint(root, 1, [module], meta)
+    record = CheckpointRecord(iteration=1, kind="model-only", model=model, layout=SavedLayout(1, 1, 1, 1, 1),
+                              source="bench: megatron-core's random init")
+    save_checkpoint(root, 1, [module], record)
 
 
 def naive_convert(ckpt_root: Path, out: Path) -> None:
