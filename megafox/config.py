@@ -27,6 +27,7 @@ LossGrad = Literal["precompute", "recompute"]  # megafox.model.fused_loss
 ScheduleStyle = Literal["cosine", "wsd", "linear", "constant"]
 WsdDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
 NanPolicy = Literal["skip", "halt"]
+CheckpointFormat = Literal["sharded", "gathered"]  # megafox.checkpoint
 StageKind = Literal["pretrain", "sft"]
 PackedAttention = Literal["segments", "mask", "varlen"]  # megafox.model.attention (native spec)
 
@@ -332,6 +333,11 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     interval: int = 1000  # steps between saves; every stage end is saved too
     keep_last: int = 2  # periodic checkpoints kept (stage-end ones are always kept)
+    # sharded: each data-parallel rank writes (and on resume reads) only the weights and optimizer
+    # state it owns; gathered: megatron-core's fully_reshardable save (whole state gathered to every
+    # rank first). Same tensors on disk: either loads the other, at any TP/PP/DP.
+    format: CheckpointFormat = "sharded"
+    async_save: bool = False  # write the shards in the background while training continues
 
 
 @dataclass
@@ -382,6 +388,31 @@ class BuildConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream scores while training runs (megafox.training.callbacks.downstream_eval)."""
+
+    interval: int = 0  # steps between evaluations; 0 = off
+    tasks: List[str] = field(default_factory=list)  # "name", "name:shots" or a task YAML path
+    data_dir: Optional[str] = None  # root of the staged datasets; None = the HF datasets cache
+    limit: Optional[int] = 500  # documents per task; None = the whole test split
+    batch_size: int = 16  # sequences per forward pass, per model replica
+    max_length: Optional[int] = None  # longest input in tokens; None = the model's max positions
+
+    def validate(self) -> "EvalConfig":
+        """Types and ranges; task names are parsed and their data checked at start-up, on rank 0."""
+        check_types(self, "eval")
+        _require(self.interval >= 0, "eval.interval", f"must be >= 0 (0 = off), got {self.interval}")
+        _require(not self.interval or bool(self.tasks), "eval.tasks",
+                 "must name at least one task when eval.interval is set")
+        _require(self.limit is None or self.limit >= 1, "eval.limit",
+                 f"must be >= 1 (or null for all documents), got {self.limit}")
+        _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.max_length is None or self.max_length >= 2, "eval.max_length",
+                 f"must be >= 2, got {self.max_length}")
+        return self
+
+
+@dataclass
 class DebugConfig:
     log_samples: bool = False  # write every step's sample ids to <checkpoint.dir>/samples/
 
@@ -398,6 +429,7 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     data_dir: str = "data"
     micro_batch_size: int = 1
@@ -437,6 +469,7 @@ class TrainConfig:
         self.model.validate()
         self.parallel.validate(self.model)
         self.build.validate()
+        self.eval.validate()
         _require(isinstance(self.stages, list) and len(self.stages) > 0, "stages", "must be a non-empty list")
         _require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         seen = set()
@@ -514,7 +547,7 @@ class TrainConfig:
 
 _TRAIN_SECTIONS = {"parallel": ParallelConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
                    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "validation": ValidationConfig,
-                   "data": DataConfig, "build": BuildConfig, "debug": DebugConfig}
+                   "data": DataConfig, "build": BuildConfig, "eval": EvalConfig, "debug": DebugConfig}
 
 # Keys that moved; an old YAML or override gets told where each one lives now.
 _MOVED = {"precision": "build.precision", "recompute": "build.recompute", "fused_loss": "build.fused_loss",

@@ -108,7 +108,13 @@ class Trainer:
         self.metrics = Metrics(cfg, self.stage.name, cfg.model, self.stage.seq_length,
                                torch.distributed.get_world_size(), torch.distributed.get_rank())
         self.callbacks = [self.stop, self.metrics, ValidationCallback(), self.checkpointing,
-                          *([SampleLogCallback()] if cfg.debug.log_samples else []), *self.extra_callbacks]
+                          *([SampleLogCallback()] if cfg.debug.log_samples else []),
+                          *([self._downstream_eval()] if cfg.eval.interval else []), *self.extra_callbacks]
+
+    def _downstream_eval(self):
+        from megafox.training.callbacks.downstream_eval import DownstreamEvalCallback
+
+        return DownstreamEvalCallback(self.config.eval)
 
     def _num_microbatches(self, pp: int, vpp: int) -> int:
         where = f"stages.{self.stage.name}.batch_tokens"

@@ -69,9 +69,14 @@ def test_eval_config_validation():
     assert EvalConfig().validate().interval == 0
     for bad, field in [(dict(interval=-1), "eval.interval"), (dict(interval=10), "eval.tasks"),
                        (dict(limit=0), "eval.limit"), (dict(batch_size=0), "eval.batch_size"),
-                       (dict(interval=5, tasks=["hellaswag:x"]), "eval.tasks"), (dict(interval="5"), "eval.interval")]:
+                       (dict(interval="5"), "eval.interval")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             EvalConfig(**bad).validate()
+    # the task list's syntax is checked when the trainer builds the evaluator, at start-up
+    from megafox.training.callbacks.downstream_eval import DownstreamEvalCallback
+
+    with pytest.raises(ConfigError, match=r"eval\.tasks"):
+        DownstreamEvalCallback(EvalConfig(interval=5, tasks=["hellaswag:x"]))
 
 
 def _fake_hf_dir(tmp_path):

@@ -26,7 +26,10 @@ from megafox.training.callbacks.base import Callback
 
 class DownstreamEvalCallback(Callback):
     def __init__(self, config: EvalConfig):
+        from megafox.eval.suites import parse_task_list
+
         self.config = config.validate()
+        parse_task_list(self.config.tasks, where="eval.tasks")  # syntax, at start-up; names and data in on_start
         self.scorer = None
         self.tm = None
         self.tasks: List[Any] = []
