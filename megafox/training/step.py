@@ -83,7 +83,12 @@ def build_optimizer(chunks: List[DistributedDataParallel], settings: OptimizerSe
         clip_grad=settings.clip_grad, bf16=bf16, params_dtype=torch.float32,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, chunks)
+    optimizer = get_megatron_optimizer(config, chunks)
+    # megatron-core marks norms and biases wd_mult=0 but only its LR scheduler turns that into each
+    # group's weight_decay: without a scheduler (tests, benches) the norms would be decayed too
+    for group in optimizer.param_groups:
+        group["weight_decay"] = settings.weight_decay * group.get("wd_mult", 1.0)
+    return optimizer
 
 
 def configure_schedule_hooks(chunks: List[DistributedDataParallel]) -> None:

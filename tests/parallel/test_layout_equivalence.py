@@ -5,6 +5,7 @@ import torch
 from megafox.config import fox1_tiny
 from megafox.testing.distributed import run_distributed
 from megafox.testing.hf_reference import hf_state
+from tests.support.compare import assert_same_step
 
 pytestmark = pytest.mark.multirank
 
@@ -35,19 +36,6 @@ def reference(inputs):
     return _run(inputs, 1, {})
 
 
-def _assert_same(ref, got, before):
-    assert got["tokens"] == ref["tokens"]
-    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
-    assert set(got["weights"]) == set(ref["weights"])
-    for name, ref_tensor in ref["weights"].items():
-        torch.testing.assert_close(got["weights"][name], ref_tensor, rtol=1e-5, atol=1e-6, msg=name)
-        ref_update, got_update = ref_tensor - before[name], got["weights"][name] - before[name]
-        scale = ref_update.abs().max().item()
-        assert scale > 0, f"{name} was not updated"
-        torch.testing.assert_close(got_update, ref_update, rtol=1e-5, atol=1e-5 * scale, msg=name)
-
-
 def test_reference_step_changes_weights(reference, inputs):
     before = torch.load(inputs["hf_path"])
     assert reference["loss"] > 0 and reference["grad_norm"] > 0
@@ -63,7 +51,7 @@ def test_reference_step_changes_weights(reference, inputs):
     ("tp2_pp2", 4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}),
 ])
 def test_layout_matches_tp1(reference, inputs, name, nproc, layout):
-    _assert_same(reference, _run(inputs, nproc, layout), torch.load(inputs["hf_path"]))
+    assert_same_step(reference, _run(inputs, nproc, layout), torch.load(inputs["hf_path"]))
 
 
 @pytest.mark.parametrize("name,nproc,layout,nan_rank", [
@@ -110,4 +98,4 @@ def test_overlapped_grad_reduce_and_param_gather_match_tp1(reference_two_steps, 
     same two steps as one rank."""
     got = _run(inputs, nproc, layout, steps=2, overlap=overlap, options=options,
                use_distributed_optimizer=layout["use_distributed_optimizer"])
-    _assert_same(reference_two_steps, got, torch.load(inputs["hf_path"]))
+    assert_same_step(reference_two_steps, got, torch.load(inputs["hf_path"]))
