@@ -7,13 +7,19 @@ Layout of a checkpoint root:
     ROOT/latest                 text file naming the newest complete iteration, replaced atomically
 
 Shared by the trainer and `checkpoints_tools`, so it sits below both. dist_checkpointing stores
-global (unsharded) tensor layouts, so a checkpoint saved at one TP/PP loads at another.
+global (unsharded) tensor layouts, so a checkpoint saved at one TP/PP/DP loads at another.
 
-Training checkpoints (`save_training_checkpoint`) add the optimizer state (the distributed
-optimizer in the `fully_reshardable` format: one global tensor per parameter, so it
-reloads at any TP/PP/DP), every rank's RNG states, and in megafox.json the scheduler position
-and the data state (consumed samples per stage). Old ones are rotated: the newest `keep_last`
-plus every stage end are kept.
+Training checkpoints (`save_training_checkpoint`) add the optimizer state, every rank's RNG
+states, and in megafox.json the scheduler position and the data state (consumed samples per
+stage). With the distributed optimizer (format `sharded`, the default) every data-parallel rank
+writes only the ranges of the weights and optimizer state it owns, as rectangles of the global
+tensors (megafox.checkpoint_sharding), and a resume reads only the ranges it will own; format
+`gathered` is megatron-core's `fully_reshardable` save (the whole state all-gathered to every
+rank first). Both hold the same tensors under the same keys. Saves run through CheckpointSaver:
+synchronous, or asynchronous (the shards written by threads while training goes on, the record
+and `latest` only once every rank's files are on disk). Old ones are rotated: the newest
+`keep_last` plus every stage end are kept. Loading unpickles nothing but data
+(megafox.safe_load, wired in by megafox.compat.megatron_core.safe_checkpoint_loading).
 """
 from __future__ import annotations
 
@@ -23,11 +29,16 @@ import random
 import shutil
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from megafox.checkpoint_integrity import digest_saved_files, verify
+from megafox import checkpoint_integrity
+from megafox.checkpoint_integrity import digest_saved_files
+from megafox.checkpoint_sharding import (OPTIMIZER_STATE_KEYS, OPTIMIZER_STATE_PREFIX, ddp_params,
+                                         distributed_optimizers, owned_params, pop_param_entries, sharded_tensor)
+from megafox.checkpoint_writer import ThreadCallsQueue, WriteDigests, in_threads
 from megafox.compat import megatron_core as mcore_compat
 from megafox.records import (METADATA_FILE, CheckpointError, CheckpointRecord, SavedLayout, read_checkpoint_record,
                              write_checkpoint_record)
@@ -123,24 +134,113 @@ def write_latest(root: Union[str, Path], iteration: int) -> None:
     os.replace(tmp, root / LATEST_FILE)
 
 
-def save_checkpoint(root: Union[str, Path], iteration: int, chunks: List[torch.nn.Module],
-                    record: CheckpointRecord, extra_sharded: Optional[Dict[str, Any]] = None,
-                    update_latest: bool = True, before_commit: Optional[BeforeCommit] = None) -> Path:
-    """Save model chunks (and any extra sharded state, e.g. the optimizer's) collectively.
+# ----------------------------------------------------------------------------------------------
+# Saving. Every save, synchronous or not, goes through CheckpointSaver: megatron-core plans it and
+# stages a host copy of every tensor (the call blocks for that much), the shards are written by
+# threads of this process (megafox.checkpoint_writer), and the save is committed (digests,
+# megafox.json, `latest`, rotation) on every rank once all ranks' files are on disk.
 
-    Every rank calls this. `record` is written by rank 0 after all shards are on disk, and only
-    then does `latest` move.
-    """
-    state = model_sharded_state_dict(chunks)
-    if extra_sharded:
-        state.update(extra_sharded)
-    return _save_state(root, iteration, state, record, update_latest, before_commit)
+@dataclass
+class _PendingSave:
+    root: Path
+    iteration: int
+    path: Path
+    record: CheckpointRecord
+    update_latest: bool
+    keep_last: Optional[int]
+    before_commit: Optional[BeforeCommit]
+    digests: WriteDigests
+    started: float  # time.monotonic() when the save was called
+    stall: float  # seconds the caller was blocked by planning and staging
 
 
-def _save_state(root: Union[str, Path], iteration: int, state: Dict[str, Any], record: CheckpointRecord,
-                update_latest: bool = True, before_commit: Optional[BeforeCommit] = None) -> Path:
-    from megatron.core import dist_checkpointing
+@dataclass
+class SaveReport:
+    """A committed save: where, and how long it held the caller up and took in all."""
 
+    path: Path
+    iteration: int
+    stall_s: float  # planning + copy to host: the time the training loop stood still for it
+    total_s: float  # from the call to the commit
+
+
+class CheckpointSaver:
+    """Saves checkpoints, at most one in flight. With `async_save` the call returns once the state
+    is staged in host memory and the shards are written in the background while training goes
+    on; `poll()` (after each step) commits the save once every rank has written its files, and
+    `wait()` (before a stop, the end of a stage, another save) waits for that. A save that is never
+    committed (the process dies) leaves `latest` on the previous checkpoint. Every method is
+    collective: all ranks call it at the same point."""
+
+    def __init__(self, async_save: bool = False):
+        self.async_save = async_save
+        self.queue = ThreadCallsQueue()
+        self.pending: Optional[_PendingSave] = None
+
+    @property
+    def pending_iteration(self) -> Optional[int]:
+        return self.pending.iteration if self.pending is not None else None
+
+    def save(self, root: Union[str, Path], iteration: int, state: Dict[str, Any], record: CheckpointRecord,
+             update_latest: bool = True, keep_last: Optional[int] = None,
+             before_commit: Optional[BeforeCommit] = None, sharded_strategy=None) -> Optional[SaveReport]:
+        """Save `state` (a sharded state dict) as iteration `iteration` of `root`. Returns the
+        report when the save is committed before returning (always, unless `async_save`)."""
+        from megatron.core import dist_checkpointing
+
+        self.wait()
+        t0 = time.monotonic()
+        root = Path(root)
+        path = _prepare_iteration_dir(root, iteration)
+        mcore_compat.write_results_in_process()
+        if self.async_save:
+            _stage_on_host(state)  # the training loop changes the live tensors from the next step on
+        try:
+            request = dist_checkpointing.save(state, str(path), sharded_strategy=sharded_strategy or _strategy(),
+                                              async_sharded_save=True)
+            digests = WriteDigests()
+            self.queue.schedule_async_request(in_threads(request, digests))
+        except BaseException as exc:  # torch's CheckpointException derives from BaseException
+            raise _save_failed(root, iteration, path, exc) from exc
+        self.pending = _PendingSave(root, iteration, path, record, update_latest, keep_last, before_commit, digests,
+                                    started=t0, stall=time.monotonic() - t0)
+        return None if self.async_save else self.wait()
+
+    def poll(self) -> Optional[SaveReport]:
+        """Commit the pending save if every rank has finished writing it; never waits."""
+        return self._finish(blocking=False) if self.pending is not None else None
+
+    def wait(self) -> Optional[SaveReport]:
+        """Wait for the pending save's writes and commit it (None when there is none)."""
+        return self._finish(blocking=True) if self.pending is not None else None
+
+    def abandon(self) -> Optional[int]:
+        """Give up a pending save without committing it (after a failure elsewhere, when the other
+        ranks may not reach a collective): its directory stays without megafox.json, `latest` stays
+        on the previous checkpoint. Returns its iteration."""
+        pending, self.pending = self.pending, None
+        return pending.iteration if pending is not None else None
+
+    def _finish(self, blocking: bool) -> Optional[SaveReport]:
+        pending = self.pending
+        try:
+            if not self.queue.maybe_finalize_async_calls(blocking=blocking):
+                return None
+        except BaseException as exc:
+            self.pending = None
+            raise _save_failed(pending.root, pending.iteration, pending.path, exc) from exc
+        self.pending = None
+        _commit(pending)
+        return SaveReport(pending.path, pending.iteration, pending.stall, time.monotonic() - pending.started)
+
+
+def _strategy():
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    return TorchDistSaveShardedStrategy("torch_dist", 1)
+
+
+def _prepare_iteration_dir(root: Path, iteration: int) -> Path:
     path = iteration_dir(root, iteration)
     if _rank() == 0:
         if (path / METADATA_FILE).exists():
@@ -153,29 +253,201 @@ def _save_state(root: Union[str, Path], iteration: int, state: Dict[str, Any], r
             shutil.rmtree(path)  # leftovers of a crashed save (no record): start clean
         path.mkdir(parents=True, exist_ok=True)
     _barrier()
-    mcore_compat.start_writer_processes_shielded()
-    try:
-        dist_checkpointing.save(state, str(path))
-    except BaseException as exc:  # torch's CheckpointException derives from BaseException
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        if _rank() == 0:
-            shutil.rmtree(path, ignore_errors=True)  # never complete, never referenced: give the space back
-        raise CheckpointSaveError(root, iteration, exc) from exc
-    _barrier()
-    files = digest_saved_files(path)
-    if before_commit is not None:
-        before_commit(path)
-    if _rank() == 0:
-        record = dataclasses.replace(record, iteration=iteration, files=files)
-        if record.layout is None:
-            record.layout = layout_signature()
-        write_checkpoint_record(path, record)
-        if update_latest:
-            write_latest(root, iteration)
-    _barrier()
     return path
 
+
+def _save_failed(root: Path, iteration: int, path: Path, exc: BaseException) -> BaseException:
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return exc
+    if _rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)  # never complete, never referenced: give the space back
+    return CheckpointSaveError(root, iteration, exc)
+
+
+def _commit(pending: _PendingSave) -> None:
+    """Every rank's shards are on disk: record the digests, then megafox.json, then `latest`."""
+    files = digest_saved_files(pending.path, written=pending.digests.files)
+    if pending.before_commit is not None:
+        pending.before_commit(pending.path)
+    if _rank() == 0:
+        record = dataclasses.replace(pending.record, iteration=pending.iteration, files=files)
+        if record.layout is None:
+            record.layout = layout_signature()
+        write_checkpoint_record(pending.path, record)
+        if pending.update_latest:
+            write_latest(pending.root, pending.iteration)
+        if pending.keep_last is not None:
+            rotate_checkpoints(pending.root, pending.keep_last)
+    _barrier()
+
+
+def _stage_on_host(state: Dict[str, Any]) -> None:
+    """Replace every tensor the save will write by a private host copy (in place), so the
+    training loop may change the live ones while the writer threads write. One copy per memory
+    region: in fp32 training the model weights and the optimizer's main weights are the same
+    memory and are copied once."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(state)
+    copies: Dict[Tuple[int, torch.dtype, Tuple[int, ...]], torch.Tensor] = {}
+    for item in nested_values(state):
+        if isinstance(item, ShardedTensor) and item.data is not None:
+            data = item.data.detach()
+            key = (data.data_ptr(), data.dtype, tuple(data.shape))
+            if key not in copies:
+                copies[key] = torch.empty(data.shape, dtype=data.dtype, device="cpu").copy_(data)
+            item.data = copies[key]
+
+
+def save_checkpoint(root: Union[str, Path], iteration: int, chunks: List[torch.nn.Module],
+                    record: CheckpointRecord, extra_sharded: Optional[Dict[str, Any]] = None,
+                    update_latest: bool = True, before_commit: Optional[BeforeCommit] = None) -> Path:
+    """Save model chunks (and any extra sharded state) collectively and synchronously.
+
+    Every rank calls this. `record` is written by rank 0 after all shards are on disk, and only
+    then does `latest` move.
+    """
+    state = model_sharded_state_dict(chunks)
+    if extra_sharded:
+        state.update(extra_sharded)
+    return CheckpointSaver().save(root, iteration, state, record, update_latest, before_commit=before_commit).path
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints: model + optimizer + RNG + (in megafox.json) scheduler and data state.
+
+# checkpoint.format (megafox.config.CheckpointConfig): how the distributed optimizer's state is
+# saved. Both write the same global tensors under the same keys, so either loads the other.
+FORMATS = ("sharded", "gathered")
+# `gathered`: megatron-core's `fully_reshardable` save, which all-gathers the whole optimizer
+# state to every DP rank first (mcore 0.16 rejects the flattened tensors of
+# `fully_sharded_model_space`).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def layout_signature() -> SavedLayout:
+    from megatron.core import parallel_state as ps
+
+    return SavedLayout(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+                       vpp=ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+                       dp=ps.get_data_parallel_world_size(),
+                       world=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """Every RNG stream of this rank, as data `torch.load(weights_only=True)` reads back: tensors,
+    lists, numbers (numpy's key array becomes a tensor)."""
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what `get_rng_state` returned (or what megafox saved before it converted numpy's
+    state: a numpy array and tuples)."""
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(state: Any):
+    """One object per (pp, tp, dp) rank: RNG streams only mean something on the same layout."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    lay = layout_signature()
+    return ShardedObject("rng_state", state, (lay.pp, lay.tp, lay.dp),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                          ps.get_data_parallel_rank()), replica_id=0)
+
+
+def saves_by_range(optimizer, format: str = "sharded") -> bool:
+    """Whether a training save writes only this rank's distributed-optimizer ranges (so the
+    other ranks' updated weights need not be gathered first)."""
+    return format == "sharded" and bool(distributed_optimizers(optimizer))
+
+
+def training_state(chunks: List[torch.nn.Module], optimizer, format: str = "sharded") -> Tuple[Dict[str, Any], Any]:
+    """The sharded state dict of a training save, and the save strategy it needs."""
+    if format not in FORMATS:
+        raise ValueError(f"checkpoint format must be one of {FORMATS}, got {format!r}")
+    state = model_sharded_state_dict(chunks)
+    strategy = None
+    if saves_by_range(optimizer, format):
+        state["optimizer"] = _optimizer_by_range(chunks, optimizer, state)
+    else:
+        with mcore_compat.optimizer_state_in_buffer_coordinates(optimizer):
+            state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
+        if format == "sharded":  # a non-distributed optimizer: its state is replicated over DP
+            strategy = _spread_over_dp(_strategy())
+    state["rng_state"] = _rng_sharded(get_rng_state())
+    return state, strategy
+
+
+def _optimizer_by_range(chunks: List[torch.nn.Module], optimizer, model_state: Dict[str, Any]) -> Dict[str, Any]:
+    """The optimizer part of a `sharded` save; the model weights of the DDP parameters move from
+    `model_state` into it as this rank's ranges (megafox.checkpoint_sharding)."""
+    entries = pop_param_entries(model_state, ddp_params(chunks))
+    parts = distributed_optimizers(optimizer)
+    commons = [dict(part.state_dict(), param_state_sharding_type="fully_reshardable") for part, _ in parts]
+    by_part: Dict[int, Dict[str, Any]] = {id(part): {} for part, _ in parts}
+    for owned in owned_params(optimizer, entries):
+        tensors = by_part[id(owned.optimizer)]
+        shards = owned.state_shards()
+        for piece in owned.pieces:
+            where = f"{piece.key}@{','.join(map(str, piece.global_offset))}"
+            tensors[f"weight:{where}"] = sharded_tensor(piece, owned.weight_shard())
+            for name in OPTIMIZER_STATE_KEYS:
+                tensors[f"{name}:{where}"] = sharded_tensor(
+                    piece, shards[name], f"{owned.key_prefix}{OPTIMIZER_STATE_PREFIX}.{name}.")
+    for common, (part, _) in zip(commons, parts):
+        common["param_state"] = by_part[id(part)]
+    return commons[0] if len(commons) == 1 else dict(enumerate(commons))
+
+
+def _spread_over_dp(strategy):
+    """Replicated tensors (the model, a non-distributed optimizer's state) written by all DP
+    ranks in turn instead of by DP rank 0 alone (Megatron-LM's --ckpt-fully-parallel-save)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    if ps.get_data_parallel_world_size() == 1:
+        return strategy
+    return FullyParallelSaveStrategyWrapper(strategy, ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def save_training_checkpoint(root: Union[str, Path], iteration: int, chunks: List[torch.nn.Module],
+                             optimizer, record: CheckpointRecord, keep_last: Optional[int] = None,
+                             before_commit: Optional[BeforeCommit] = None, format: str = "sharded",
+                             saver: Optional[CheckpointSaver] = None) -> Optional[Path]:
+    """Everything needed to continue bit-exactly (same layout) or equivalently (any layout).
+
+    `record` carries the scheduler and data state; its `stage_end` protects the checkpoint from
+    rotation. Returns the checkpoint's path once committed; None when `saver` saves
+    asynchronously and the save is still being written (see CheckpointSaver).
+    """
+    state, strategy = training_state(chunks, optimizer, format)
+    report = (saver or CheckpointSaver()).save(root, iteration, state, record, keep_last=keep_last,
+                                               before_commit=before_commit, sharded_strategy=strategy)
+    return report.path if report is not None else None
 
 def resolve_iteration(root: Union[str, Path], iteration: Union[int, str, None] = "latest") -> int:
     root = Path(root)
@@ -216,13 +488,18 @@ def read_metadata(root: Union[str, Path], iteration: Union[int, str, None] = "la
     return dict(dataclasses.asdict(record), path=record.path)
 
 
+# ----------------------------------------------------------------------------------------------
+# Loading. Every file megatron-core unpickles on the way is read as data only
+# (megafox.compat.megatron_core.safe_checkpoint_loading).
+
 def load_model(root: Union[str, Path], chunks: List[torch.nn.Module],
                iteration: Union[int, str, None] = "latest") -> CheckpointRecord:
     """Load model weights (any saved TP/PP layout) into `chunks`; return the checkpoint's record."""
     from megatron.core import dist_checkpointing
 
     record = read_record(root, iteration)
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), record.path)
+    with mcore_compat.safe_checkpoint_loading():
+        loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), record.path)
     _load_chunks(chunks, loaded)
     return record
 
@@ -232,76 +509,6 @@ def _load_chunks(chunks: List[torch.nn.Module], loaded: Dict[str, Any]) -> None:
         unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=False)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training checkpoints: model + optimizer + RNG + (in megafox.json) scheduler and data state.
-
-# mcore 0.16 rejects flattened ShardedTensors, so `fully_sharded_model_space` cannot save;
-# `fully_reshardable` (gathered over DP to per-parameter tensors) loads at any TP/PP/DP.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def layout_signature() -> SavedLayout:
-    from megatron.core import parallel_state as ps
-
-    return SavedLayout(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
-                       vpp=ps.get_virtual_pipeline_model_parallel_world_size() or 1,
-                       dp=ps.get_data_parallel_world_size(),
-                       world=torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
-
-
-def get_rng_state() -> Dict[str, Any]:
-    import numpy as np
-    from megatron.core import tensor_parallel
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    import numpy as np
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _rng_sharded(state: Any):
-    """One object per (pp, tp, dp) rank: RNG streams only mean something on the same layout."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    lay = layout_signature()
-    return ShardedObject("rng_state", state, (lay.pp, lay.tp, lay.dp),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-                          ps.get_data_parallel_rank()), replica_id=0)
-
-
-def save_training_checkpoint(root: Union[str, Path], iteration: int, chunks: List[torch.nn.Module],
-                             optimizer, record: CheckpointRecord, keep_last: Optional[int] = None,
-                             before_commit: Optional[BeforeCommit] = None) -> Path:
-    """Everything needed to continue bit-exactly (same layout) or equivalently (any layout).
-
-    `record` carries the scheduler and data state; its `stage_end` protects the checkpoint from
-    rotation.
-    """
-    model_state = model_sharded_state_dict(chunks)
-    with mcore_compat.optimizer_state_in_buffer_coordinates(optimizer):
-        optimizer_state = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA)
-    extra = {"optimizer": optimizer_state, "rng_state": _rng_sharded(get_rng_state())}
-    path = _save_state(root, iteration, dict(model_state, **extra), record, before_commit=before_commit)
-    if keep_last is not None and _rank() == 0:
-        rotate_checkpoints(root, keep_last)
-    _barrier()
-    return path
-
-
 def load_training_checkpoint(root: Union[str, Path], chunks: List[torch.nn.Module], optimizer,
                              iteration: Union[int, str, None] = "latest",
                              load_optimizer: bool = True) -> Tuple[CheckpointRecord, bool]:
@@ -309,34 +516,101 @@ def load_training_checkpoint(root: Union[str, Path], chunks: List[torch.nn.Modul
 
     Returns the record and whether the RNG streams were restored: the optimizer loads at any
     TP/PP/DP layout, but RNG streams are per rank and only mean something on the same layout.
+    With the distributed optimizer each rank reads only its own ranges of the weights and of the
+    optimizer state (whatever format and layout the checkpoint was saved with) and the weights
+    are then all-gathered over DP, as after an optimizer step.
     """
     from megatron.core import dist_checkpointing
 
     record = read_record(root, iteration)
-    state = model_sharded_state_dict(chunks)
-    if load_optimizer:
-        if "optimizer" not in _saved_top_keys(record.path):
+    same_layout = record.layout == layout_signature()
+    with mcore_compat.safe_checkpoint_loading():
+        if load_optimizer and "optimizer" not in _saved_top_keys(record.path):
             raise CheckpointError(f"{record.path}: has no optimizer state (a model-only checkpoint); "
                                   "it can initialize weights but not resume training")
-        mcore_compat.init_torch_adam_state(optimizer)
-        with mcore_compat.optimizer_state_in_buffer_coordinates(optimizer):
+        state = model_sharded_state_dict(chunks)
+        by_range = bool(distributed_optimizers(optimizer))
+        if by_range:
+            state["by_range"] = _prepare_load_by_range(record.path, chunks, optimizer, state, load_optimizer)
+        elif load_optimizer:
+            mcore_compat.init_torch_adam_state(optimizer)
             state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
-    same_layout = record.layout == layout_signature()
-    if same_layout:
-        state["rng_state"] = _rng_sharded(None)
-    loaded = dist_checkpointing.load(state, record.path)
+        if same_layout:
+            state["rng_state"] = _rng_sharded(None)
+        loaded = dist_checkpointing.load(state, record.path, sharded_strategy=None if by_range else _read_over_dp())
     _load_chunks(chunks, loaded)
-    if load_optimizer:
-        mcore_compat.load_optimizer_state(optimizer, loaded["optimizer"])
+    if by_range:
+        for chunk in chunks:
+            chunk.start_param_sync(force_sync=True)  # every rank's loaded ranges to every rank
+        if not load_optimizer:
+            optimizer.reload_model_params()
+    elif load_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        mcore_compat.unalias_adam_steps(optimizer)
     if same_layout:
         set_rng_state(loaded["rng_state"])
     return record, same_layout
 
 
+def _prepare_load_by_range(path: str, chunks: List[torch.nn.Module], optimizer, model_state: Dict[str, Any],
+                           load_optimizer: bool) -> Dict[str, Any]:
+    """Set the optimizer's non-tensor state (param groups, step) from common.pt and return the
+    ShardedTensors that load this rank's ranges straight into the live tensors."""
+    from megatron.core import dist_checkpointing
+
+    entries = pop_param_entries(model_state, ddp_params(chunks))
+    parts = distributed_optimizers(optimizer)
+    if load_optimizer:
+        mcore_compat.init_torch_adam_state(optimizer)
+        saved = dist_checkpointing.load_common_state_dict(path).get("optimizer")
+        commons = [saved] if len(parts) == 1 else [saved.get(i, saved.get(str(i))) for i in range(len(parts))]
+        for (part, _), common in zip(parts, commons):
+            part.load_state_dict({k: v for k, v in common.items() if k not in ("param_state", "param_state_sharding_type")})
+        mcore_compat.unalias_adam_steps(optimizer)
+    targets: Dict[str, Any] = {}
+    for owned in owned_params(optimizer, entries):
+        shards = owned.state_shards() if load_optimizer else {}
+        # fp32 training: the main weights are the model weights' memory; they come from the
+        # optimizer state (the exact fp32 values), not twice
+        weight = not (load_optimizer and owned.main_is_weight())
+        for piece in owned.pieces:
+            where = f"{piece.key}@{','.join(map(str, piece.global_offset))}"
+            if weight:
+                targets[f"weight:{where}"] = sharded_tensor(piece, owned.weight_shard())
+            for name, shard in shards.items():
+                targets[f"{name}:{where}"] = sharded_tensor(
+                    piece, shard, f"{owned.key_prefix}{OPTIMIZER_STATE_PREFIX}.{name}.")
+    return targets
+
+
+def _read_over_dp():
+    """Replicated tensors read once over the DP group and exchanged, not once per DP rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    if ps.get_data_parallel_world_size() == 1:
+        return None
+    return FullyParallelLoadStrategyWrapper(TorchDistLoadShardedStrategy(),
+                                            ps.get_data_parallel_group(with_context_parallel=True))
+
+
 def _saved_top_keys(path: Union[str, Path]) -> set:
     from megatron.core import dist_checkpointing
 
-    return {key.split(".")[0] for key in dist_checkpointing.load_tensors_metadata(str(path))}
+    with mcore_compat.safe_checkpoint_loading():
+        return {key.split(".")[0] for key in dist_checkpointing.load_tensors_metadata(str(path))}
+
+def verify(directory: Union[str, Path], files: Optional[Dict[str, Dict[str, Any]]]) -> Optional[str]:
+    """The first problem that makes a saved checkpoint unusable, or None. Collective when
+    distributed. Its files against the digests the save recorded (megafox.checkpoint_integrity),
+    then the pickled index files a load opens first: anything in them but plain data (code
+    planted in `.metadata` or `common.pt`) is named and never run."""
+    problem = checkpoint_integrity.verify(Path(directory), files)
+    if problem is None:
+        problem = checkpoint_integrity.agree(
+            checkpoint_integrity.check_loads_without_code(Path(directory)) if _rank() == 0 else None)
+    return problem
 
 
 def find_usable_checkpoint(root: Union[str, Path]) -> Tuple[CheckpointRecord, List[str]]:

@@ -46,15 +46,19 @@ def files_of_rank(directory: Path, rank: int) -> List[str]:
     return mine
 
 
-def digest_saved_files(directory: Path) -> Optional[Dict[str, Dict[str, object]]]:
-    """Collective: every rank digests its own files; rank 0 gets them all (others get None)."""
+def digest_saved_files(directory: Path, written: Optional[Dict[str, Dict[str, object]]] = None
+                       ) -> Optional[Dict[str, Dict[str, object]]]:
+    """Collective: every rank digests its own files; rank 0 gets them all (others get None).
+    `written`: digests of this rank's shards already taken by the writer (megafox.checkpoint_writer
+    digests each file as it finishes it), so only what is missing is read here."""
     import torch.distributed as dist
 
     directory = Path(directory)
+    written = dict(written or {})
     if not dist.is_initialized():
         names = sorted(set(files_of_rank(directory, 0)) | {p.name for p in directory.glob("__*.distcp")})
-        return {n: digest(directory / n) for n in names}
-    mine = {n: digest(directory / n) for n in files_of_rank(directory, dist.get_rank())}
+        return {n: written.get(n) or digest(directory / n) for n in names}
+    mine = {n: written.get(n) or digest(directory / n) for n in files_of_rank(directory, dist.get_rank())}
     gathered: List[Optional[Dict]] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     if dist.get_rank() != 0:
@@ -102,15 +106,44 @@ def check_index(directory: Path) -> Optional[str]:
     return None
 
 
+def check_loads_without_code(directory: Path) -> Optional[str]:
+    """The pickled files a resume unpickles before any tensor (DCP's `.metadata` index and
+    megatron-core's `common.pt`) hold plain data only: a file that names anything else (a planted
+    `os.system`...) is reported, naming the file and what it references, without running it."""
+    from megafox.records import CheckpointError
+    from megafox.safe_load import read_dcp_metadata, safe_torch_load
+
+    directory = Path(directory)
+    try:
+        read_dcp_metadata(directory)
+    except CheckpointError as exc:
+        return str(exc)
+    common = directory / "common.pt"
+    if common.is_file():
+        try:
+            safe_torch_load(common)
+        except CheckpointError as exc:
+            return str(exc)
+        except Exception as exc:  # not torch's format, or data torch's weights_only loader refuses
+            return f"{common}: refused to load: not plain checkpoint data ({_first_reason(exc)})"
+    return None
+
+
+def _first_reason(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    told = [line for line in lines if line.startswith(("Unsupported", "Trying to load"))]
+    return (told or lines or [type(exc).__name__])[0][:160]
+
+
 def verify(directory: Path, files: Optional[Dict[str, Dict[str, object]]]) -> Optional[str]:
     """Collective when torch.distributed is up: each rank checks its share of the files; every
     rank gets the same answer (the first problem found, or None)."""
     if files is None:
         problem = check_index(directory) if _rank() == 0 else None
-        return _agree(problem)
+        return agree(problem)
     names = sorted(files)
     share = names[_rank()::_world()]
-    return _agree(check_files(directory, files, share))
+    return agree(check_files(directory, files, share))
 
 
 def _rank() -> int:
@@ -125,7 +158,7 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _agree(problem: Optional[str]) -> Optional[str]:
+def agree(problem: Optional[str]) -> Optional[str]:
     import torch.distributed as dist
 
     if not dist.is_initialized():

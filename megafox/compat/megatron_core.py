@@ -6,14 +6,12 @@ has the fix, widen its range where the bug is still there.
 """
 from __future__ import annotations
 
-import signal
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
 import torch
-
-from megafox.signals import STOP_SIGNALS
 
 
 @dataclass(frozen=True)
@@ -105,32 +103,6 @@ def init_torch_adam_state(optimizer) -> None:
                     torch_opt.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
 
 
-@_workaround("load_optimizer_state", ">=0.16,<0.17",
-             "none found upstream (searched 2026-11-30): load_parameter_state_from_fully_reshardable "
-             "copies every live state key, 'step' included, from checkpoint tensors that never hold it")
-def load_optimizer_state(optimizer, state: Dict[str, Any]) -> None:
-    """optimizer.load_state_dict with torch Adam (no Apex/TE): the fully_reshardable loader raises
-    KeyError('step') because 'step' lives in the param groups, not in the saved tensors. So load
-    the param groups (and step) first, then the tensors with 'step' briefly set aside."""
-    chained = getattr(optimizer, "chained_optimizers", None)
-    inner = chained[0] if chained and len(chained) == 1 else optimizer
-    param_state = state.get("param_state") if isinstance(state, dict) else None
-    if (state.get("param_state_sharding_type") != "fully_reshardable" or param_state is None
-            or not hasattr(inner, "load_parameter_state_from_fully_reshardable")):
-        optimizer.load_state_dict(state)
-    else:
-        rest = {k: v for k, v in state.items() if k not in ("param_state", "param_state_sharding_type")}
-        inner.load_state_dict(rest)
-        torch_state = inner.optimizer.state
-        steps = {p: st.pop("step") for p, st in torch_state.items() if "step" in st}
-        try:
-            inner.load_parameter_state_from_fully_reshardable(param_state)
-        finally:
-            for p, step in steps.items():
-                torch_state[p]["step"] = step
-    unalias_adam_steps(optimizer)
-
-
 @_workaround("unalias_adam_steps", ">=0.16,<0.17",
              "none found upstream (searched 2026-11-30): the loader gives every parameter the same 'step' tensor")
 def unalias_adam_steps(optimizer) -> None:
@@ -146,26 +118,87 @@ def unalias_adam_steps(optimizer) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# dist_checkpointing's long-lived writer process and the stop signals
+# dist_checkpointing's write results: an in-process queue (megafox writes in threads)
 
-@_workaround("start_writer_processes_shielded", ">=0.16,<0.17",
-             "none found upstream (searched 2026-11-30): filesystem_async's results-queue manager is "
-             "spawned with default signal dispositions and dies of a SIGUSR1 srun sends to the job step")
-def start_writer_processes_shielded() -> None:
-    """Start dist_checkpointing's long-lived results-queue manager with the stop signals blocked.
+@_workaround("write_results_in_process", ">=0.16,<0.17",
+             "none found upstream (searched 2026-11-30): filesystem_async's write results always go through "
+             "a multiprocessing Manager it spawns on first use, which dies of the SIGUSR1 srun sends")
+def write_results_in_process() -> None:
+    """Give filesystem_async an in-process results queue before its first save.
 
-    The manager process is spawned once and reused by every later save. Started with the default
-    dispositions it dies of the first SIGUSR1 srun forwards to every process of the step, and the
-    next save fails with a BrokenPipeError. A blocked mask is inherited through fork and exec, so
-    the manager never sees these signals, and blocking (unlike ignoring) loses none for the
-    trainer: they stay pending and arrive as soon as the mask is restored.
-    """
+    megafox runs the writing in threads of the training process (megafox.checkpoint_writer), so
+    results never cross a process boundary; megatron-core would otherwise spawn a long-lived
+    Manager process for them, which dies of the first SIGUSR1 srun forwards to the job step (the
+    next save then fails with a BrokenPipeError), and which outlives a rank killed -9."""
+    import queue
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is not None:
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: nothing from a checkpoint file may run code (issue 17)
+
+@_workaround("safe_checkpoint_loading", ">=0.16,<0.17",
+             "pytorch/pytorch#189308 '`.metadata` loaded with raw pickle.load on the public load() path' (open); "
+             "DCP's DefaultLoadPlanner.load_bytes also uses torch.load(weights_only=False); megatron-core 0.16 "
+             "inherits both and loads common.pt with torch.load defaults")
+@contextmanager
+def safe_checkpoint_loading():
+    """For the duration, every file megatron-core's torch_dist load strategy unpickles is read as
+    data only (megafox.safe_load): DCP's `.metadata` index (plain `pickle.load` in torch's
+    FileSystemReader), the ShardedObjects such as the RNG state (DCP's DefaultLoadPlanner loads
+    them with `torch.load(weights_only=False)`), and `common.pt` (torch.load defaults, which an
+    environment variable can turn off). A file that names anything else raises
+    UnsafeCheckpointError naming the file, before the reference is imported or called."""
+    from megatron.core.dist_checkpointing.strategies import common as common_strategy
+    from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+
+    from megafox.safe_load import SafeFileSystemReader, SafeLoadBytesMixin, safe_torch_load
+
+    global _safe_loading_active
+    if _safe_loading_active:
+        yield  # nested (a load inside a load): already in place
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    class SafeMCoreLoadPlanner(SafeLoadBytesMixin, torch_strategy.MCoreLoadPlanner):
+        pass
+
+    def safe_reader(checkpoint_dir, cache_metadata: bool = False):
+        return SafeFileSystemReader(checkpoint_dir)
+
+    def load_common(self, checkpoint_dir):
+        path = os.path.join(checkpoint_dir, common_strategy.COMMON_STATE_FNAME)
+        if not os.path.isfile(path):
+            from megatron.core.dist_checkpointing.core import CheckpointingException
+
+            raise CheckpointingException(f"Common file {path} does not exist")
+        return safe_torch_load(path)
+
+    def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
+        from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+
+        def one(sh_obj):
+            return safe_torch_load(os.path.join(checkpoint_dir, f"{sh_obj.unique_key}.pt"))
+
+        return dict_list_map_inplace(one, sharded_objects_state_dict)
+
+    patches = [(torch_strategy, "_get_filesystem_reader", safe_reader),
+               (torch_strategy, "MCoreLoadPlanner", SafeMCoreLoadPlanner),
+               (common_strategy.TorchCommonLoadStrategy, "load_common", load_common),
+               (common_strategy.TorchCommonLoadStrategy, "load_sharded_objects", load_sharded_objects)]
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    _safe_loading_active = True
     try:
-        filesystem_async._get_write_results_queue()
+        yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _safe_loading_active = False
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+_safe_loading_active = False

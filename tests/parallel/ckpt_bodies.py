@@ -1,5 +1,6 @@
 import torch
-from megafox.checkpoint import load_model, save_checkpoint
+from megafox.checkpoint import layout_signature, load_model, save_checkpoint
+from megafox.records import CheckpointRecord
 from megafox.config import fox1_tiny
 from megafox.model.build import build_model
 from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
@@ -9,7 +10,9 @@ def save(hf_path, root):
     model, parallel = fox1_tiny(), current_parallel()
     chunks = build_model(model, parallel)
     load_hf_weights(chunks, torch.load(hf_path), model, parallel)
-    save_checkpoint(root, 5, chunks, {"stage": "stage1"})
+    record = CheckpointRecord(iteration=5, kind="model-only", model=model, layout=layout_signature(),
+                              progress={"stage": "stage1"})
+    save_checkpoint(root, 5, chunks, record)
     return True
 
 
@@ -17,4 +20,4 @@ def load(root):
     model, parallel = fox1_tiny(), current_parallel()
     chunks = build_model(model, parallel)
     meta = load_model(root, chunks)
-    return {"weights": gather_hf_weights(chunks, model, parallel), "iteration": meta["iteration"]}
+    return {"weights": gather_hf_weights(chunks, model, parallel), "iteration": meta.iteration}

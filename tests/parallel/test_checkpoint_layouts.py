@@ -17,7 +17,7 @@ def test_save_tp2_load_pp2_and_tp1(tmp_path):
     run_distributed("tests/parallel/ckpt_bodies.py:save", 2, {"tensor_model_parallel_size": 2},
                     {"hf_path": str(tmp_path / "hf.pt"), "root": str(root)})
     assert (root / "latest").read_text().strip() == "5"
-    assert read_metadata(root)["stage"] == "stage1"
+    assert read_metadata(root)["progress"] == {"stage": "stage1"}
     for layout, nproc in (({"pipeline_model_parallel_size": 2}, 2), ({}, 1)):
         out = run_distributed("tests/parallel/ckpt_bodies.py:load", nproc, layout, {"root": str(root)})
         assert out["iteration"] == 5
