@@ -144,7 +144,7 @@ def resolve(tm, spec: TaskSpec) -> Dict[str, Any]:
     name = spec.name
     if spec.is_file:
         try:
-            cfg = yaml.load(Path(spec.name).read_text(), Loader=_TaskYamlLoader) or {}
+            cfg = yaml.load(Path(spec.name).read_text(), Loader=_TaskNameSafeLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"task file {spec.name}: invalid YAML ({exc})") from None
         name = cfg.get("task") or cfg.get("group")
@@ -279,8 +279,8 @@ def _load_one(tm, spec: TaskSpec, r: Dict[str, Any], override: Dict[str, Any]) -
     return LoadedTask(spec, name, kind, objects, leaves, sources)
 
 
-class _TaskYamlLoader(yaml.SafeLoader):
+class _TaskNameSafeLoader(yaml.SafeLoader):
     """Reads a task file's name only: its `!function` tags are left unresolved (None)."""
 
 
-_TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+_TaskNameSafeLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
