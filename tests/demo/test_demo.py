@@ -15,6 +15,7 @@ QUICK = ("stages.stage1.token_budget=65536 stages.stage2.token_budget=32768 stag
 def test_reduced_demo_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo_out"
     env = dict(os.environ, DEMO_OUT=str(out), DEMO_CORPUS_MB="1.5", MEGAFOX_OVERRIDES=QUICK,
+               DEMO_SFT_OVERRIDES="stages.sft.epochs=2 validation.interval=5",
                DEMO_MARGIN="-1", MASTER_PORT="29533", PYTHON=str(REPO / ".venv/bin/python"))
     run = subprocess.run(["bash", "demo/run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -28,6 +29,13 @@ def test_reduced_demo_runs_the_whole_pipeline(tmp_path):
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.json").is_file()
     for stage in ("stage1", "stage2", "stage3"):
         assert (out / "checkpoints" / f"{stage}.done").is_file()
+    # instruction tuning from the pretrained weights: masked loss down, a chat through the exported template
+    assert (out / "checkpoints_sft" / "sft.done").is_file()
+    assert summary["sft"]["final_loss"] < summary["sft"]["first_loss"]
+    assert "<|user|>" in summary["chat"]["prompt"] and summary["chat"]["prompt"].rstrip().endswith("<|assistant|>")
+    assert summary["chat"]["reply"].strip()
+    assert (out / "sft_loss.png").stat().st_size > 10_000
+    assert (out / "hf_instruct" / "tokenizer_config.json").is_file()
     assert "max abs logit difference" in run.stdout.lower() or "verify" in run.stdout.lower()
 
     # A rerun reuses every finished step.
