@@ -23,13 +23,15 @@ and `latest` only once every rank's files are on disk). Old ones are rotated: th
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import random
 import shutil
 import time
-from pathlib import Path
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -80,6 +82,39 @@ def _disk_full(root: Path, last: Optional[int]) -> Optional[str]:
 
 class NoUsableCheckpoint(CheckpointError):
     """Every checkpoint a resume could start from is incomplete or corrupt (exit status 4)."""
+
+
+@contextmanager
+def _checkpoint_errors_unwrapped():
+    """Raise a CheckpointError some rank hit inside a collective load as itself (one line naming
+    the file), not as the CheckpointException torch.distributed.checkpoint wraps it in."""
+    try:
+        yield
+    except BaseException as exc:
+        found = _checkpoint_error_in(exc)
+        if found is None or found is exc:
+            raise
+        raise found from None
+
+
+def _checkpoint_error_in(exc: BaseException) -> Optional[CheckpointError]:
+    """A CheckpointError (a refused object, a missing file) some rank raised inside a collective
+    load, which torch.distributed.checkpoint reports on every rank wrapped in its own exception."""
+    seen, todo = set(), [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, CheckpointError):
+            return current
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            for _, failure in sorted(failures.items()):
+                inner = getattr(failure, "exc", failure)
+                todo.append(inner[0] if isinstance(inner, tuple) and inner else inner)
+        todo += [current.__cause__, current.__context__]
+    return None
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -152,6 +187,7 @@ class _PendingSave:
     digests: WriteDigests
     started: float  # time.monotonic() when the save was called
     stall: float  # seconds the caller was blocked by planning and staging
+    staged: float  # of which the copy to host memory (asynchronous saves)
 
 
 @dataclass
@@ -162,6 +198,7 @@ class SaveReport:
     iteration: int
     stall_s: float  # planning + copy to host: the time the training loop stood still for it
     total_s: float  # from the call to the commit
+    staged_s: float = 0.0  # the copy to host memory, part of stall_s (asynchronous saves)
 
 
 class CheckpointSaver:
@@ -193,17 +230,20 @@ class CheckpointSaver:
         root = Path(root)
         path = _prepare_iteration_dir(root, iteration)
         mcore_compat.write_results_in_process()
-        if self.async_save:
-            _stage_on_host(state)  # the training loop changes the live tensors from the next step on
+        staged = time.monotonic()
+        # asynchronous: the training loop changes the live tensors from the next step on
+        _stage_on_host(state, everything=self.async_save)
+        staged = time.monotonic() - staged
         try:
             request = dist_checkpointing.save(state, str(path), sharded_strategy=sharded_strategy or _strategy(),
                                               async_sharded_save=True)
             digests = WriteDigests()
-            self.queue.schedule_async_request(in_threads(request, digests))
+            self.queue.schedule_async_request(in_threads(request, digests, background=self.async_save))
         except BaseException as exc:  # torch's CheckpointException derives from BaseException
             raise _save_failed(root, iteration, path, exc) from exc
-        self.pending = _PendingSave(root, iteration, path, record, update_latest, keep_last, before_commit, digests,
-                                    started=t0, stall=time.monotonic() - t0)
+        # the record describes the state as it is now; the caller's run state moves on meanwhile
+        self.pending = _PendingSave(root, iteration, path, copy.deepcopy(record), update_latest, keep_last,
+                                    before_commit, digests, started=t0, stall=time.monotonic() - t0, staged=staged)
         return None if self.async_save else self.wait()
 
     def poll(self) -> Optional[SaveReport]:
@@ -231,7 +271,8 @@ class CheckpointSaver:
             raise _save_failed(pending.root, pending.iteration, pending.path, exc) from exc
         self.pending = None
         _commit(pending)
-        return SaveReport(pending.path, pending.iteration, pending.stall, time.monotonic() - pending.started)
+        return SaveReport(pending.path, pending.iteration, pending.stall, time.monotonic() - pending.started,
+                          pending.staged)
 
 
 def _strategy():
@@ -281,20 +322,24 @@ def _commit(pending: _PendingSave) -> None:
     _barrier()
 
 
-def _stage_on_host(state: Dict[str, Any]) -> None:
-    """Replace every tensor the save will write by a private host copy (in place), so the
-    training loop may change the live ones while the writer threads write. One copy per memory
-    region: in fp32 training the model weights and the optimizer's main weights are the same
-    memory and are copied once."""
+def _stage_on_host(state: Dict[str, Any], everything: bool) -> None:
+    """Replace the tensors the save will write by private host copies (in place), one copy per
+    memory region: in fp32 training the model weights and the optimizer's main weights are the
+    same memory and are copied once. Views are always copied (megatron-core's writer would clone
+    each of them anyway, twice where two keys share memory); with `everything`, whole tensors too,
+    so the training loop may change the live ones while the writer threads write."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     apply_factories(state)
-    copies: Dict[Tuple[int, torch.dtype, Tuple[int, ...]], torch.Tensor] = {}
+    copies: Dict[Tuple[int, torch.dtype, Tuple[int, ...], Tuple[int, ...]], torch.Tensor] = {}
     for item in nested_values(state):
         if isinstance(item, ShardedTensor) and item.data is not None:
             data = item.data.detach()
-            key = (data.data_ptr(), data.dtype, tuple(data.shape))
+            whole = data.untyped_storage().nbytes() == data.numel() * data.element_size()
+            if whole and data.is_cpu and not everything:
+                continue
+            key = (data.data_ptr(), data.dtype, tuple(data.shape), tuple(data.stride()))
             if key not in copies:
                 copies[key] = torch.empty(data.shape, dtype=data.dtype, device="cpu").copy_(data)
             item.data = copies[key]
@@ -498,7 +543,7 @@ def load_model(root: Union[str, Path], chunks: List[torch.nn.Module],
     from megatron.core import dist_checkpointing
 
     record = read_record(root, iteration)
-    with mcore_compat.safe_checkpoint_loading():
+    with mcore_compat.safe_checkpoint_loading(), _checkpoint_errors_unwrapped():
         loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), record.path)
     _load_chunks(chunks, loaded)
     return record
@@ -537,7 +582,8 @@ def load_training_checkpoint(root: Union[str, Path], chunks: List[torch.nn.Modul
             state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
         if same_layout:
             state["rng_state"] = _rng_sharded(None)
-        loaded = dist_checkpointing.load(state, record.path, sharded_strategy=None if by_range else _read_over_dp())
+        with _checkpoint_errors_unwrapped():
+            loaded = dist_checkpointing.load(state, record.path, sharded_strategy=None if by_range else _read_over_dp())
     _load_chunks(chunks, loaded)
     if by_range:
         for chunk in chunks:

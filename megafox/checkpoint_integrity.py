@@ -1,15 +1,17 @@
 """Checksums of every file a checkpoint save writes, and their verification before a resume.
 
-Each rank digests the files it wrote itself (its `__<rank>_*.distcp` shards; rank 0 also
-megatron-core's `.metadata`, `common.pt` and `metadata.json`) right after the save, reading them
-back from the page cache, and rank 0 records all of them in the checkpoint's megafox.json
+Each rank digests the files it wrote itself (its `__<rank>_*.distcp` shards, as its writer
+threads finish them (megafox.checkpoint_writer); rank 0 also megatron-core's `.metadata`,
+`common.pt` and `metadata.json` at the commit), reading them back from the page cache, and rank 0
+records all of them in the checkpoint's megafox.json
 (`files`: name -> size and CRC-32). CRC-32 is zlib's (the standard library): ~1 GB/s on one core
 here, and each rank digests only its own shards, so a Fox-1 save at DP 64 costs each rank about
 0.4 GB of reading (bench/checkpoint_integrity.py measures it). Verification spreads the files
 over the ranks the same way, so a resume reads each byte once in total, not once per rank.
 
 What is detected: a missing, truncated or grown file, any changed byte (a single flipped bit
-changes the CRC), an unreadable record. A checkpoint saved without digests (before this
+changes the CRC), an unreadable record; and (`check_loads_without_code`) index files that would
+unpickle anything but data, however their digests were recorded. A checkpoint saved without digests (before this
 existed) is checked for presence and size of every shard its `.metadata` index names.
 """
 from __future__ import annotations

@@ -17,14 +17,18 @@ such uneven shards as ordinary DCP chunks. So
 - a save moves no data between ranks, each rank writes ~1/DP of the state and needs no more
   memory than a copy of its own shard;
 - the checkpoint is a normal global-tensor checkpoint: any TP/PP/DP layout loads it (each rank
-  asks for the rectangles of its own new ranges; DCP reads the overlapping chunks), and so do
-  megatron-core's own `fully_reshardable` loader and the offline tools (checkpoints_tools);
+  asks for the rectangles of its own new ranges; DCP reads the overlapping chunks), and so do the
+  offline tools (checkpoints_tools), which read global tensors whatever the chunks;
 - a resume reads, per rank, its own ranges (plus the model weights' ranges, all-gathered over DP
   afterwards exactly as after an optimizer step).
 
 ShardedTensorFactory entries (the SwiGLU fc1 weight, stored as [all gate rows; all up rows])
 are resolved by running the factory's build function on a tensor of element indices: every part
 it returns says which elements of the local tensor land where in the global one.
+
+Which range a rank owns comes from the DistributedOptimizer itself (`gbuf_ranges`,
+`_get_main_param_and_optimizer_states`, megatron-core 0.16); tests/checkpoint compare every saved
+tensor with megatron-core's own `fully_reshardable` save, so an upgrade that changes them fails there.
 """
 from __future__ import annotations
 

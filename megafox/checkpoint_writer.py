@@ -18,6 +18,7 @@ the training loop runs on while the threads write.
 from __future__ import annotations
 
 import inspect
+import os
 import queue
 import threading
 from pathlib import Path
@@ -46,12 +47,25 @@ class WriteDigests:
             self.files[path.name] = d
 
 
-def threaded_writer(digests: WriteDigests) -> Callable[..., None]:
+def _nice_this_thread() -> None:
+    """The lowest CPU priority for the calling thread (Linux nice values are per thread, and the
+    threads it starts inherit it): a background writer takes the cores the training loop leaves
+    idle instead of time slices from it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+def threaded_writer(digests: WriteDigests, background: bool) -> Callable[..., None]:
     """A drop-in for FileSystemWriterAsync.write_preloaded_data_multiproc (same arguments and
-    result protocol) that writes each file in a thread and digests it once written."""
+    result protocol) that writes each file in a thread and digests it once written; `background`:
+    at the lowest CPU priority (while training goes on)."""
 
     def write(transform_list: List[Any], use_msc: bool, rank: int, write_buckets: List[Any],
               global_results_queue: Any) -> None:
+        if background:
+            _nice_this_thread()
         local_results: "queue.Queue" = queue.Queue()
         count = queue.Queue()  # megatron's writer marks completion with get() + task_done()
         threads = []
@@ -136,7 +150,7 @@ class ThreadCallsQueue(AsyncCallsQueue):
         return any(c.async_caller.thread is not None and c.async_caller.thread.is_alive() for c in self.async_calls)
 
 
-def in_threads(request: AsyncRequest, digests: WriteDigests) -> AsyncRequest:
+def in_threads(request: AsyncRequest, digests: WriteDigests, background: bool = False) -> AsyncRequest:
     """`request` (from dist_checkpointing.save(async_sharded_save=True)) with its forking writer
     replaced by `threaded_writer`; the writer's own arguments are kept."""
     if request.async_fn is None:
@@ -147,4 +161,4 @@ def in_threads(request: AsyncRequest, digests: WriteDigests) -> AsyncRequest:
         raise RuntimeError(f"unexpected megatron-core writer {fn!r}; megafox.checkpoint_writer needs review")
     import functools
 
-    return request._replace(async_fn=functools.partial(threaded_writer(digests), *bound))
+    return request._replace(async_fn=functools.partial(threaded_writer(digests, background), *bound))

@@ -156,6 +156,7 @@ def safe_checkpoint_loading():
     from megatron.core.dist_checkpointing.strategies import common as common_strategy
     from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 
+    from megafox.records import CheckpointError
     from megafox.safe_load import SafeFileSystemReader, SafeLoadBytesMixin, safe_torch_load
 
     global _safe_loading_active
@@ -164,7 +165,13 @@ def safe_checkpoint_loading():
         return
 
     class SafeMCoreLoadPlanner(SafeLoadBytesMixin, torch_strategy.MCoreLoadPlanner):
-        pass
+        def load_bytes(self, read_item, value):
+            try:
+                super().load_bytes(read_item, value)
+            except CheckpointError as exc:
+                # DCP pickles every rank's failure to all ranks: send the message, in a class
+                # whose pickled form rebuilds (UnsafeCheckpointError's __init__ takes two fields)
+                raise CheckpointError(str(exc)) from None
 
     def safe_reader(checkpoint_dir, cache_metadata: bool = False):
         return SafeFileSystemReader(checkpoint_dir)

@@ -103,3 +103,12 @@ def test_without_the_distributed_optimizer_dp_ranks_share_the_writes(tmp_path_fa
                            "distributed_optimizer": False})
     assert differing(tmp / "resaved", tmp / "gathered") == []
     assert out["losses"] == got["reference"][STEPS:]
+
+
+def test_a_gathered_checkpoint_loads_by_range_too(fp32):
+    """What megafox saved before the `sharded` format (whole tensors, rank 0) resumes the same way."""
+    dst = fp32["tmp"] / "resaved from gathered"
+    out = run_distributed(f"{BODIES}:load_and_resave", 2, {"tensor_model_parallel_size": 2},
+                          {"src": str(fp32["tmp"] / "gathered"), "dst": str(dst), "steps_after": 2})
+    assert differing(dst, fp32["tmp"] / "gathered") == []
+    assert out["losses"] == pytest.approx(fp32["reference"][STEPS:], rel=1e-6)

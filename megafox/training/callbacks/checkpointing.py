@@ -73,8 +73,10 @@ class CheckpointCallback(Callback):
                                  before_commit=lambda p: trainer.call("pre_checkpoint_commit", p))
         self.last_saved = trainer.state.iteration
         if report is None:
+            staged = self.saver.pending.staged
             trainer.log(f"saving checkpoint iteration {trainer.state.iteration} in the background "
-                        f"(training stood still {time.monotonic() - t0:.2f}s for it)")
+                        f"(training stood still {time.monotonic() - t0:.2f}s for it, {staged:.2f}s of it the "
+                        "copy to host memory)")
             if wait:
                 report = self.saver.wait()
         trainer.metrics.reset_window()
