@@ -25,19 +25,24 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--timeout-s", type=float, default=3.0)
-    p.add_argument("--sleep-s", type=float, default=8.0)
+    p.add_argument("--sleep-s", type=float, default=7.0)
     a = p.parse_args()
-    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=a.timeout_s))
+    if a.mode != "control":
+        from megafox.config import ConfigError
+        from megafox.data import index_cache
+        from megafox.data.stage_data import StageData
+
+    # join with a generous timeout (the ranks' imports take uneven time on a loaded machine), then
+    # shorten it for what is measured: every collective from here on
+    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=120))
+    torch.distributed.barrier()
+    torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=a.timeout_s))
     rank = torch.distributed.get_rank()
     if a.mode == "control":
         if rank == 0:
             time.sleep(a.sleep_s)
         torch.distributed.barrier()
         return 0
-
-    from megafox.config import ConfigError
-    from megafox.data import index_cache
-    from megafox.data.stage_data import StageData
 
     if rank == 0 and a.mode == "slow":
         build = index_cache.SafeCacheGPTDataset._build_document_sample_shuffle_indices
