@@ -49,22 +49,17 @@ def stage_data_from_config(config: TrainConfig, stage_name: str, excluded_docume
 
 
 def previous_record(config: TrainConfig, stage_name: str, required: bool = True):
-    """The documents-read record of the stage before `stage_name`, or None for the first stage.
-    Without one: ConfigError when `required`, else None (a run from before records existed: the
-    trainer then passes previous_stages and StageData recomputes)."""
-    from megafox.data.documents_read import read_documents_read, record_dir, record_exists
+    """The documents-read record of the stages before `stage_name` (named in the previous stage's
+    .done), or None for the first stage. Without one: ConfigError when `required`, else None."""
+    from megafox.data.documents_read import record_before
 
     index = config.stage_index(stage_name)
-    if index == 0:
-        return None
-    before = config.stages[index - 1].name
-    where = record_dir(config.checkpoint.dir, before)
-    if not record_exists(where):
-        if not required:
-            return None
+    record = record_before(config, index)
+    if record is None and index > 0 and required:
+        before = config.stages[index - 1].name
         raise ConfigError(f"--stage {stage_name}: its indices depend on the documents stage {before} read, "
-                          f"recorded in {where} when {before} completes; there is none yet")
-    return read_documents_read(where)
+                          f"recorded when {before} completes; there is no record yet")
+    return record
 
 
 def _cache_files(path: str) -> dict:

@@ -17,7 +17,6 @@ stage already (partly) trained, which would change which samples were and will b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from megafox.config import ConfigError, StageConfig, TrainConfig
@@ -75,19 +74,12 @@ def finish_stage(config: TrainConfig, stage: StageConfig, state, data) -> None:
         stage_samples=state.consumed_samples.get(stage.name, 0), loss=state.last_loss, documents=documents))
 
 
-def excluded_documents(config: TrainConfig, stage_index: int):
-    """The documents stages 1..N-1 read, from stage N-1's record (memory-mapped bitmaps); None for
-    the first stage, or when the earlier stage finished before such records existed (then the data
-    recomputes them from `previous_stage_specs`)."""
-    from megafox.data.documents_read import read_documents_read, record_exists
+def name_documents_record(config: TrainConfig, stage: str, record: str) -> None:
+    """Name a documents record in `stage`'s .done (for a stage that finished before records existed)."""
+    import dataclasses
 
-    if stage_index == 0:
-        return None
-    root = Path(config.checkpoint.dir)
-    done = read_stage_done(root, config.stages[stage_index - 1].name)
-    if done is None or not done.documents or not record_exists(root / done.documents):
-        return None
-    return read_documents_read(root / done.documents)
+    done = read_stage_done(config.checkpoint.dir, stage)
+    write_stage_done(config.checkpoint.dir, dataclasses.replace(done, documents=record))
 
 
 # ----------------------------------------------------------------------------------------------

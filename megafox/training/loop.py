@@ -138,21 +138,34 @@ class Trainer:
         if stage.kind == "sft":
             data = self._build_sft_data(blend, cache)
         else:
-            from megafox.data.stage_data import StageData
-
-            excluded = curriculum.excluded_documents(cfg, self.stage_index)
-            if excluded is not None:
-                log(f"stage {stage.name}: leaving out the documents of {', '.join(e['stage'] for e in excluded.stages)}"
-                    f" ({sum(e.count for e in excluded.entries.values())} documents, recorded in {excluded.path})")
-            data = StageData(str(blend), stage.seq_length, stage.global_batch_size, seed=cfg.seed, cache_dir=cache,
-                             valid_fraction=cfg.validation.valid_fraction, token_budget=stage.token_budget,
-                             excluded_documents=excluded,
-                             previous_stages=curriculum.previous_stage_specs(cfg, self.stage_index) if excluded is None else ())
+            data = self._build_stage_data()
         data.check_vocab(cfg.model.vocab_size)
         # special ids come from the tokenizer, never from presets (they end up in checkpoints/HF)
         cfg.model.eos_token_id = data.tokenizer.eos
         if data.tokenizer.bos is not None:
             cfg.model.bos_token_id = data.tokenizer.bos
+        return data
+
+    def _build_stage_data(self):
+        """A pretraining stage's data, as `make data-index` builds it ahead (one definition). The
+        documents earlier stages read come from the previous stage's record; a run that finished
+        that stage before records existed recomputes them once and records them for its requeues."""
+        from megafox.data.build_index import stage_data_from_config
+        from megafox.data.documents_read import record_before, record_dir, save_document_set
+
+        cfg, stage = self.config, self.stage
+        excluded = record_before(cfg, self.stage_index)
+        if excluded is not None:
+            log(f"stage {stage.name}: leaving out the documents of {', '.join(e['stage'] for e in excluded.stages)}"
+                f" ({sum(e.count for e in excluded.entries.values())} documents, recorded in {excluded.path})")
+            return stage_data_from_config(cfg, stage.name, excluded_documents=excluded)
+        data = stage_data_from_config(cfg, stage.name,
+                                      previous_stages=curriculum.previous_stage_specs(cfg, self.stage_index))
+        if self.stage_index > 0 and _rank0():
+            before = cfg.stages[self.stage_index - 1]
+            directory = record_dir(cfg.checkpoint.dir, before.name)
+            save_document_set(data.excluded_documents, directory)
+            curriculum.name_documents_record(cfg, before.name, directory.name)
         return data
 
     def _build_sft_data(self, blend: Path, cache: str):

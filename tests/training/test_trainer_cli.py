@@ -181,6 +181,29 @@ def test_stage_transition_keeps_optimizer_and_schedule_and_reads_no_sample_twice
     assert len(read2[str(tiny_data / "shards" / "http")]) > 0
 
 
+def test_stage_after_a_stage_without_documents_record_recomputes_once_and_trains_the_same(reference, tiny_data,
+                                                                                          tmp_path):
+    """A stage1 finished by megafox before documents records existed: stage2 recomputes what stage1
+    read (the old path), records it for its requeues, and trains exactly what the record path trains."""
+    with_record, without = tmp_path / "with_record", tmp_path / "without"
+    shutil.copytree(reference, with_record)
+    shutil.copytree(reference, without)
+    shutil.rmtree(without / "stage1.documents")
+    done = json.loads((without / "stage1.done").read_text())
+    done.pop("documents")
+    (without / "stage1.done").write_text(json.dumps(done))
+    rc, out = run_stage("stage2", without, tiny_data)
+    _ok(rc, out)
+    assert "leaving out the documents of stage1" not in out  # recomputed, not read
+    assert json.loads((without / "stage1.done").read_text())["documents"] == "stage1.documents"
+    assert (without / "stage1.documents" / "documents.json").is_file()
+    rc, out = run_stage("stage2", with_record, tiny_data)
+    _ok(rc, out)
+    assert "leaving out the documents of stage1" in out
+    assert losses(without, "stage2") == losses(with_record, "stage2")
+    assert sample_ids(without, "stage2") == sample_ids(with_record, "stage2")
+
+
 def test_bf16_compiled_with_fused_loss_follows_fp32_and_resumes_bit_exact(reference, tiny_data, tmp_path):
     """The GPU precision path on CPU: Float16Module, fp32 main params in the distributed optimizer,
     the fused loss (torch.compile'd kernels) adding into fp32 main_grad from bf16 weights, compiled
