@@ -56,9 +56,12 @@ def previous_record(config: TrainConfig, stage_name: str, required: bool = True)
     index = config.stage_index(stage_name)
     record = record_before(config, index)
     if record is None and index > 0 and required:
+        from megafox.data.documents_read import record_dir
+
         before = config.stages[index - 1].name
         raise ConfigError(f"--stage {stage_name}: its indices depend on the documents stage {before} read, "
-                          f"recorded when {before} completes; there is no record yet")
+                          f"recorded in {record_dir(config.checkpoint.dir, before)} when {before} completes; "
+                          f"there is none yet")
     return record
 
 

@@ -317,15 +317,10 @@ def write_documents_read(stage_data, consumed_samples: int, directory: Union[str
 
 
 def record_before(config, stage_index: int) -> Optional[DocumentSet]:
-    """The documents stages 1..N-1 read, from the record stage N-1's .done names (memory-mapped
+    """The documents stages 1..N-1 read: the record stage N-1 wrote when it completed (memory-mapped
     bitmaps); None for the first stage, or when that stage finished before records existed (then
     StageData recomputes them from the earlier stages' specs)."""
-    from megafox.records import read_stage_done
-
     if stage_index == 0:
         return None
-    root = Path(config.checkpoint.dir)
-    done = read_stage_done(root, config.stages[stage_index - 1].name)
-    if done is None or not done.documents or not record_exists(root / done.documents):
-        return None
-    return read_documents_read(root / done.documents)
+    where = record_dir(config.checkpoint.dir, config.stages[stage_index - 1].name)
+    return read_documents_read(where) if record_exists(where) else None

@@ -74,14 +74,6 @@ def finish_stage(config: TrainConfig, stage: StageConfig, state, data) -> None:
         stage_samples=state.consumed_samples.get(stage.name, 0), loss=state.last_loss, documents=documents))
 
 
-def name_documents_record(config: TrainConfig, stage: str, record: str) -> None:
-    """Name a documents record in `stage`'s .done (for a stage that finished before records existed)."""
-    import dataclasses
-
-    done = read_stage_done(config.checkpoint.dir, stage)
-    write_stage_done(config.checkpoint.dir, dataclasses.replace(done, documents=record))
-
-
 # ----------------------------------------------------------------------------------------------
 # what a checkpoint may be resumed into
 

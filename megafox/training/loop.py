@@ -165,7 +165,6 @@ class Trainer:
             before = cfg.stages[self.stage_index - 1]
             directory = record_dir(cfg.checkpoint.dir, before.name)
             save_document_set(data.excluded_documents, directory)
-            curriculum.name_documents_record(cfg, before.name, directory.name)
         return data
 
     def _build_sft_data(self, blend: Path, cache: str):

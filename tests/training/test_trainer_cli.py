@@ -195,8 +195,7 @@ def test_stage_after_a_stage_without_documents_record_recomputes_once_and_trains
     rc, out = run_stage("stage2", without, tiny_data)
     _ok(rc, out)
     assert "leaving out the documents of stage1" not in out  # recomputed, not read
-    assert json.loads((without / "stage1.done").read_text())["documents"] == "stage1.documents"
-    assert (without / "stage1.documents" / "documents.json").is_file()
+    assert (without / "stage1.documents" / "documents.json").is_file()  # recorded for its requeues
     rc, out = run_stage("stage2", with_record, tiny_data)
     _ok(rc, out)
     assert "leaving out the documents of stage1" in out
