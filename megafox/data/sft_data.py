@@ -88,6 +88,7 @@ from megafox.data.blend import Blend, DataError, read_blend
 from megafox.data.index_cache import load_index_array, rank0_first
 from megafox.data.packing import DEFAULT_WINDOW, PackPlan, pack, permute_sequences
 from megafox.data.tokenizer import TokenizerError, load_tokenizer
+from megafox.data.sample_plan import rank_micro_batches
 
 logger = logging.getLogger(__name__)
 
@@ -438,19 +439,7 @@ class SFTData:
         return self.seq_length * micro_batch_size, 1
 
     def _plan(self, start: int, mbs: int, dp_rank: int, dp_size: int) -> List[np.ndarray]:
-        start = _positive_int("consumed_samples", start, 0)
-        mbs = _positive_int("micro_batch_size", mbs)
-        dp_size = _positive_int("dp_size", dp_size)
-        dp_rank = _positive_int("dp_rank", dp_rank, 0)
-        if dp_rank >= dp_size:
-            raise DataError(f"dp_rank: {dp_rank} is not below dp_size {dp_size}")
-        per_step = mbs * dp_size
-        if self.global_batch_size % per_step:
-            raise DataError(f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size x "
-                            f"dp_size = {mbs} x {dp_size}")
-        first = start + dp_rank * mbs
-        return [np.arange(first + m * per_step, first + m * per_step + mbs, dtype=np.int64)
-                for m in range(self.global_batch_size // per_step)]
+        return rank_micro_batches(start, self.global_batch_size, mbs, dp_rank, dp_size)
 
     # ------------------------------------------------------------------------------ checks
     def check_vocab(self, model_vocab_size: int) -> None:

@@ -74,6 +74,7 @@ from megafox.data.blend import Blend, DataError, read_blend
 from megafox.data.documents_read import DocumentSet, documents_read_by, idx_fingerprint, stage_entry
 from megafox.data.index_cache import NoBarrierBuilder, SafeCacheBlendedDataset, SafeCacheGPTDataset, rank0_first
 from megafox.data.tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
+from megafox.data.sample_plan import rank_micro_batches
 
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset
@@ -335,19 +336,7 @@ class StageData:
         return (self._collate(self._stage.valid, chunk) for chunk in ids)
 
     def _plan(self, start: int, mbs: int, dp_rank: int, dp_size: int) -> List[np.ndarray]:
-        for name, v, low in (("consumed_samples", start, 0), ("micro_batch_size", mbs, 1),
-                             ("dp_size", dp_size, 1), ("dp_rank", dp_rank, 0)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise DataError(f"{name}: must be an integer >= {low}, got {v!r}")
-        if dp_rank >= dp_size:
-            raise DataError(f"dp_rank: {dp_rank} is not below dp_size {dp_size}")
-        per_step = mbs * dp_size
-        if self.global_batch_size % per_step:
-            raise DataError(f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size x "
-                            f"dp_size = {mbs} x {dp_size}")
-        first = int(start) + dp_rank * mbs
-        return [np.arange(first + m * per_step, first + m * per_step + mbs, dtype=np.int64)
-                for m in range(self.global_batch_size // per_step)]
+        return rank_micro_batches(start, self.global_batch_size, mbs, dp_rank, dp_size)
 
     @staticmethod
     def _collate(dataset, ids: np.ndarray) -> Dict[str, torch.Tensor]:
