@@ -187,7 +187,7 @@ class _PendingSave:
     digests: WriteDigests
     started: float  # time.monotonic() when the save was called
     stall: float  # seconds the caller was blocked by planning and staging
-    staged: float  # of which the copy to host memory (asynchronous saves)
+    staged: float  # of which the copy to host memory
 
 
 @dataclass
@@ -198,7 +198,7 @@ class SaveReport:
     iteration: int
     stall_s: float  # planning + copy to host: the time the training loop stood still for it
     total_s: float  # from the call to the commit
-    staged_s: float = 0.0  # the copy to host memory, part of stall_s (asynchronous saves)
+    staged_s: float = 0.0  # the copy to host memory, part of stall_s
 
 
 class CheckpointSaver:
@@ -230,11 +230,11 @@ class CheckpointSaver:
         root = Path(root)
         path = _prepare_iteration_dir(root, iteration)
         mcore_compat.write_results_in_process()
-        staged = time.monotonic()
-        # asynchronous: the training loop changes the live tensors from the next step on
-        _stage_on_host(state, everything=self.async_save)
-        staged = time.monotonic() - staged
         try:
+            staged = time.monotonic()
+            # asynchronous: the training loop changes the live tensors from the next step on
+            _stage_on_host(state, everything=self.async_save)
+            staged = time.monotonic() - staged
             request = dist_checkpointing.save(state, str(path), sharded_strategy=sharded_strategy or _strategy(),
                                               async_sharded_save=True)
             digests = WriteDigests()

@@ -23,8 +23,9 @@ such uneven shards as ordinary DCP chunks. So
   afterwards exactly as after an optimizer step).
 
 ShardedTensorFactory entries (the SwiGLU fc1 weight, stored as [all gate rows; all up rows])
-are resolved by running the factory's build function on a tensor of element indices: every part
-it returns says which elements of the local tensor land where in the global one.
+are resolved by running the factory's build function on a meta tensor of the local shape: every
+part it returns is a view whose storage offset says which elements of the local tensor land where
+in the global one.
 
 Which range a rank owns comes from the DistributedOptimizer itself (`gbuf_ranges`,
 `_get_main_param_and_optimizer_states`, megatron-core 0.16); tests/checkpoint compare every saved
@@ -85,22 +86,23 @@ def flat_range_rectangles(shape: Tuple[int, ...], begin: int, end: int) -> List[
 
 
 def _parts(sharded) -> List[Any]:
-    """The plain ShardedTensors a model entry is stored as, with `.data` holding the flat element
-    indices of the local tensor they take (a factory is built on an index tensor to find out)."""
+    """The plain ShardedTensors a model entry is stored as, each over a view of a meta tensor of
+    the local tensor's shape: the view's storage offset says where its elements start in the
+    local tensor (a factory is built on that meta tensor to find out; nothing is allocated)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    shape = tuple(sharded.data.shape)
-    index = torch.arange(sharded.data.numel(), dtype=torch.int64).view(shape)
+    probe = torch.empty(tuple(sharded.data.shape), dtype=sharded.data.dtype, device="meta")
     if isinstance(sharded, ShardedTensor):
-        parts = [_with_data(sharded, index)]
+        parts = [_with_data(sharded, probe)]
     elif isinstance(sharded, ShardedTensorFactory):
-        built = sharded.build_fn(sharded.key, index, sharded.replica_id, None)
-        parts = list(_flatten(built))
+        parts = list(_flatten(sharded.build_fn(sharded.key, probe, sharded.replica_id, None)))
     else:
         raise TypeError(f"{getattr(sharded, 'key', sharded)}: {type(sharded).__name__} cannot be sharded by range")
     for part in parts:
         if not isinstance(part, ShardedTensor):
             raise TypeError(f"{sharded.key}: its factory built a {type(part).__name__}, not a ShardedTensor")
+        if not part.data.is_contiguous():  # a contiguous view of a contiguous tensor is one flat run
+            raise ValueError(f"{sharded.key}: a part of its local tensor is not contiguous; cannot be saved by range")
     return parts
 
 
@@ -126,10 +128,7 @@ def pieces(sharded, owned_start: int, owned_stop: int, dp_free_replica_id: Any) 
     that hold the flat elements [owned_start, owned_stop) of the parameter's local tensor."""
     out = []
     for part in _parts(sharded):
-        indices = part.data.reshape(-1)
-        first, count = int(indices[0]), indices.numel()
-        if not torch.equal(indices, torch.arange(first, first + count, dtype=torch.int64)):
-            raise ValueError(f"{sharded.key}: a part of its local tensor is not contiguous; cannot be saved by range")
+        first, count = part.data.storage_offset(), part.data.numel()
         begin, end = max(owned_start, first), min(owned_stop, first + count)
         if begin >= end:
             continue
