@@ -18,11 +18,11 @@ class ToolError(RuntimeError):
 
 def run_cli(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> int:
     """Run `main`, turning known input errors into one line on stderr and a non-zero exit."""
-    from megafox.checkpoint import CheckpointError
-    from megafox.config import ConfigError
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # first: megatron-core warns at import time that TE/apex are absent, which is no news to a tool user
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from megafox.config import ConfigError
+    from megafox.records import CheckpointError
     try:
         return main(argv)
     except (ToolError, CheckpointError, ConfigError) as exc:

@@ -70,6 +70,40 @@ def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(killed, 
     assert (root / "iter_0000004").is_dir()  # never deleted
 
 
+def test_megafox_ckpt_verify_checks_offline(killed, tmp_path):
+    import sys
+
+    from tests.training.harness import REPO
+
+    root = _copy(killed, tmp_path)
+
+    def verify(*args):
+        return subprocess.run([sys.executable, "-m", "checkpoints_tools.cli", "verify", "--checkpoint", str(root),
+                               *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    ok = verify("--iteration", "all")
+    assert ok.returncode == 0 and "iter_0000002: OK" in ok.stdout and "iter_0000004: OK" in ok.stdout, ok.stdout
+    _flip_byte(root / "iter_0000004" / "__0_1.distcp")
+    bad = verify()  # latest
+    assert bad.returncode == 1 and "iter_0000004: NOT usable: " in bad.stdout
+    assert "__0_1.distcp: checksum mismatch" in bad.stdout and "Traceback" not in bad.stderr
+    assert verify("--iteration", "2").returncode == 0
+    missing = verify("--iteration", "9")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"error: {root / 'iter_0000009'}: no such checkpoint (saved: [2, 4])"], missing.stderr
+
+
+def test_checksum_cost_bench_runs(tmp_path):
+    import sys
+
+    from tests.training.harness import REPO
+
+    got = subprocess.run([sys.executable, "bench/checkpoint_integrity.py", "--sizes-mb", "4,8", "--dir", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert "| 64 | 0.36 GB |" in got.stdout and "Fox-1-1.6B training checkpoint: 23.3 GB" in got.stdout
+
+
 def test_nothing_usable_names_every_checkpoint(killed, tmp_path):
     root = _copy(killed, tmp_path)
     _flip_byte(root / "iter_0000004" / "__0_0.distcp")
