@@ -73,11 +73,10 @@ trap on_interrupt INT
 
 export MEGAFOX_EXIT_FILE=$EXIT_FILE
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGHUP,SIGQUIT
 
 set +e
 "$MEGAFOX_PYTHON" -m megafox.torchrun --nproc-per-node "$MEGAFOX_NPROC" --master-addr 127.0.0.1 \
-    --master-port "${MEGAFOX_MASTER_PORT:-29500}" --no-python \
+    --master-port "${MEGAFOX_MASTER_PORT:-29500}" --signals-to-handle SIGTERM,SIGHUP,SIGQUIT --no-python \
     "${cmd[@]}" --config "$MEGAFOX_CONFIG" --stage "$STAGE" ${extra[@]+"${extra[@]}"} "$@" &
 TORCHRUN_PID=$!
 while true; do

@@ -223,3 +223,30 @@ def test_a_stop_signal_during_start_up_stops_cleanly(tiny_data, tmp_path):
     assert proc.returncode == 75, out[-4000:]
     assert "stopping: signal SIGUSR1; no step ran, nothing to save; exit 75" in out
     assert not (root / "latest").exists()
+
+
+def test_ctrl_c_saves_and_stops_and_twice_stops_now(tiny_data, tmp_path):
+    """Ctrl-C reaches launch/local.sh's process group (the ranks run in sessions of their own): the
+    first one makes the ranks save after their step and exit 75, a second one stops them at once
+    (130); never a KeyboardInterrupt or torchrun traceback."""
+    long = ["stages.stage1.token_budget=40960"]
+    for presses, expected in ((1, 75), (2, 130)):
+        root = tmp_path / f"ctrl_c_{presses}"
+        proc = run_stage("stage1", root, tiny_data, popen=True, overrides=long, env=faulty_trainer("--step-sleep", "1"))
+        sessions = set()
+        try:
+            wait_for_line(proc, "step 2 ")
+            track(proc, sessions)
+            for _ in range(presses):
+                os.killpg(proc.pid, signal.SIGINT)
+                time.sleep(0.5)
+            out, _ = proc.communicate(timeout=240)
+        finally:
+            kill_session(proc, sessions)
+        assert proc.returncode == expected, out[-3000:]
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out and "ChildFailedError" not in out
+        if expected == 75:
+            assert "stopping: signal SIGTERM" in out and (root / "latest").is_file()
+            assert ckpt.find_usable_checkpoint(root)[0].iteration == latest(root)
+        else:
+            assert "stopping now without saving" in out
