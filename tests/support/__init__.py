@@ -1,2 +1,8 @@
-"""What the tests share: test data (tokenizers, indexed datasets, blends, real text), processes
-(ports, CLI runners, multi-rank bodies) and comparisons. One import style: `from tests.support.X import Y`."""
+"""What the tests share, one module per job; one import style: `from tests.support.<module> import <name>`.
+
+text        real text read offline (CPython's standard library, license texts)
+tokenizers  SentencePiece models trained on it, documents encoded with them
+indexed     Megatron indexed datasets (tokens, SFT masks) and the blend.json files naming them
+processes   the repository root, free ports, commands run as a user runs them, one-line errors
+compare     one optimizer step of two runs compared weight by weight
+"""
