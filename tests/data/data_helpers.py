@@ -1,67 +1,9 @@
-"""Builders of tiny real datasets for megafox.data tests, and an independent reader of samples:
-`window_check` recomputes each sample from the raw document tokens the test wrote (not from the
-.bin file nor megatron's sample index) and returns the documents it spans."""
+"""Independent readers of megafox.data's samples for the tests (the data itself is built with
+tests.support): `window_check` recomputes each sample from the raw document tokens the test wrote
+(not from the .bin file nor megatron's sample index) and returns the documents it spans."""
 from __future__ import annotations
 
-import glob
-import json
-import os
-import sysconfig
-
 import numpy as np
-
-STDLIB = sysconfig.get_paths()["stdlib"]
-
-
-def stdlib_texts(patterns):
-    files = []
-    for pat in patterns:
-        files += sorted(glob.glob(os.path.join(STDLIB, pat)))
-    assert files, f"no stdlib sources under {STDLIB}"
-    out = []
-    for p in files:
-        with open(p, encoding="utf-8", errors="replace") as f:
-            out.append(f.read())
-    return out
-
-
-def paragraphs(texts, limit):
-    """Blank-line separated blocks of the sources: many documents of very different lengths."""
-    out = []
-    for t in texts:
-        out += [p for p in t.split("\n\n") if p.strip()]
-    return out[:limit]
-
-
-def encode_docs(model, texts, max_tokens):
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=model)
-    return [sp.encode(t)[:max_tokens] + [sp.eos_id()] for t in texts]
-
-
-def write_indexed(prefix, docs, dtype=np.uint16):
-    """Megatron .bin/.idx with one sequence per document (as data_prep writes them)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    for ids in docs:
-        builder.add_document(np.asarray(ids, dtype=np.int64), [len(ids)])
-    builder.finalize(prefix + ".idx")
-
-
-def write_blend(path, tokenizer, datasets, token_budget, stage="stage", extra=None):
-    """datasets: [(prefix, weight)]; paths written relative to the blend's directory."""
-    path = str(path)
-    base = os.path.dirname(path)
-    os.makedirs(base, exist_ok=True)
-    blend = {"stage": stage, "tokenizer": os.path.relpath(tokenizer, base),
-             "datasets": [{"prefix": os.path.relpath(p, base), "weight": w} for p, w in datasets],
-             "token_budget": token_budget}
-    blend.update(extra or {})
-    with open(path, "w") as f:
-        json.dump(blend, f)
-    return path
 
 
 def mid_level(train, ids):

@@ -4,18 +4,15 @@ the previous stage's documents-read record; bad input exits 2 with one line."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from data_helpers import write_blend
 from megafox.config import load_train_config
 from megafox.data.build_index import cache_dir, main, stage_data_from_config
 from megafox.data.documents_read import read_documents_read, record_dir, write_documents_read
+from tests.support.indexed import write_blend
+from tests.support.processes import REPO, clean_env, run_command, run_module
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "train" / "tiny.yaml")
 
 
@@ -63,19 +60,23 @@ def test_builds_what_the_trainer_finds(run, capsys):
 
 
 def test_command_line_and_bad_input(run, tmp_path):
-    env = dict(os.environ, MEGAFOX_OVERRIDES=" ".join(run["overrides"]))
+    overrides = " ".join(run["overrides"])
     # the index step of launch/preprocess.slurm, run by hand as SLURM would
-    proc = subprocess.run(["bash", str(REPO / "launch" / "preprocess.slurm")], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env=dict(env, MEGAFOX_PREP_STEP="index", TRAIN_CONFIG=CONFIG))
+    proc = run_command(["bash", REPO / "launch" / "preprocess.slurm"], timeout=300,
+                       env=clean_env(MEGAFOX_OVERRIDES=overrides, MEGAFOX_PREP_STEP="index", TRAIN_CONFIG=CONFIG))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stage stage1: 128 training samples" in proc.stdout and "built 22 index files" in proc.stdout
     assert os.path.isdir(os.path.join(tmp_path, "ckpt", "data_cache"))  # MEGAFOX_OVERRIDES was read
-    cmd = [sys.executable, "-m", "megafox.data.build_index", "--config", CONFIG]
-    proc = subprocess.run(cmd + ["--stage", "stage1"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    def build_index(*args):
+        return run_module("megafox.data.build_index", "--config", CONFIG, *args, timeout=300,
+                          env=clean_env(MEGAFOX_OVERRIDES=overrides))
+
+    proc = build_index("--stage", "stage1")
     assert proc.returncode == 0 and "already built" in proc.stdout, proc.stderr[-2000:]
-    proc = subprocess.run(cmd + ["--stage", "stage9"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = build_index("--stage", "stage9")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "--stage: unknown stage 'stage9'" in proc.stderr
     (tmp_path / "data" / "stage1" / "blend.json").write_text("{not json")
-    proc = subprocess.run(cmd + ["--stage", "stage1"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = build_index("--stage", "stage1")
     assert proc.returncode == 2 and "stage1/blend.json: not a readable JSON blend" in proc.stderr

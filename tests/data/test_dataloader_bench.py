@@ -1,18 +1,13 @@
 """bench/dataloader.py end to end on a small synthetic corpus: the trainer's loader timed per
 sequence length against the GPU's need, one table, JSON written."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.processes import REPO, run_python
 
 
 def test_loader_bench_table_and_json(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "dataloader.py"), "--tokens", "300000",
-                           "--seqs", "2048,8192", "--steps", "2", "--batch-tokens", "65536",
-                           "--json", str(tmp_path / "dl.json")],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = run_python(REPO / "bench" / "dataloader.py", "--tokens", "300000", "--seqs", "2048,8192", "--steps", "2",
+                      "--batch-tokens", "65536", "--json", tmp_path / "dl.json", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "dl.json").read_text())["results"]
     assert [r["seq"] for r in rows] == [2048, 8192]

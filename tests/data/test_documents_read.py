@@ -12,26 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import (gather, reference_documents_read, reference_union, window_check, write_blend,
-                          write_indexed)
 from megafox.config import ConfigError
 from megafox.data import documents_read as dr
 from megafox.data.documents_read import read_documents_read, write_documents_read
 from megafox.data.stage_data import StageData
+from tests.data.data_helpers import gather, reference_documents_read, reference_union, window_check
+from tests.support.indexed import write_blend, write_indexed
 
-SEQ1, SEQ2, SEQ3, GBS = 64, 128, 256, 8
+SEQ1, SEQ2, SEQ3, GBS = 64, 128, 256, 8  # the sequence lengths of the `blends` stages
 USED1, USED2 = 72, 32
-
-
-@pytest.fixture(scope="module")
-def blends(corpus_data, tok_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("blends")
-    code, prose = corpus_data["code"], corpus_data["prose"]
-    return {
-        "s1": write_blend(root / "stage1" / "blend.json", tok_model, [(code, 1.0)], 96 * SEQ1, "stage1"),
-        "s2": write_blend(root / "stage2" / "blend.json", tok_model, [(code, 0.6), (prose, 0.4)], 40 * SEQ2, "stage2"),
-        "s3": write_blend(root / "stage3" / "blend.json", tok_model, [(prose, 0.5), (code, 0.5)], 24 * SEQ3, "stage3"),
-    }
 
 
 def _same_sets(got, want):

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import gather, write_blend
 from megafox.config import ConfigError
 from megafox.data import index_cache
 from megafox.data.stage_data import StageData
+from tests.data.data_helpers import gather
+from tests.support.indexed import write_blend
 
 SEQ, GBS = 64, 8
 

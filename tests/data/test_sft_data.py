@@ -1,6 +1,6 @@
 """SFTData: packed conversations with one global order.
 
-Every batch is read back independently (`sft_helpers.check_rows`): each row is cut by its
+Every batch is read back independently (`tests/data/sft_helpers.check_rows`): each row is cut by its
 cu_seqlens and each segment matched to the raw conversation the test wrote, with labels,
 loss_mask and position_ids recomputed from the raw tokens and masks."""
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 from megafox.data.blend import DataError
 from megafox.data.packing import pack, permute_sequences
 from megafox.data.sft_data import SFTData
-from sft_helpers import (check_rows, conversation_index, synthetic_conversations, write_sft_blend,
-                         write_sft_dataset)
+from tests.data.sft_helpers import check_rows, conversation_index
+from tests.support.indexed import synthetic_conversations, write_sft_blend, write_sft_dataset
+from tests.support.processes import REPO, run_python
 
 SEQ, PAD = 64, 3
 
@@ -267,13 +268,7 @@ def test_permute_sequences_moves_whole_sequences():
 @pytest.mark.slow
 def test_packing_bench_prints_its_tables(tmp_path):
     """bench/packing.py --quick end to end: the tables, and packing beating a greedy fill."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, str(repo / "bench" / "packing.py"), "--quick", "--json",
-                           str(tmp_path / "packing.json")], capture_output=True, text=True, cwd=repo, timeout=300)
+    proc = run_python(REPO / "bench" / "packing.py", "--quick", "--json", tmp_path / "packing.json", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "packing.json").read_text())
     for dist in ("mean~1K", "mean~2.5K"):

@@ -7,22 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import gather, window_check, write_blend
 from megafox.data.stage_data import StageData
+from tests.data.data_helpers import gather, window_check
 
-SEQ1, SEQ2, GBS = 64, 128, 8
-
-
-@pytest.fixture(scope="module")
-def blends(corpus_data, tok_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("blends")
-    code, prose = corpus_data["code"], corpus_data["prose"]
-    return {
-        "s1": write_blend(root / "stage1" / "blend.json", tok_model, [(code, 1.0)], 96 * SEQ1, "stage1"),
-        "s2": write_blend(root / "stage2" / "blend.json", tok_model, [(code, 0.6), (prose, 0.4)], 40 * SEQ2, "stage2"),
-        "s3": write_blend(root / "stage3" / "blend.json", tok_model, [(prose, 0.5), (code, 0.5)], 24 * 256, "stage3"),
-        "mix": write_blend(root / "mix" / "blend.json", tok_model, [(code, 0.7), (prose, 0.3)], 64 * SEQ1, "mix"),
-    }
+SEQ1, SEQ2, GBS = 64, 128, 8  # the sequence lengths of the `blends` stages
 
 
 def test_samples_are_shifted_windows_of_the_raw_documents(blends, corpus_data, tmp_path):

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from data_helpers import write_blend, write_indexed
 from megafox.config import ConfigError
 from megafox.data.stage_data import StageData
+from tests.support.indexed import write_blend, write_indexed
 
 
 def fails(match, *args, **kwargs):

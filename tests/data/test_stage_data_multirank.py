@@ -1,11 +1,15 @@
 """StageData under torch.distributed: 2 DP ranks sharing one cache dir read exactly what one
 process reads."""
+from pathlib import Path
+
 import pytest
 import torch
 
-from data_helpers import gather, write_blend
 from megafox.data.stage_data import StageData
 from megafox.testing.distributed import run_distributed
+from tests.data.data_helpers import gather
+from tests.support.indexed import write_blend
+from tests.support.processes import torchrun
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
@@ -30,18 +34,7 @@ def test_two_ranks_share_cache_and_split_global_batches(corpus_data, tok_model, 
 
 
 def _torchrun(script_args, timeout=180):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from megafox.testing.distributed import REPO, free_port
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(Path(__file__).with_name("slow_build_ranks.py"))] + script_args
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return torchrun(2, Path(__file__).with_name("slow_build_ranks.py"), *script_args, timeout=timeout)
 
 
 def test_rank0_build_longer_than_the_process_group_timeout(corpus_data, tok_model, tmp_path):

@@ -1,22 +1,18 @@
 """bench/stage_start.py end to end at its smallest size: every measurement runs, the record excludes
 exactly what the previous code excluded, and the growth table and extrapolations are printed."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.processes import REPO, run_python
 
 pytestmark = pytest.mark.slow
 
 
 def test_stage_start_bench_smoke(tmp_path):
     out = tmp_path / "ss.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "stage_start.py"), "--sizes", "1e7,2e7",
-                           "--repeat", "1", "--workdir", str(tmp_path / "w"), "--json", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    proc = run_python(REPO / "bench" / "stage_start.py", "--sizes", "1e7,2e7", "--repeat", "1",
+                      "--workdir", tmp_path / "w", "--json", out, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     for row in result["rows"]:

@@ -2,8 +2,9 @@
 import pytest
 import sentencepiece as spm
 
-from data_helpers import stdlib_texts
 from megafox.data.tokenizer import TokenizerError, load_tokenizer
+from tests.support.text import stdlib_texts
+from tests.support.tokenizers import train_sentencepiece
 
 
 def test_ids_and_round_trip(tok_model, tmp_path):
@@ -25,12 +26,10 @@ def test_ids_and_round_trip(tok_model, tmp_path):
 def test_undefined_pad_uses_megatron_sentinel(tmp_path):
     from megatron.core.datasets.megatron_dataset import _PAD_TOKEN_ID
 
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(stdlib_texts(["json/*.py"])))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "nopad"), vocab_size=300,
-                                   model_type="bpe", pad_id=-1, bos_id=-1, eos_id=5, unk_id=0, minloglevel=2,
-                                   user_defined_symbols=["<a>", "<b>", "<c>", "<d>"])
-    tok = load_tokenizer(str(tmp_path / "nopad.model"))
+    model = train_sentencepiece(tmp_path, stdlib_texts(["json/*.py"]), 300, name="nopad", byte_fallback=False,
+                                pad_id=-1, bos_id=-1, eos_id=5, unk_id=0,
+                                user_defined_symbols=["<a>", "<b>", "<c>", "<d>"])
+    tok = load_tokenizer(str(model))
     assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.pad) == (None, None, 5, _PAD_TOKEN_ID)
     with pytest.raises(TokenizerError, match="defines no bos"):
         tok.encode("x", bos=True)

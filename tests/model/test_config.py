@@ -1,10 +1,8 @@
 """Config validation: each invalid case fails at start-up with a message naming the field."""
-import subprocess
-import sys
-
 import pytest
 
 from megafox.config import ConfigError, ParallelConfig, fox1_1p6b, fox1_tiny, load_yaml, model_from_dict, validate_seq_length
+from tests.support.processes import run_module
 
 
 def test_fox1_preset_matches_released_config():
@@ -72,13 +70,13 @@ def test_preset_with_overrides():
 
 
 def test_info_cli_prints_exact_count_and_rejects_bad_layout():
-    out = subprocess.run([sys.executable, "-m", "megafox.cli", "info", "--preset", "fox1-1.6b", "--seq-length", "8192",
-                          "--tp", "2", "--pp", "2", "--dp", "8"], capture_output=True, text=True)
+    out = run_module("megafox.cli", "info", "--preset", "fox1-1.6b", "--seq-length", "8192", "--tp", "2", "--pp", "2",
+                     "--dp", "8")
     assert out.returncode == 0, out.stderr
     assert "parameters: 1,665,271,808" in out.stdout
     assert "16.43 GFLOP" in out.stdout  # 6N + 12 L S h at 8K
     assert "total" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "megafox.cli", "info", "--tp", "3"], capture_output=True, text=True)
+    bad = run_module("megafox.cli", "info", "--tp", "3")
     assert bad.returncode == 2
     assert "parallel.tensor_model_parallel_size" in bad.stderr and "Traceback" not in bad.stderr
 

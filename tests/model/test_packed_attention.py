@@ -3,8 +3,6 @@ packed micro-batch trains exactly like its conversations run one by one.
 
 References: each conversation run alone through the same model (batch of one, no padding), HF
 transformers' LlamaForCausalLM on each conversation, and TP1 for the parallel layouts."""
-import os
-import sys
 import types
 
 import pytest
@@ -12,9 +10,10 @@ import torch
 
 from megafox.config import ConfigError
 from megafox.testing.distributed import run_distributed
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
-from sft_helpers import synthetic_conversations, train_tokenizer, write_sft_blend, write_sft_dataset  # noqa: E402
+from tests.support.compare import assert_same_step
+from tests.support.indexed import synthetic_conversations, write_sft_blend, write_sft_dataset
+from tests.support.text import stdlib_texts
+from tests.support.tokenizers import train_sentencepiece
 
 # 5 conversations of different lengths in 2 rows of 32: [18, 13] + 1 pad, [11, 7, 5] + 9 pad
 LENGTHS, ROWS, SEQ = [7, 13, 18, 5, 11], [[2, 1], [4, 0, 3]], 32
@@ -150,7 +149,7 @@ def sft_inputs(tmp_path_factory):
     from megafox.testing.hf_reference import hf_state
 
     root = tmp_path_factory.mktemp("sft_layouts")
-    tok = train_tokenizer(str(root / "tok"))
+    tok = str(train_sentencepiece(root / "tok", stdlib_texts(["json/*.py"]), 1000))
     convs, masks = synthetic_conversations(60, 3, 40, 1000, seed=8)
     prefix = write_sft_dataset(str(root / "data" / "chat"), convs, masks)
     blend = write_sft_blend(str(root / "data" / "blend.json"), tok, [(prefix, 1.0)], 64)
@@ -170,18 +169,6 @@ def sft_reference(sft_inputs):
     return _sft_step(sft_inputs, 1, {}, 2, "reference")
 
 
-def _assert_same_step(ref, got, before):
-    assert got["tokens"] == ref["tokens"] > 0
-    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
-    assert not got["skipped"] and set(got["weights"]) == set(ref["weights"])
-    for name, want in ref["weights"].items():
-        update, want_update = got["weights"][name] - before[name], want - before[name]
-        assert want_update.abs().max() > 0, f"{name} was not updated"
-        torch.testing.assert_close(update, want_update, rtol=1e-5, atol=1e-5 * want_update.abs().max().item(),
-                                   msg=name)
-
-
 @pytest.mark.multirank
 @pytest.mark.parametrize("name,nproc,layout,mbs", [
     ("tp1_mbs1", 1, {}, 1),  # four micro-batches instead of one: the same per-token mean
@@ -191,6 +178,7 @@ def _assert_same_step(ref, got, before):
 ])
 def test_sft_step_at_layout_equals_tp1(sft_reference, sft_inputs, name, nproc, layout, mbs):
     got = _sft_step(sft_inputs, nproc, layout, mbs, name)
-    _assert_same_step(sft_reference, got, torch.load(sft_inputs["hf_path"]))
+    assert got["tokens"] > 0 and not got["skipped"]
+    assert_same_step(sft_reference, got, torch.load(sft_inputs["hf_path"]))
     if name == "dp2":  # rank 0 read its half of the global batch
         assert got["samples"] == [0, 1, 4, 5]

@@ -1,19 +1,16 @@
 """bench/throughput.py end to end on CPU with a tiny model: every system measured, one table
 with the megafox ratios, JSON written; and the loss-only microbenchmark's table and JSON."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.processes import REPO, run_python
+
 SYSTEMS = ["megafox", "megafox_unfused", "hf", "mcore"]
 
 
 def _run(*args):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = run_python(REPO / "bench" / "throughput.py", *args, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -36,8 +33,7 @@ def test_tiny_throughput_table_and_json(tmp_path):
 
 
 def test_unknown_system_is_refused():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--tiny", "--systems", "jax"],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    proc = run_python(REPO / "bench" / "throughput.py", "--tiny", "--systems", "jax", timeout=60)
     assert proc.returncode == 2 and "--systems: unknown jax" in proc.stderr
 
 
