@@ -1,28 +1,16 @@
 """Fixtures for data_prep tests: a real-text corpus (CPython stdlib sources, read from disk)
 and a small SentencePiece BPE tokenizer trained once per session (vocab 2000, ~1 s)."""
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for dp_helpers
-from dp_helpers import stdlib_files  # noqa: E402
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s")
+from tests.data_prep.dp_helpers import SLICE
+from tests.support.text import stdlib_files, stdlib_texts
 
 
 @pytest.fixture(scope="session")
 def corpus():
     """List of real documents (stdlib .py sources), plus a few non-ASCII ones."""
-    docs = []
-    for p in stdlib_files():
-        with open(p, encoding="utf-8") as f:
-            t = f.read()
-        if t.strip():
-            docs.append(t)
+    docs = [t for t in stdlib_texts(SLICE) if t.strip()]
     docs.append("Grüße aus Zürich — naïve café, 東京 2024年, emoji 🦊 and digits 1234567890.")
     docs.append("line one\n\n\tindented line two\r\nwindows line\u2028unicode separator")
     return docs
@@ -30,6 +18,7 @@ def corpus():
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
+    """Trained by data_prep's own trainer (the one under test), as `make preprocess` trains it."""
     from data_prep.train_tokenizer import train
 
     out = tmp_path_factory.mktemp("tok")
@@ -42,5 +31,3 @@ def sp(tokenizer):
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=tokenizer)
-
-

@@ -1,61 +1,31 @@
-import glob
+"""data_prep's preprocessing CLI as a user runs it, its inputs (JSONL, gzipped JSONL) and the
+byte-for-byte comparison of two outputs."""
 import gzip
 import json
 import os
-import subprocess
-import sys
-import sysconfig
 
-import numpy as np
+from tests.support.processes import run_module
 
-STDLIB = sysconfig.get_paths()["stdlib"]
+# the stdlib packages the session corpus is read from
 SLICE = ["email/*.py", "json/*.py", "http/*.py", "html/*.py", "urllib/*.py"]
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def run_cli(module, *args, check=True):
-    """Run `python -m module args` as a user would; returns CompletedProcess."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                       env=env, cwd=REPO, timeout=300)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{module} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return r
-
-
-def pp(inputs, tokenizer, prefix, *extra, check=True):
+def pp(inputs, tokenizer, prefix, *extra, check=True, **run):
+    """`python -m data_prep.preprocess`; a failure fails the test unless check=False. `run`: as
+    tests.support.processes.run_command's keyword arguments."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    return run_cli("data_prep.preprocess", "--input", *inputs, "--tokenizer", tokenizer,
-                   "--output-prefix", prefix, "--progress", "none", *extra, check=check)
-
-
-def read_megatron(prefix):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(str(prefix))
-    return [np.asarray(ds[i]).tolist() for i in range(len(ds))], ds
-
-
-def expected(sp, docs, eod=True):
-    return [sp.encode(d) + ([sp.eos_id()] if eod else []) for d in docs]
+    return run_module("data_prep.preprocess", "--input", *inputs, "--tokenizer", tokenizer,
+                      "--output-prefix", prefix, "--progress", "none", *extra, check=check, timeout=300, **run)
 
 
 def same_files(a, b):
+    """Whether the indexed datasets at prefixes a and b are the same bytes."""
     for ext in (".bin", ".idx"):
         with open(str(a) + ext, "rb") as fa, open(str(b) + ext, "rb") as fb:
             if fa.read() != fb.read():
                 return False
     return True
-
-
-def stdlib_files(patterns=SLICE):
-    out = []
-    for pat in patterns:
-        out += sorted(glob.glob(os.path.join(STDLIB, pat)))
-    assert out, f"no stdlib sources under {STDLIB}"
-    return out
 
 
 def write_jsonl(path, docs, key="text", opener=open):

@@ -3,7 +3,7 @@ reference loss mask computed with transformers alone (its rendering, its tokeniz
 import os
 from pathlib import Path
 
-from dp_helpers import run_cli
+from tests.support.processes import run_module
 
 MISTRAL_WHEEL = "mistral-common==1.13.1"
 
@@ -54,8 +54,6 @@ def mistral_model(tmp_dir, name="mistral_instruct_tokenizer_240323.model.v3"):
     """A real pretrained 32K SentencePiece BPE model (Mistral's, with [INST] control tokens), from the
     mistral-common wheel: installed, or fetched with pip into a cache; None when neither works."""
     import importlib.util
-    import subprocess
-    import sys
     import zipfile
 
     spec = importlib.util.find_spec("mistral_common")
@@ -69,8 +67,7 @@ def mistral_model(tmp_dir, name="mistral_instruct_tokenizer_240323.model.v3"):
         return target
     cache.mkdir(parents=True, exist_ok=True)
     try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", MISTRAL_WHEEL, "-d",
-                        str(tmp_dir)], check=True, capture_output=True, timeout=120)
+        run_module("pip", "download", "-q", "--no-deps", MISTRAL_WHEEL, "-d", tmp_dir, check=True, timeout=120)
         wheel = next(Path(tmp_dir).glob("mistral_common-*.whl"))
         with zipfile.ZipFile(wheel) as z:
             data = z.read(f"mistral_common/data/{name}")
@@ -83,4 +80,5 @@ def mistral_model(tmp_dir, name="mistral_instruct_tokenizer_240323.model.v3"):
 
 
 def sft(*args, check=True):
-    return run_cli("data_prep.sft", *args, check=check)
+    """`python -m data_prep.sft ARGS`; a failure fails the test unless check=False."""
+    return run_module("data_prep.sft", *args, check=check)

@@ -4,8 +4,10 @@ import gzip
 import json
 import os
 
-from dp_helpers import write_jsonl
-from dp_helpers import expected, pp, read_megatron, same_files
+from tests.data_prep.dp_helpers import pp, same_files, write_jsonl
+from tests.support.indexed import read_indexed
+from tests.support.processes import assert_one_line_error
+from tests.support.tokenizers import encode_documents
 
 
 def test_bad_records_counted_good_kept(tmp_path, corpus, tokenizer, sp):
@@ -33,8 +35,8 @@ def test_bad_records_counted_good_kept(tmp_path, corpus, tokenizer, sp):
     (tmp_path / "bad.jsonl").write_bytes(b"\n".join(lines))
     for w in ("1", "2"):
         r = pp(tmp_path / "bad.jsonl", tokenizer, tmp_path / f"o{w}", "--workers", w, "--chunk-mb", "0.02")
-        docs, _ = read_megatron(tmp_path / f"o{w}")
-        assert docs == expected(sp, good + ["last line without newline"])
+        docs, _ = read_indexed(tmp_path / f"o{w}")
+        assert docs == encode_documents(sp, good + ["last line without newline"])
         man = json.loads((tmp_path / f"o{w}.manifest.json").read_text())
         assert man["skipped"] == bad and man["skipped_total"] == sum(bad.values())
         ex = man["skipped_examples"][0]
@@ -49,11 +51,11 @@ def test_truncated_gzip_keeps_complete_records(tmp_path, corpus, tokenizer, sp):
     (tmp_path / "t.jsonl.gz").write_bytes(blob[: len(blob) * 2 // 3])
     good = write_jsonl(tmp_path / "u.jsonl", tail)
     pp([tmp_path / "t.jsonl.gz", good], tokenizer, tmp_path / "o", "--workers", "2")
-    out, _ = read_megatron(tmp_path / "o")
+    out, _ = read_indexed(tmp_path / "o")
     # every complete line before the cut survives, in order; the second file is untouched
     n_complete = len(out) - len(tail)
     assert 10 <= n_complete < len(docs)
-    assert out == expected(sp, docs[:n_complete] + tail)
+    assert out == encode_documents(sp, docs[:n_complete] + tail)
     man = json.loads((tmp_path / "o.manifest.json").read_text())
     assert man["skipped"] == {"truncated_file": 1}
     assert man["skipped_examples"][0]["line"] == n_complete + 1
@@ -64,8 +66,8 @@ def test_garbage_zst_and_gz_do_not_crash(tmp_path, corpus, tokenizer, sp):
     (tmp_path / "y.jsonl.gz").write_bytes(b"\x1f\x8b garbage")
     good = write_jsonl(tmp_path / "z.jsonl", corpus[:3])
     pp([tmp_path / "x.jsonl.zst", tmp_path / "y.jsonl.gz", good], tokenizer, tmp_path / "o", "--workers", "1")
-    out, _ = read_megatron(tmp_path / "o")
-    assert out == expected(sp, corpus[:3])
+    out, _ = read_indexed(tmp_path / "o")
+    assert out == encode_documents(sp, corpus[:3])
     man = json.loads((tmp_path / "o.manifest.json").read_text())
     assert man["skipped"] == {"corrupt_file": 2}
 
@@ -77,8 +79,8 @@ def test_parquet_bad_values(tmp_path, tokenizer, sp):
     pq.write_table(pa.table({"text": ["ok one", None, "", "ok two"]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"body": ["x", "y"]}), tmp_path / "b.parquet")
     pp([tmp_path / "a.parquet", tmp_path / "b.parquet"], tokenizer, tmp_path / "o", "--workers", "1")
-    out, _ = read_megatron(tmp_path / "o")
-    assert out == expected(sp, ["ok one", "ok two"])
+    out, _ = read_indexed(tmp_path / "o")
+    assert out == encode_documents(sp, ["ok one", "ok two"])
     man = json.loads((tmp_path / "o.manifest.json").read_text())
     assert man["skipped"] == {"empty": 1, "missing_key": 2, "not_string": 1}
 
@@ -137,33 +139,15 @@ def test_io_error_mid_file_fails_the_shard_and_a_rerun_retries_it(tmp_path, corp
 # Unwritable or full output: one line naming the path and the reason, exit 2, nothing lost
 
 
-def _pp_limited(inputs, tokenizer, prefix, *extra, fsize=None):
+def _pp_limited(inputs, tokenizer, prefix, *extra, fsize):
     """The CLI as a user runs it, with a file-size limit standing in for a full disk: a write past
     it fails with EFBIG (Python ignores SIGXFSZ), as one past the end of the disk fails ENOSPC."""
-    import os
     import resource
-    import subprocess
-    import sys
-
-    from dp_helpers import REPO
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    cmd = [sys.executable, "-m", "data_prep.preprocess", "--input", *map(str, inputs), "--tokenizer", tokenizer,
-           "--output-prefix", str(prefix), "--progress", "none", *map(str, extra)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=REPO), preexec_fn=limit if fsize is not None else None)
-
-
-def _one_error_line(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1, r.stderr
-    for n in needles:
-        assert n in errors[0], (n, errors[0])
-    return errors[0]
+    return pp(inputs, tokenizer, prefix, *extra, check=False, preexec_fn=limit)
 
 
 def _read_only(path):
@@ -187,25 +171,25 @@ def test_unwritable_output_fails_before_any_work(tmp_path, corpus, tokenizer):
     f = write_jsonl(tmp_path / "a.jsonl", corpus[:3])
     (tmp_path / "afile").write_text("not a directory")
     r = pp(f, tokenizer, tmp_path / "afile" / "sub" / "ds", check=False)
-    _one_error_line(r, f"--output-prefix {tmp_path / 'afile' / 'sub' / 'ds'}: cannot create directory "
-                       f"{tmp_path / 'afile' / 'sub'} (Not a directory)")
+    assert_one_line_error(r, f"--output-prefix {tmp_path / 'afile' / 'sub' / 'ds'}: cannot create directory "
+                             f"{tmp_path / 'afile' / 'sub'} (Not a directory)")
 
     ro = tmp_path / "ro"
     ro.mkdir()
     undo = _read_only(ro)
     try:
         r = pp(f, tokenizer, ro / "ds", check=False)
-        line = _one_error_line(r, f"--output-prefix {ro / 'ds'}: cannot write in {ro} (")
+        line = assert_one_line_error(r, f"--output-prefix {ro / 'ds'}: cannot write in {ro} (")
         assert line.endswith(("(Permission denied)", "(Operation not permitted)", "(Read-only file system)")), line
         r = pp(f, tokenizer, ro / "new" / "ds", check=False)
-        _one_error_line(r, f"cannot create directory {ro / 'new'} (")
+        assert_one_line_error(r, f"cannot create directory {ro / 'new'} (")
         assert os.listdir(ro) == []
     finally:
         undo()
 
     # a disk with no room for even one byte: the probe writes one before the tokenizer is loaded
     r = _pp_limited([f], tokenizer, tmp_path / "full" / "ds", fsize=0)
-    _one_error_line(r, f"cannot write in {tmp_path / 'full'} (File too large)")
+    assert_one_line_error(r, f"cannot write in {tmp_path / 'full'} (File too large)")
     assert os.listdir(tmp_path / "full") == []
 
 
@@ -227,8 +211,8 @@ def test_disk_full_mid_shard_or_mid_merge_keeps_everything(tmp_path, corpus, tok
     shard_dir = str(out) + ".shards"
     # full while a shard is written (64 KB: each shard holds ~160 KB of tokens)
     r = _pp_limited(files, tokenizer, out, "--workers", "2", "--chunk-mb", "0.02", fsize=64 << 10)
-    _one_error_line(r, f"{shard_dir}/shard-00000.bin: File too large while writing shard 0",
-                    "finished shards are kept; rerun to continue")
+    assert_one_line_error(r, f"{shard_dir}/shard-00000.bin: File too large while writing shard 0",
+                          "finished shards are kept; rerun to continue")
     assert_previous_output_intact()
     assert not [f for f in os.listdir(shard_dir) if ".tmp" in f or f.startswith(".spill")]
 
@@ -236,8 +220,8 @@ def test_disk_full_mid_shard_or_mid_merge_keeps_everything(tmp_path, corpus, tok
     limit = 400 << 10
     total = os.path.getsize(tmp_path / "ref.bin")
     r = _pp_limited(files, tokenizer, out, "--workers", "1", fsize=limit)
-    _one_error_line(r, f"{out}.bin: File too large while merging into {out}.bin/.idx",
-                    "nothing was replaced; rerun to retry")
+    assert_one_line_error(r, f"{out}.bin: File too large while merging into {out}.bin/.idx",
+                          "nothing was replaced; rerun to retry")
     shard_bins = [os.path.getsize(os.path.join(shard_dir, f"shard-{i:05d}.bin")) for i in range(4)]
     assert max(shard_bins) < limit < total == sum(shard_bins)  # the limit really sat between the two
     assert_previous_output_intact()

@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-from dp_helpers import REPO, read_megatron, run_cli
+from tests.data_prep.dp_helpers import same_files
+from tests.support.indexed import read_indexed
+from tests.support.processes import REPO, clean_env, run_command, run_module
 
 TINY = os.path.join(REPO, "configs", "data", "tiny.yaml")
 
@@ -16,7 +18,7 @@ def test_tiny_plan_blend_roundtrip(tmp_path):
 
     from megafox.data.blend import read_blend
 
-    run_cli("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "data", "--quiet")
+    run_module("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "data", "--quiet", check=True)
     for stage in ("stage1", "stage2", "stage3"):
         raw = json.loads((tmp_path / "data" / stage / "blend.json").read_text())
         assert raw["stage"] == stage and raw["token_budget"] > 0
@@ -27,13 +29,13 @@ def test_tiny_plan_blend_roundtrip(tmp_path):
         assert sp.GetPieceSize() == 2000
         for d, r in zip(b.datasets, raw["datasets"]):
             assert os.path.isabs(d.prefix) and d.prefix.startswith(str(tmp_path / "data" / stage))
-            docs, _ = read_megatron(d.prefix)
+            docs, _ = read_indexed(d.prefix)
             assert len(docs) == r["documents"] == d.num_documents and sum(map(len, docs)) == r["tokens"]
             assert [len(x) for x in docs] == d.lengths.tolist()
     b1 = read_blend(tmp_path / "data" / "stage1" / "blend.json")
     assert [d.weight for d in b1.datasets] == [0.7, 0.3]
     # rerun: everything up to date, same blend
-    run_cli("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "data", "--quiet")
+    run_module("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "data", "--quiet", check=True)
     again = read_blend(tmp_path / "data" / "stage1" / "blend.json")
     assert [(d.prefix, d.weight) for d in again.datasets] == [(d.prefix, d.weight) for d in b1.datasets]
     # the blend directory can be moved: prefixes are relative
@@ -58,32 +60,28 @@ def test_plan_errors_name_file_and_field(tmp_path, mutate, msg):
     mutate(plan)
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
-    r = run_cli("data_prep.plan", "--plan", path, "--output-dir", tmp_path / "d", check=False)
+    r = run_module("data_prep.plan", "--plan", path, "--output-dir", tmp_path / "d")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert str(path) in r.stderr and msg in r.stderr, r.stderr
 
 
 def test_fox1_plan_validates():
-    r = run_cli("data_prep.plan", "--plan", os.path.join(REPO, "configs", "data", "fox1.yaml"), "--validate")
+    r = run_module("data_prep.plan", "--plan", REPO / "configs" / "data" / "fox1.yaml", "--validate", check=True)
     assert "ok (3 stages" in r.stdout
 
 
 def test_slurm_steps_match_local_run(tmp_path):
     """launch/preprocess.slurm steps run by hand (as SLURM would) == a local `data_prep.plan` run."""
-    import subprocess
     import sys
 
-    from dp_helpers import same_files
-
-    run_cli("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "local", "--quiet")
-    env = dict(os.environ, PYTHON=sys.executable, DATA_PLAN=TINY, OUTPUT_DIR=str(tmp_path / "slurm"),
-               STAGES="stage1 stage2", PYTHONPATH=REPO, WORKERS="1")
+    run_module("data_prep.plan", "--plan", TINY, "--output-dir", tmp_path / "local", "--quiet", check=True)
+    env = clean_env(PYTHON=sys.executable, DATA_PLAN=TINY, OUTPUT_DIR=tmp_path / "slurm", STAGES="stage1 stage2",
+                    WORKERS="1")
     script = os.path.join(REPO, "launch", "preprocess.slurm")
     steps = [("tokenizer", {})] + [("array", {"SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_COUNT": "3"})
                                    for i in range(3)] + [("merge", {})]
     for step, extra in steps:
-        r = subprocess.run(["bash", script], env=dict(env, MEGAFOX_PREP_STEP=step, **extra), cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
+        r = run_command(["bash", script], env=dict(env, MEGAFOX_PREP_STEP=step, **extra), timeout=120)
         assert r.returncode == 0, (step, r.stdout, r.stderr)
     for stage, src in (("stage1", "email"), ("stage1", "json"), ("stage2", "http")):
         assert same_files(tmp_path / "local" / stage / src, tmp_path / "slurm" / stage / src)

@@ -4,13 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 
-from dp_helpers import write_jsonl, write_jsonl_gz
-from dp_helpers import REPO, pp, same_files
+from tests.data_prep.dp_helpers import pp, same_files, write_jsonl, write_jsonl_gz
+from tests.support.processes import REPO, clean_env, python_command, run_command
 
 
 def _files(tmp_path, corpus, n=6):
@@ -70,10 +69,9 @@ def test_resume_after_kill_identical(tmp_path, corpus, tokenizer):
     files = _files(tmp_path, corpus * 3, 12)
     pp(files, tokenizer, tmp_path / "ref", "--workers", "2")
     out = tmp_path / "k" / "ds"
-    env = dict(os.environ, PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "data_prep.preprocess", "--input", *files, "--tokenizer", tokenizer,
-           "--output-prefix", str(out), "--workers", "2", "--chunk-mb", "0.05", "--progress", "none"]
-    p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    cmd = python_command("-m", "data_prep.preprocess", "--input", *files, "--tokenizer", tokenizer,
+                         "--output-prefix", out, "--workers", "2", "--chunk-mb", "0.05", "--progress", "none")
+    p = subprocess.Popen(cmd, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     shard_dir = str(out) + ".shards"
     deadline = time.time() + 30
@@ -90,7 +88,7 @@ def test_resume_after_kill_identical(tmp_path, corpus, tokenizer):
             if f.endswith(".bin") and not f.startswith("."):
                 dt, lengths, _ = read_idx(os.path.join(shard_dir, f[:-4] + ".idx"))
                 assert os.path.getsize(os.path.join(shard_dir, f)) == int(lengths.sum()) * np.dtype(dt).itemsize
-    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    r = run_command(cmd)
     assert r.returncode == 0, r.stderr
     assert same_files(tmp_path / "ref", out)
     assert not [f for f in os.listdir(out.parent) if ".tmp" in f]
@@ -166,7 +164,7 @@ def _shards_then_ref(tmp_path, corpus, tokenizer, out, n=3):
 
 
 def _dead_pid():
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p = subprocess.Popen(python_command("-c", "pass"))
     p.wait()
     return p.pid
 
@@ -229,10 +227,9 @@ def test_sigkill_during_merge_then_rerun_identical(tmp_path, corpus, tokenizer):
     assert json.load(open(middle + ".json"))["tokens"] == 0
     os.unlink(middle + ".bin")
     os.mkfifo(middle + ".bin")
-    cmd = [sys.executable, "-m", "data_prep.preprocess", "--input", *files, "--tokenizer", tokenizer,
-           "--output-prefix", str(out), "--merge", "--progress", "none"]
-    p = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    cmd = python_command("-m", "data_prep.preprocess", "--input", *files, "--tokenizer", tokenizer,
+                         "--output-prefix", out, "--merge", "--progress", "none")
+    p = subprocess.Popen(cmd, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = out.parent / f".ds.bin.tmp{p.pid}"
     deadline = time.time() + 60
     while not tmp.exists() and p.poll() is None and time.time() < deadline:
@@ -255,9 +252,9 @@ def test_merge_refuses_while_another_writer_holds_the_lock(tmp_path, corpus, tok
     out = tmp_path / "o" / "ds"
     files = _shards_then_ref(tmp_path, corpus, tokenizer, out)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom data_prep.common import output_lock\n"
-         "with output_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n", str(out)],
-        env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, stdout=subprocess.PIPE, text=True)
+        python_command("-c", "import sys, time\nfrom data_prep.common import output_lock\n"
+                       "with output_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n", out),
+        env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         (out.parent / f".ds.bin.tmp{holder.pid}").write_bytes(b"in progress")
@@ -277,8 +274,8 @@ def test_merge_refuses_while_another_writer_holds_the_lock(tmp_path, corpus, tok
 def _interrupt_when_a_shard_is_done(cmd, shard_dir):
     """Start cmd in a session of its own and Ctrl-C it (SIGINT to the whole process group, as a
     terminal does) once the first shard is finished and more remain."""
-    p = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(cmd, env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     deadline = time.time() + 120
     while p.poll() is None and time.time() < deadline:
         if os.path.isdir(shard_dir) and any(f.endswith(".json") for f in os.listdir(shard_dir)):
@@ -312,8 +309,8 @@ def test_ctrl_c_preprocess_one_line_then_rerun_continues(tmp_path, corpus, token
     files = _files(tmp_path, corpus * 3, 12)
     pp(files, tokenizer, tmp_path / "ref", "--workers", "2")
     out = tmp_path / "c" / "ds"
-    cmd = [sys.executable, "-m", "data_prep.preprocess", "--input", *files, "--tokenizer", tokenizer,
-           "--output-prefix", str(out), "--workers", "2", "--chunk-mb", "0.05", "--progress", "none"]
+    cmd = python_command("-m", "data_prep.preprocess", "--input", *files, "--tokenizer", tokenizer,
+                         "--output-prefix", out, "--workers", "2", "--chunk-mb", "0.05", "--progress", "none")
     rc, _, stderr = _interrupt_when_a_shard_is_done(cmd, str(out) + ".shards")
     finished = _assert_clean_interrupt(rc, stderr, out.parent, str(out) + ".shards")
     r = pp(files, tokenizer, out, "--workers", "2", "--progress", "log")
@@ -331,12 +328,11 @@ def test_ctrl_c_plan_one_line_then_rerun_continues(tmp_path, corpus, tokenizer):
             "stages": {"stage1": {"token_budget": 1000, "sources": [
                 {"name": "web", "globs": [str(tmp_path / "in*.jsonl")], "weight": 1.0}]}}}
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
-    cmd = [sys.executable, "-m", "data_prep.plan", "--plan", str(tmp_path / "plan.yaml")]
+    cmd = python_command("-m", "data_prep.plan", "--plan", tmp_path / "plan.yaml")
     stage = tmp_path / "data" / "stage1"
     rc, _, stderr = _interrupt_when_a_shard_is_done(cmd, str(stage / "web.shards"))
     _assert_clean_interrupt(rc, stderr, stage, str(stage / "web.shards"))
     assert not (stage / "blend.json").exists()
-    r = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+    r = run_command(cmd, timeout=300)
     assert r.returncode == 0, r.stderr
     assert same_files(tmp_path / "ref", stage / "web") and (stage / "blend.json").exists()

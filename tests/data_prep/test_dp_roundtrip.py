@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import zstandard
 
-from dp_helpers import write_jsonl, write_jsonl_gz
-from dp_helpers import expected, pp, read_megatron, same_files
+from tests.data_prep.dp_helpers import pp, same_files, write_jsonl, write_jsonl_gz
+from tests.support.indexed import read_indexed, write_indexed
+from tests.support.text import stdlib_texts
+from tests.support.tokenizers import encode_documents, train_sentencepiece
 
 
 def _inputs(tmp_path, corpus):
@@ -31,9 +33,9 @@ def test_roundtrip_all_formats_uint16(tmp_path, corpus, tokenizer, sp):
     files = _inputs(tmp_path, corpus)
     r = pp(files, tokenizer, tmp_path / "out" / "ds", "--workers", "2")
     assert "documents" in r.stdout
-    docs, ds = read_megatron(tmp_path / "out" / "ds")
+    docs, ds = read_indexed(tmp_path / "out" / "ds")
     assert ds.index.dtype == np.uint16
-    assert docs == expected(sp, corpus)
+    assert docs == encode_documents(sp, corpus)
     man = json.loads((tmp_path / "out" / "ds.manifest.json").read_text())
     assert man["documents"] == len(corpus)
     assert man["tokens"] == sum(len(d) for d in docs)
@@ -47,9 +49,9 @@ def test_roundtrip_all_formats_uint16(tmp_path, corpus, tokenizer, sp):
 def test_int32_and_no_eod(tmp_path, corpus, tokenizer, sp):
     f = write_jsonl(tmp_path / "a.jsonl", corpus[:20])
     pp(f, tokenizer, tmp_path / "i32", "--dtype", "int32", "--no-append-eod", "--workers", "1")
-    docs, ds = read_megatron(tmp_path / "i32")
+    docs, ds = read_indexed(tmp_path / "i32")
     assert ds.index.dtype == np.int32
-    assert docs == expected(sp, corpus[:20], eod=False)
+    assert docs == encode_documents(sp, corpus[:20], eos=False)
 
 
 def test_text_files_one_document_each(tmp_path, corpus, tokenizer, sp):
@@ -59,21 +61,16 @@ def test_text_files_one_document_each(tmp_path, corpus, tokenizer, sp):
         p.write_text(d, encoding="utf-8")
         paths.append(str(p))
     pp([str(tmp_path / "doc*.txt")], tokenizer, tmp_path / "txt", "--workers", "2")
-    docs, _ = read_megatron(tmp_path / "txt")
-    assert docs == expected(sp, corpus[:5])
+    docs, _ = read_indexed(tmp_path / "txt")
+    assert docs == encode_documents(sp, corpus[:5])
 
 
 def test_idx_identical_to_megatron_builder(tmp_path, corpus, tokenizer, sp):
-    """Our numpy .idx/.bin writer produces exactly the bytes of megatron-core's IndexedDatasetBuilder."""
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+    """Our numpy .idx/.bin writer produces exactly the bytes of megatron-core's IndexedDatasetBuilder
+    (which write_indexed runs)."""
     docs = corpus[:30]
     pp(write_jsonl(tmp_path / "a.jsonl", docs), tokenizer, tmp_path / "ours", "--workers", "1")
-    b = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
-    for ids in expected(sp, docs):
-        b.add_document(torch.tensor(ids), [len(ids)])
-    b.finalize(str(tmp_path / "ref.idx"))
+    write_indexed(tmp_path / "ref", encode_documents(sp, docs), dtype=np.uint16)
     assert same_files(tmp_path / "ours", tmp_path / "ref")
 
 
@@ -89,17 +86,13 @@ def test_eos_taken_from_tokenizer(tmp_path, corpus):
     """Any SentencePiece model is accepted; eos comes from the model (here id 5), never hard-coded."""
     import sentencepiece as spm
 
-    from dp_helpers import stdlib_files
-
-    prefix = str(tmp_path / "odd")
-    spm.SentencePieceTrainer.train(input=stdlib_files(["json/*.py"]), model_prefix=prefix, vocab_size=400,
-                                   model_type="unigram", unk_id=3, bos_id=-1, eos_id=5, pad_id=-1,
-                                   minloglevel=2)
-    sp2 = spm.SentencePieceProcessor(model_file=prefix + ".model")
+    model = train_sentencepiece(tmp_path, stdlib_texts(["json/*.py"]), 400, name="odd", model_type="unigram",
+                                byte_fallback=False, unk_id=3, bos_id=-1, eos_id=5, pad_id=-1)
+    sp2 = spm.SentencePieceProcessor(model_file=str(model))
     assert sp2.eos_id() == 5
-    pp(write_jsonl(tmp_path / "a.jsonl", corpus[:5]), prefix + ".model", tmp_path / "o", "--workers", "1")
-    docs, _ = read_megatron(tmp_path / "o")
-    assert docs == expected(sp2, corpus[:5]) and all(d[-1] == 5 for d in docs)
+    pp(write_jsonl(tmp_path / "a.jsonl", corpus[:5]), model, tmp_path / "o", "--workers", "1")
+    docs, _ = read_indexed(tmp_path / "o")
+    assert docs == encode_documents(sp2, corpus[:5]) and all(d[-1] == 5 for d in docs)
 
 
 def test_dtype_rule():

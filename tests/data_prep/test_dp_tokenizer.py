@@ -3,7 +3,8 @@
 import json
 import os
 
-from dp_helpers import run_cli
+from tests.support.processes import run_module
+from tests.support.text import stdlib_files
 
 
 def test_conventions(sp, tokenizer):
@@ -20,19 +21,17 @@ def test_conventions(sp, tokenizer):
 
 
 def test_cli_and_reuse(tmp_path):
-    from dp_helpers import stdlib_files
-
     args = ["--input", *stdlib_files(["json/*.py"]), "--format", "text", "--vocab-size", "500",
             "--output", tmp_path / "t", "--sample-mb", "0.03"]
-    r = run_cli("data_prep.train_tokenizer", *args)
+    r = run_module("data_prep.train_tokenizer", *args, check=True)
     assert "trained BPE vocab 500" in r.stdout and (tmp_path / "t" / "tokenizer.model").exists()
     meta = json.loads((tmp_path / "t" / "tokenizer.json").read_text())
     assert meta["sample"]["bytes_sampled"] <= 30_000 < meta["sample"]["bytes_seen"]  # bounded sample
-    r = run_cli("data_prep.train_tokenizer", *args)
+    r = run_module("data_prep.train_tokenizer", *args, check=True)
     assert "up to date" in r.stdout
 
 
 def test_missing_input_clear_error(tmp_path):
-    r = run_cli("data_prep.train_tokenizer", "--input", tmp_path / "nope*.jsonl", "--output", tmp_path / "t",
-                "--vocab-size", "500", check=False)
+    r = run_module("data_prep.train_tokenizer", "--input", tmp_path / "nope*.jsonl", "--output", tmp_path / "t",
+                   "--vocab-size", "500")
     assert r.returncode == 2 and "matches no file" in r.stderr and "Traceback" not in r.stderr

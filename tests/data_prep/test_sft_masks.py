@@ -4,12 +4,11 @@ import json
 
 import pytest
 
-from dp_sft_helpers import export_hf, mistral_model, reference_mask, trained_runs
-
 from data_prep import sft_offline_chat as chat
 from data_prep.chat_template import BUILTIN_TEMPLATES, ChatRenderer, ChatTemplate, load_chat_template
 from data_prep.sft_readers import to_conversation
 from data_prep.sft_tokenize import ChatTokenizer, ConversationEncoder
+from tests.data_prep.dp_sft_helpers import export_hf, mistral_model, reference_mask, trained_runs
 
 # fox1 with the assistant turns marked for transformers' return_assistant_tokens_mask
 FOX1_GENERATION = BUILTIN_TEMPLATES["fox1"].replace(

@@ -6,11 +6,10 @@ import os
 
 import numpy as np
 
-from dp_helpers import REPO, run_cli
-from dp_sft_helpers import export_hf, reference_mask, sft
-
 from data_prep import sft_offline_chat as chat
 from data_prep.sft_readers import parse_records, to_conversation
+from tests.data_prep.dp_sft_helpers import export_hf, reference_mask, sft
+from tests.support.processes import REPO, run_module
 
 TINY_SFT = os.path.join(REPO, "configs", "data", "tiny_sft.yaml")
 EXTS = (".bin", ".idx", ".mask.bin", ".mask.idx")
@@ -53,7 +52,7 @@ def test_tiny_sft_plan_contract(tmp_path, tokenizer):
     raw = tmp_path / "raw"
     chat.write_all(str(raw))
     plan = tiny_plan(tmp_path, tokenizer, raw)
-    run_cli("data_prep.plan", "--plan", plan, "--output-dir", tmp_path / "data", "--quiet")
+    run_module("data_prep.plan", "--plan", plan, "--output-dir", tmp_path / "data", "--quiet", check=True)
     blend_path = tmp_path / "data" / "sft" / "blend.json"
     raw_blend = json.loads(blend_path.read_text())
     from data_prep.chat_template import BUILTIN_TEMPLATES
@@ -169,7 +168,7 @@ def test_offline_chat_data_is_reproducible(tmp_path):
     """The same Python writes the same chat files (the tiny plan's and the demo's inputs), in another
     process too (no object addresses or hash order in the text)."""
     a = chat.write_all(str(tmp_path / "a"))
-    run_cli("data_prep.sft_offline_chat", "--output", tmp_path / "b")
+    run_module("data_prep.sft_offline_chat", "--output", tmp_path / "b", check=True)
     assert [open(x, "rb").read() for x in a] == [open(str(x).replace("/a/", "/b/"), "rb").read() for x in a]
     assert len(chat.chat_records()) > 200 and any(len(r["messages"]) >= 6 for r in chat.chat_records())
 
@@ -179,12 +178,13 @@ def test_plan_array_tasks_then_finalize_equal_one_run(tmp_path, tokenizer):
     raw = tmp_path / "raw"
     chat.write_all(str(raw))
     plan = tiny_plan(tmp_path, tokenizer, raw)
-    run_cli("data_prep.plan", "--plan", plan, "--output-dir", tmp_path / "one", "--quiet", "--workers", 1)
+    run_module("data_prep.plan", "--plan", plan, "--output-dir", tmp_path / "one", "--quiet", "--workers", 1,
+               check=True)
     for i in (1, 0):
-        run_cli("data_prep.plan", "--plan", plan, "--output-dir", tmp_path / "arr", "--quiet", "--workers", 1,
-                "--array-index", i, "--array-count", 2)
+        run_module("data_prep.plan", "--plan", plan, "--output-dir", tmp_path / "arr", "--quiet", "--workers", 1,
+                   "--array-index", i, "--array-count", 2, check=True)
     assert not (tmp_path / "arr" / "sft" / "blend.json").exists()
-    run_cli("data_prep.plan", "--plan", plan, "--output-dir", tmp_path / "arr", "--quiet", "--finalize")
+    run_module("data_prep.plan", "--plan", plan, "--output-dir", tmp_path / "arr", "--quiet", "--finalize", check=True)
     for src in ("chat", "alpaca"):
         assert same(tmp_path / "one" / "sft" / src, tmp_path / "arr" / "sft" / src, EXTS + (".rejects.jsonl",))
     a = json.loads((tmp_path / "one" / "sft" / "blend.json").read_text())

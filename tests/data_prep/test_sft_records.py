@@ -6,10 +6,9 @@ import os
 
 import pytest
 
-from dp_helpers import REPO, run_cli
-from dp_sft_helpers import sft
-
 from data_prep import sft_offline_chat as chat
+from tests.data_prep.dp_sft_helpers import sft
+from tests.support.processes import REPO, run_module
 
 
 def test_every_bad_record_counted_with_its_line(tmp_path, tokenizer):
@@ -101,7 +100,7 @@ def test_plan_errors_exit_2(tmp_path, tokenizer, capsys, stage, msg):
 def test_plan_missing_template_exits_2(tmp_path, tokenizer):
     """As a user runs it: one line naming the plan and the field, exit status 2, nothing written."""
     path = _plan(tmp_path, tokenizer, chat_template="templates/fox1_v2.jinja")
-    r = run_cli("data_prep.plan", "--plan", path, check=False)
+    r = run_module("data_prep.plan", "--plan", path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: {path}: stages.sft.chat_template: 'templates/fox1_v2.jinja'"), r.stderr
     assert not (tmp_path / "data").exists()
