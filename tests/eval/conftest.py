@@ -1,13 +1,11 @@
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from eval_helpers import (run_module, save_hf_dir, stage_arc, stage_docstring_task, stage_gsm8k,  # noqa: E402
-                          tiny_model, train_tokenizer)
+from tests.eval.eval_helpers import save_hf_dir, stage_arc, stage_docstring_task, stage_gsm8k, tiny_model
+from tests.support.processes import run_module
+from tests.support.text import stdlib_texts
+from tests.support.tokenizers import train_sentencepiece
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +16,10 @@ def staged(tmp_path_factory):
     stage_arc(data)
     stage_gsm8k(data)
     task_yaml = stage_docstring_task(root / "tasks", data)
-    return {"root": root, "tokenizer": train_tokenizer(root / "tok"), "data": data, "task_yaml": task_yaml}
+    # Fox-1's ids, byte fallback, digits split; trained on stdlib prose + code
+    tokenizer = train_sentencepiece(root / "tok", stdlib_texts(["argparse.py", "textwrap.py", "json/decoder.py",
+                                                                "string.py", "difflib.py"]), 1000, split_digits=True)
+    return {"root": root, "tokenizer": tokenizer, "data": data, "task_yaml": task_yaml}
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
-"""Offline test material for the evaluation tests, all built from real text on this machine:
+"""Offline test material for the evaluation tests, all built from real text on this machine
+(the tokenizer: tests.support.tokenizers on standard-library sources, in conftest.py):
 
-* a SentencePiece tokenizer (Fox-1's special ids) trained on CPython standard-library prose;
 * `allenai/ai2_arc` staged like a copy of the HF repo (README configs + parquet), in ARC's schema,
   whose questions ask which standard-library function a real docstring describes;
 * `openai/gsm8k` staged the same way, GSM8K-shaped ("... #### 9") arithmetic questions about real
@@ -14,35 +14,17 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import random
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parents[2]
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
+from tests.support.processes import clean_env, run_module, torchrun
+
 MODULES = ["textwrap", "json", "difflib", "string", "shlex", "fnmatch", "glob", "posixpath", "base64",
            "heapq", "bisect", "statistics", "calendar", "copy", "functools", "itertools", "operator",
            "random", "re", "tempfile", "shutil", "zipfile", "tarfile", "csv", "gzip", "hashlib", "hmac",
            "html", "ipaddress", "keyword", "linecache", "locale", "mimetypes", "netrc", "pprint", "quopri",
            "secrets", "sched", "stat", "struct", "tokenize", "warnings", "wave", "weakref", "zlib"]
-
-
-def train_tokenizer(out_dir: Path, vocab_size: int = 1000) -> Path:
-    """Fox-1's ids (unk 0, bos 1, eos 2, pad 3), byte fallback, trained on stdlib prose + code."""
-    import sentencepiece as spm
-
-    files = [STDLIB / "argparse.py", STDLIB / "textwrap.py", STDLIB / "json/decoder.py", STDLIB / "string.py",
-             STDLIB / "difflib.py"]
-    lines = [l for f in files for l in f.read_text().split("\n") if l.strip()]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(out_dir / "sp"), model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2, num_threads=1)
-    return out_dir / "sp.model"
 
 
 def _public_functions(module_name: str):
@@ -199,28 +181,9 @@ def save_hf_dir(model, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def clean_env() -> Dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(var, None)
-    return env
-
-
-def run_module(module: str, *args, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env or clean_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def run_eval(*args, nproc: int = 1, timeout: float = 600, extra_env=None) -> subprocess.CompletedProcess:
+def run_eval(*args, nproc: int = 1, timeout: float = 600, extra_env=None):
     """`megafox eval ARGS` in one process, or under torchrun with `nproc` ranks."""
-    from megafox.testing.distributed import free_port
-
-    env = clean_env()
-    env.update(extra_env or {})
+    env = clean_env(**(extra_env or {}))
     if nproc == 1:
-        cmd = [sys.executable, "-m", "megafox.cli", "eval", *map(str, args)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               "-m", "megafox.cli", "eval", *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return run_module("megafox.cli", "eval", *args, env=env, timeout=timeout)
+    return torchrun(nproc, "-m", "megafox.cli", "eval", *args, env=env, timeout=timeout)

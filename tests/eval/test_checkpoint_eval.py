@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eval_helpers import run_eval
+from tests.eval.eval_helpers import run_eval
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 

@@ -3,8 +3,8 @@ training run it sits in is bit-identical to the same run without it."""
 import pytest
 import torch
 
-from eval_helpers import peaked_hf_state, tiny_model
 from megafox.testing.distributed import run_distributed
+from tests.eval.eval_helpers import peaked_hf_state, tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 

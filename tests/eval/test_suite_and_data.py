@@ -3,9 +3,10 @@ import time
 
 import pytest
 
-from eval_helpers import run_eval, stage_arc
 from megafox.config import ConfigError
 from megafox.eval.suites import FOX1_SUITE, parse_task_list, suite
+from tests.eval.eval_helpers import run_eval, stage_arc
+from tests.support.processes import assert_one_line_error
 
 # The Open LLM Leaderboard v1 protocol as the Fox-1 report states it (task, shots, metric, filter)
 LEADERBOARD = [("arc_challenge", 25, "acc_norm", "none"), ("hellaswag", 10, "acc_norm", "none"),
@@ -86,20 +87,12 @@ def _fake_hf_dir(tmp_path):
     return hf
 
 
-def _one_error_line(proc):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    lines = [l for l in proc.stderr.splitlines() if "error:" in l]
-    assert len(lines) == 1, proc.stderr[-4000:]
-    return lines[0]
-
-
 def test_missing_staged_dataset_exits_2_naming_task_and_path(tmp_path):
     data = tmp_path / "data"
     stage_arc(data)  # the first suite task is staged; the second is not
     out = tmp_path / "out"
     proc = run_eval("--hf", _fake_hf_dir(tmp_path), "--suite", "fox1", "--data-dir", data, "--output", out)
-    line = _one_error_line(proc)
+    line = assert_one_line_error(proc)
     assert "hellaswag" in line and str(data / "Rowan" / "hellaswag") in line, line
     assert "hf download Rowan/hellaswag --repo-type dataset" in line
     assert not out.exists()  # nothing written, nothing evaluated
@@ -112,7 +105,7 @@ def test_dataset_not_in_cache_fails_fast_offline(tmp_path):
     start = time.monotonic()
     proc = run_eval("--hf", _fake_hf_dir(tmp_path), "--tasks", "winogrande:5", "--output", tmp_path / "out",
                     extra_env={"HF_HOME": str(cache), "HF_DATASETS_CACHE": str(cache / "datasets")})
-    line = _one_error_line(proc)
+    line = assert_one_line_error(proc)
     assert "task winogrande" in line and "could not load its data" in line, line
     assert time.monotonic() - start < 120
 
@@ -128,9 +121,10 @@ def test_unknown_task_is_named(registry):
 @pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     hf = _fake_hf_dir(tmp_path)
-    line = _one_error_line(run_eval("--hf", hf, "--tasks", "gsm8k:five", "--output", tmp_path / "o"))
+    line = assert_one_line_error(run_eval("--hf", hf, "--tasks", "gsm8k:five", "--output", tmp_path / "o"))
     assert "gsm8k:five" in line
-    line = _one_error_line(run_eval("--hf", tmp_path / "nope", "--tasks", "gsm8k", "--output", tmp_path / "o"))
+    line = assert_one_line_error(run_eval("--hf", tmp_path / "nope", "--tasks", "gsm8k", "--output", tmp_path / "o"))
     assert "nope" in line
-    line = _one_error_line(run_eval("--checkpoint", tmp_path / "nope", "--tasks", "gsm8k", "--output", tmp_path / "o"))
+    line = assert_one_line_error(run_eval("--checkpoint", tmp_path / "nope", "--tasks", "gsm8k",
+                                          "--output", tmp_path / "o"))
     assert "nope" in line
