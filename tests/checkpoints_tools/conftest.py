@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from ckpt_tools_helpers import run_tool, save_hf_dir, tiny, train_sp
 from megafox.testing.distributed import run_distributed
+from tests.checkpoints_tools.ckpt_tools_helpers import run_tool, save_hf_dir, tiny, train_sp
 
 
 @pytest.fixture(scope="session")

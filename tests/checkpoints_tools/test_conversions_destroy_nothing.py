@@ -5,7 +5,8 @@ import shutil
 
 import torch
 
-from ckpt_tools_helpers import assert_one_line_error, run_tool
+from tests.checkpoints_tools.ckpt_tools_helpers import run_tool
+from tests.support.processes import assert_one_line_error
 
 
 def _no_leftovers(output):

@@ -4,7 +4,8 @@ import shutil
 
 import pytest
 
-from ckpt_tools_helpers import assert_one_line_error, run_tool, save_hf_dir, tiny
+from tests.checkpoints_tools.ckpt_tools_helpers import run_tool, save_hf_dir, tiny
+from tests.support.processes import assert_one_line_error
 
 
 @pytest.fixture(scope="module")

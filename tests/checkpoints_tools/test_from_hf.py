@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from ckpt_tools_helpers import run_tool, save_hf_dir, tiny
 from megafox.testing.distributed import run_distributed
+from tests.checkpoints_tools.ckpt_tools_helpers import run_tool, save_hf_dir, tiny
 
 
 def _load_dir(path):

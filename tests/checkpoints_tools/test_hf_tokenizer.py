@@ -4,8 +4,7 @@ import json
 import pytest
 
 from checkpoints_tools.hf_tokenizer import write_hf_tokenizer
-
-from ckpt_tools_helpers import real_texts
+from tests.support.text import code_and_prose
 
 
 @pytest.mark.parametrize("layout", ["fox", "gemma"])
@@ -20,14 +19,14 @@ def test_hf_tokenizer_ids_equal_sentencepiece(sp_models, tmp_path, layout):
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == \
         (sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id())
     total = 0
-    for text in real_texts():
+    for text in code_and_prose():
         expected = sp.encode(text)
         assert hf.encode(text, add_special_tokens=False) == expected, text[:60]
         assert hf.encode(text) == [sp.bos_id()] + expected  # bos added, like Llama/Gemma
         assert hf.decode(expected) == sp.decode(expected)
         total += len(expected)
     assert total > 50_000  # a real amount of code and prose was compared
-    assert len(set(sp.encode("".join(real_texts())))) > 500  # most of the vocabulary is exercised
+    assert len(set(sp.encode("".join(code_and_prose())))) > 500  # most of the vocabulary is exercised
 
 
 def test_gemma_user_defined_symbols_match(sp_models, tmp_path):

@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 
-from ckpt_tools_helpers import assert_one_line_error, run_tool
 from megafox.safe_load import (SafeFileSystemReader, UnsafeCheckpointError, load_bytes, read_dcp_metadata,
                                safe_torch_load)
+from tests.checkpoints_tools.ckpt_tools_helpers import run_tool
+from tests.support.processes import assert_one_line_error
 
 
 class ShellPayload:

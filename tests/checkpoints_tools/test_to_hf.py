@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from ckpt_tools_helpers import run_tool, save_hf_dir, tiny
 from megafox.testing.distributed import run_distributed
 from megafox.testing.hf_reference import hf_state
+from tests.checkpoints_tools.ckpt_tools_helpers import run_tool, save_hf_dir, tiny
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 TP2PP2 = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}

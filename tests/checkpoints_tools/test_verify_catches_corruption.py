@@ -4,10 +4,8 @@ The fault is injected on the test side: a wrapper runs the real CLI with the saf
 patched to add one realistic error (one weight off by about one standard deviation of its
 tensor) to one element while exporting."""
 import shutil
-import subprocess
-import sys
 
-from ckpt_tools_helpers import REPO
+from tests.support.processes import run_python
 
 WRAPPER = '''
 import sys
@@ -28,15 +26,9 @@ sys.exit(to_hf.main(sys.argv[3:]))
 
 
 def _run_corrupting_export(tmp_path, target, delta, *args):
-    import os
-
     script = tmp_path / "corrupting_to_hf.py"
     script.write_text(WRAPPER)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(var, None)
-    return subprocess.run([sys.executable, str(script), target, str(delta), *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_python(script, target, delta, *args, timeout=300)
 
 
 def test_verify_fails_on_one_corrupted_weight_and_keeps_the_old_export(tiny_converted, tmp_path):
