@@ -1,12 +1,10 @@
 """A reduced `make demo`: the same script and steps, a smaller corpus and token budgets."""
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.processes import REPO, clean_env, free_port, run_command
+
 QUICK = ("stages.stage1.token_budget=65536 stages.stage2.token_budget=32768 stages.stage3.token_budget=16384 "
          "schedule.decay_tokens=16384 schedule.warmup_tokens=4096 validation.interval=8 checkpoint.interval=100")
 
@@ -14,10 +12,10 @@ QUICK = ("stages.stage1.token_budget=65536 stages.stage2.token_budget=32768 stag
 @pytest.mark.slow
 def test_reduced_demo_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo_out"
-    env = dict(os.environ, DEMO_OUT=str(out), DEMO_CORPUS_MB="1.5", MEGAFOX_OVERRIDES=QUICK,
-               DEMO_SFT_OVERRIDES="stages.sft.epochs=2 validation.interval=5",
-               DEMO_MARGIN="-1", MASTER_PORT="29533", PYTHON=str(REPO / ".venv/bin/python"))
-    run = subprocess.run(["bash", "demo/run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    env = clean_env(DEMO_OUT=out, DEMO_CORPUS_MB="1.5", MEGAFOX_OVERRIDES=QUICK,
+                    DEMO_SFT_OVERRIDES="stages.sft.epochs=2 validation.interval=5",
+                    DEMO_MARGIN="-1", MASTER_PORT=free_port(), PYTHON=REPO / ".venv/bin/python")
+    run = run_command(["bash", "demo/run.sh"], env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["stages"]) == ["stage1", "stage2", "stage3"]
@@ -39,6 +37,6 @@ def test_reduced_demo_runs_the_whole_pipeline(tmp_path):
     assert "max abs logit difference" in run.stdout.lower() or "verify" in run.stdout.lower()
 
     # A rerun reuses every finished step.
-    again = subprocess.run(["bash", "demo/run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    again = run_command(["bash", "demo/run.sh"], env=env, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:]
     assert "reusing" in again.stdout and "already complete" in again.stdout

@@ -11,15 +11,15 @@ in tokens: linear warmup from init_lr to lr over warmup_tokens, then
 with T the tokens the curriculum trains (whole batches), W warmup, D decay_tokens.
 """
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from megafox.config import load_train_config
 from megafox.training.schedule import build_scheduler
+from tests.support.processes import REPO
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny.yaml"
+TINY = REPO / "configs" / "train" / "tiny.yaml"
 
 # Stage batches of 2048, 4096 and 1024 tokens; stage1's budget is not a whole number of batches
 # (the trainer trains 32 batches = 65536 tokens of it); warmup ends after 3 steps; wsd's decay of

@@ -11,7 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.processes import REPO
+
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 STUB = REPO / "tests" / "slurm" / "stub_trainer.py"
 PYTHON = REPO / ".venv" / "bin" / "python"

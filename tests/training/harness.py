@@ -13,9 +13,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megafox.testing.distributed import free_port
+from tests.support.processes import REPO, free_port
 
-REPO = Path(__file__).resolve().parents[2]
 LOCAL_SH = REPO / "launch" / "local.sh"
 
 # configs/train/tiny.yaml, shrunk: stage1 = 8 steps of 8 x 64 tokens, stage2 = 4 steps of 8 x 128.

@@ -4,18 +4,14 @@ that compares a checkpoint's effective config with the one given now (megafox.tr
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from megafox import records
 from megafox.config import fox1_tiny, load_train_config
 from megafox.training import curriculum
+from tests.support.processes import REPO, clean_env, run_module
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "train" / "tiny.yaml"
 
 
@@ -124,11 +120,10 @@ def test_resume_policy_refuses_what_makes_the_run_wrong_and_reports_the_rest():
 
 
 def test_records_cli_for_the_launch_scripts(tmp_path):
-    env = dict(os.environ, MEGAFOX_OVERRIDES=f"checkpoint.dir={tmp_path / 'run'}", PYTHONPATH=str(REPO))
+    env = clean_env(MEGAFOX_OVERRIDES=f"checkpoint.dir={tmp_path / 'run'}")
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "megafox.records", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=120)
+        return run_module("megafox.records", *args, env=env, timeout=120)
 
     got = cli("checkpoint-dir", "--config", str(TINY), "--stage", "stage1", "--stage", "stage3")
     assert got.returncode == 0 and got.stdout.strip() == str(tmp_path / "run")

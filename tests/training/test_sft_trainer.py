@@ -3,15 +3,13 @@
 with the chat template -> transformers chats with the model through apply_chat_template."""
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from megafox import checkpoint as ckpt
-from tests.training.harness import REPO, faulty_trainer, latest, losses, metrics, run_stage, sample_ids
+from tests.support.processes import run_module
+from tests.training.harness import faulty_trainer, latest, losses, metrics, run_stage, sample_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 # tiny_sft.yaml shrunk: 2 epochs of packed 256-token rows, 8 rows a step, micro-batch 2
@@ -20,18 +18,12 @@ SFT = ["stages.sft.seq_length=256", "stages.sft.batch_tokens=2048", "stages.sft.
        "checkpoint.interval=4", "checkpoint.keep_last=20"]
 
 
-def _python(*args, cwd=REPO):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def sft_data(tiny_data, tmp_path_factory):
     """Real chat records (stdlib docstrings) -> `make preprocess`'s SFT stage with the tokenizer the
     tiny model was pretrained with."""
     root = tmp_path_factory.mktemp("sft_data")
-    _python("-m", "data_prep.sft_offline_chat", "--output", root / "raw")
+    run_module("data_prep.sft_offline_chat", "--output", root / "raw", check=True)
     plan = root / "plan.yaml"
     plan.write_text(json.dumps({
         "output_dir": str(root / "out"), "tokenizer": {"model": str(tiny_data / "tokenizer.model")},
@@ -40,7 +32,7 @@ def sft_data(tiny_data, tmp_path_factory):
                            "token_budget": 100000,
                            "sources": [{"name": "chat", "globs": [str(root / "raw" / "chat.jsonl")]},
                                        {"name": "alpaca", "globs": [str(root / "raw" / "alpaca.jsonl.gz")]}]}}}))
-    _python("-m", "data_prep.plan", "--plan", plan)
+    run_module("data_prep.plan", "--plan", plan, check=True)
     return root / "out"
 
 
@@ -113,8 +105,8 @@ def test_sft_kill_mid_epoch_resumes_bit_exact_and_each_conversation_once_per_epo
 def test_exported_instruct_model_chats_through_its_chat_template(finetuned, sft_data, tmp_path):
     root, _ = finetuned
     out_dir = tmp_path / "hf"
-    _python("-m", "checkpoints_tools.to_hf", "--checkpoint", root, "--output", out_dir, "--dtype", "fp32",
-            "--no-progress")
+    run_module("checkpoints_tools.to_hf", "--checkpoint", root, "--output", out_dir, "--dtype", "fp32", "--no-progress",
+               check=True)
     config = json.loads((out_dir / "tokenizer_config.json").read_text())
     blend = json.loads((sft_data / "sft" / "blend.json").read_text())
     assert config.get("chat_template") == blend["chat_template"] or (out_dir / "chat_template.jinja").read_text() == \

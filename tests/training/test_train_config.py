@@ -1,8 +1,5 @@
 """Training config: the shipped recipes validate, bad values are reported by file and field, and
 the CLI refuses bad configs and out-of-order stages with exit 2 before starting any process group."""
-import json
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -10,8 +7,8 @@ from megafox import checkpoint as ckpt
 from megafox import records
 from megafox.config import ConfigError, apply_overrides, fox1_tiny, load_train_config
 from megafox.train import main
+from tests.support.processes import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "train" / "tiny.yaml"
 FOX1 = REPO / "configs" / "train" / "fox1_1p6b.yaml"
 

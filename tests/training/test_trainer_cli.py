@@ -4,8 +4,6 @@ import json
 import math
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ from safetensors.torch import load_file
 from megafox import checkpoint as ckpt
 from megafox.config import load_train_config
 from megafox.testing.hf_reference import hf_llama
-from tests.training.harness import (REPO, adam_step, faulty_trainer, kill_session, latest, losses, metrics, model_tensors,
+from tests.support.processes import REPO, run_module
+from tests.training.harness import (adam_step, faulty_trainer, kill_session, latest, losses, metrics, model_tensors,
                                     run_stage, sample_ids, track, wait_for_line, worker_with_rank)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
@@ -290,10 +289,7 @@ def test_load_hf_converted_weights_trains_and_exports_them_back(tiny_data, tmp_p
     original = {k: v.clone() for k, v in released.state_dict().items()}
 
     def tool(module, *args):
-        proc = subprocess.run([sys.executable, "-m", f"checkpoints_tools.{module}", *map(str, args)],
-                              cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return proc.stdout
+        return run_module(f"checkpoints_tools.{module}", *args, timeout=300, check=True).stdout
 
     tool("from_hf", "--hf", tmp_path / "released", "--output", tmp_path / "base", "--tp", 1, "--pp", 1)
     root = tmp_path / "ckpt"
