@@ -15,8 +15,7 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PY) -m pip install -q "lm_eval[hf]==0.4.13" torch==$(TORCH_VERSION)  # setup.py's `eval` extra (tests/eval); torch stays pinned
+	$(PY) -m pip install -q --no-build-isolation -e ".[eval]" torch==$(TORCH_VERSION)  # + `megafox eval`'s extra; torch stays pinned
 	touch $(STAMP)
 
 test: venv
