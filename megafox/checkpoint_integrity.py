@@ -16,7 +16,6 @@ existed) is checked for presence and size of every shard its `.metadata` index n
 """
 from __future__ import annotations
 
-import os
 import zlib
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional

@@ -34,7 +34,7 @@ tensor with megatron-core's own `fully_reshardable` save, so an upgrade that cha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 
