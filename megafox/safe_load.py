@@ -61,6 +61,10 @@ class UnsafeCheckpointError(CheckpointError):
         super().__init__(f"{path}: refused to load: it references {name}, which is not checkpoint data "
                          f"(unpickling it could run code from the file)")
 
+    def __reduce__(self):
+        # torch.distributed.checkpoint pickles one rank's failure to the others: rebuild from both fields
+        return type(self), (self.path, self.name)
+
 
 def _admitted(module: str, name: str) -> Optional[Any]:
     """The object a pickle may reference as `module.name`, or None when it is not data."""
