@@ -28,11 +28,24 @@ stage_args=()
 for stage in $STAGES; do stage_args+=(--stage "$stage"); done
 ckpt=$("$MEGAFOX_PYTHON" -m megafox.records checkpoint-dir --config "$MEGAFOX_CONFIG" "${stage_args[@]}") || exit 2
 
+# Which stages are complete, read before anything is queued: a .done record that cannot be read
+# (the records CLI has said which file and field) stops the submission rather than re-running a stage.
+declare -A complete=()
+for stage in $STAGES; do
+  rc=0
+  "$MEGAFOX_PYTHON" -m megafox.records stage-done --checkpoint-dir "$ckpt" --stage "$stage" >/dev/null || rc=$?
+  case $rc in
+    0) complete[$stage]=1 ;;
+    1) ;;
+    *) echo "curriculum: nothing submitted; fix or move $ckpt/$stage.done" >&2; exit 2 ;;
+  esac
+done
+
 mkdir -p logs   # the stage scripts write logs/%x-%j.out; SLURM does not create the directory
 me=$(id -un)
 prev=""
 for stage in $STAGES; do
-  if "$MEGAFOX_PYTHON" -m megafox.records stage-done --checkpoint-dir "$ckpt" --stage "$stage" >/dev/null; then
+  if [ -n "${complete[$stage]:-}" ]; then
     echo "$stage: already complete ($ckpt/$stage.done), skipped" >&2
     echo "$stage done"
     prev=""

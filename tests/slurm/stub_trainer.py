@@ -5,7 +5,6 @@ MEGAFOX_STUB ("steps=N step_seconds=S fail=<stage>"), resume from <dir>/<stage>.
 SIGUSR1/SIGTERM, <dir>/<stage>.done at the end, `stage <s> complete: iteration=<i> loss=<l>`.
 """
 import argparse
-import json
 import os
 import shlex
 import signal
@@ -13,7 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from megafox.records import StageDone, write_stage_done
+
 STAGES = ["stage1", "stage2", "stage3"]
+SAMPLES_PER_STEP, TOKENS_PER_STEP = 8, 8 * 2048
 
 
 def main() -> int:
@@ -55,8 +57,9 @@ def main() -> int:
                 state.write_text(str(it))
             say(f"stopping: signal {got[0]}; checkpoint at iteration {it}")
             return 75
-    if rank == 0:
-        (root / f"{a.stage}.done").write_text(json.dumps({"iteration": it}))
+    if rank == 0:  # the trainer's own record, written through megafox.records as megafox-train does
+        write_stage_done(root, StageDone(stage=a.stage, iteration=it, consumed_tokens=it * TOKENS_PER_STEP,
+                                         stage_samples=it * SAMPLES_PER_STEP, loss=1.0 / it))
     say(f"stage {a.stage} complete: iteration={it} loss={1.0 / it:.6f}")
     return 0
 

@@ -8,15 +8,14 @@ trainer and configs/train/tiny.yaml.
 from __future__ import annotations
 
 import filecmp
-import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.slurm.slurm_jobs import (CI_SBATCH, PYTHON, REPO, job_env, job_info, job_output, sbatch, stub_env,
+from megafox.records import StageDone, read_stage_done, write_stage_done
+from tests.slurm.slurm_jobs import (CI_SBATCH, PYTHON, REPO, job_env, job_output, sbatch, stub_env,
                                     wait_job)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -31,6 +30,10 @@ stages:
   - {name: stage3, seq_length: 256, token_budget: 1024, batch_tokens: 512, data: stage3/blend.json}
 checkpoint: {dir: checkpoints}
 """
+
+
+def mark_done(ckpt, stage, iteration=1):
+    write_stage_done(ckpt, StageDone(stage=stage, iteration=iteration, consumed_tokens=512, stage_samples=8))
 
 
 def curriculum(workdir, env, *sbatch_args):
@@ -51,7 +54,7 @@ def test_stage_script_outside_slurm_is_a_usage_error(tmp_path):
 def test_stub_stage2_ranks_and_rendezvous(slurm_cluster, workdir):
     ckpt = workdir / "ckpt"
     ckpt.mkdir()
-    (ckpt / "stage1.done").write_text("{}")
+    mark_done(ckpt, "stage1")
     job = sbatch("stage2.slurm", CI_SBATCH, stub_env(ckpt, MEGAFOX_STUB="steps=3"), workdir)
     info = wait_job(job, 60)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0")
@@ -61,7 +64,7 @@ def test_stub_stage2_ranks_and_rendezvous(slurm_cluster, workdir):
     port = 20000 + int(job) % 20000
     assert f"stub trainer: stage=stage2 rank0 of 2 master={host}:{port} resume=0" in out
     assert "stage stage2 complete: iteration=3" in out
-    assert json.loads((ckpt / "stage2.done").read_text()) == {"iteration": 3}
+    assert read_stage_done(ckpt, "stage2").iteration == 3  # the record megafox.records reads
 
 
 def test_stub_time_limit_signal_reaches_every_rank_and_requeues(slurm_cluster, workdir):
@@ -69,7 +72,7 @@ def test_stub_time_limit_signal_reaches_every_rank_and_requeues(slurm_cluster, w
     must pass it to both ranks, requeue on their exit 75, and the requeued run must resume."""
     ckpt = workdir / "ckpt"
     ckpt.mkdir()
-    (ckpt / "stage1.done").write_text("{}")
+    mark_done(ckpt, "stage1")
     args = [a for a in CI_SBATCH if not a.startswith(("--time", "--signal"))] + ["--time=1", "--signal=B:USR1@45"]
     job = sbatch("stage2.slurm", args, stub_env(ckpt, MEGAFOX_STUB="steps=30 step_seconds=1"), workdir)
     info = wait_job(job, 300)
@@ -159,6 +162,20 @@ def test_curriculum_bad_config_submits_nothing(slurm_cluster, workdir):
     proc, _ = curriculum(workdir, env, *CI_SBATCH)
     assert proc.returncode == 2
     assert "stub.yaml" in proc.stderr and "stages.stage2.seq_length" in proc.stderr, proc.stderr
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+def test_curriculum_unreadable_done_record_submits_nothing(slurm_cluster, workdir):
+    """A stage-done record that cannot be read is neither taken as done nor silently re-run: the
+    launcher names the file and queues nothing."""
+    env = _stub_curriculum_env(workdir)
+    (workdir / "ckpt").mkdir()
+    mark_done(workdir / "ckpt", "stage1")
+    (workdir / "ckpt" / "stage2.done").write_text('{"iteration": 3}')  # fields missing
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    proc, _ = curriculum(workdir, env, *CI_SBATCH)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert "stage2.done" in proc.stderr and "stage_samples" in proc.stderr and "Traceback" not in proc.stderr
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
 
 
