@@ -60,7 +60,10 @@ def test_tiny_sft_plan_contract(tmp_path, tokenizer):
     assert raw_blend["kind"] == "sft" and raw_blend["seq_length"] == 512
     assert raw_blend["chat_template"] == BUILTIN_TEMPLATES["fox1"] and raw_blend["chat_template_name"] == "fox1"
     blend = read_blend(blend_path)  # the trainer's reader accepts the sft blend as it is
-    assert [d.weight for d in blend.datasets] == [0.8, 0.2] and blend.token_budget == 200000
+    # the plan names no weights: each source's share is its conversation count (each one once per epoch)
+    assert [d.weight for d in blend.datasets] == [d["documents"] for d in raw_blend["datasets"]]
+    assert [d.weight for d in blend.datasets] == [len(read_pair(d.prefix)[0]) for d in blend.datasets]
+    assert blend.token_budget == 200000
 
     hf = export_hf(tokenizer, tmp_path / "hf", raw_blend["chat_template"])
     truncated = 0
