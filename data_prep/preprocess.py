@@ -47,8 +47,13 @@ _W: Dict[str, object] = {}
 
 def _pool_worker_init(init: Callable, *args) -> None:
     """Ctrl-C reaches the whole process group: workers ignore it and the parent, which owns the
-    output, stops them (otherwise every worker prints its own KeyboardInterrupt traceback)."""
+    output, stops them (otherwise every worker prints its own KeyboardInterrupt traceback).
+    SIGTERM is how the parent's pool.terminate() stops a worker: a worker inherits the signal mask of
+    whatever started the run (a launcher holding its stop signals, a test runner), and one that
+    held SIGTERM would never stop, leaving the parent waiting for it forever on a failed run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     init(*args)
 
 
@@ -148,6 +153,18 @@ def _spill_dir(opts: "Options") -> str:
     d = os.path.join(base, f".spill-{host}-{os.getpid()}")
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def _remove_own_temporaries(shards: List["Shard"]) -> None:
+    """This process's half-written files of these shards (tmp_name's ".NAME.tmp<pid>")."""
+    suffix = f".tmp{os.getpid()}"
+    for sh in shards:
+        d, base = os.path.split(sh.prefix)
+        for path in globmod.glob(os.path.join(globmod.escape(d), "." + globmod.escape(base) + ".*" + suffix)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def _final_name(e: OSError, final: str) -> str:
@@ -533,7 +550,8 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
         elif kind == "file_end":
             writers[sh.index].file_done(path, payload)
         elif kind == "end":
-            meta = writers.pop(sh.index).finish()
+            meta = writers[sh.index].finish()  # stays abortable until its record is written
+            del writers[sh.index]
             stats["documents"] += meta["documents"]
             stats["tokens"] += meta["tokens"]
             stats["shards_done"] += 1
@@ -551,6 +569,7 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
     except BaseException:
         for w in writers.values():
             w.abort()
+        _remove_own_temporaries(pending)  # a Ctrl-C can land between a writer's open() and its entry above
         if pool is not None:
             pool.terminate()
             pool.join()

@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import signal
 
 from tests.data_prep.dp_helpers import pp, same_files, write_jsonl
 from tests.support.indexed import read_indexed
@@ -146,6 +147,9 @@ def _pp_limited(inputs, tokenizer, prefix, *extra, fsize):
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        # started the way a launcher that holds its stop signals starts it: the workers inherit a
+        # blocked SIGTERM, and the failed run must still stop them (it used to wait for them forever)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
     return pp(inputs, tokenizer, prefix, *extra, check=False, preexec_fn=limit)
 

@@ -274,8 +274,11 @@ def test_merge_refuses_while_another_writer_holds_the_lock(tmp_path, corpus, tok
 def _interrupt_when_a_shard_is_done(cmd, shard_dir):
     """Start cmd in a session of its own and Ctrl-C it (SIGINT to the whole process group, as a
     terminal does) once the first shard is finished and more remain."""
+    # with SIGTERM blocked, as a launcher holding its stop signals leaves it: the pool's workers
+    # inherit the mask and must still stop when the interrupted parent terminates them
     p = subprocess.Popen(cmd, env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True,
+                         preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
     deadline = time.time() + 120
     while p.poll() is None and time.time() < deadline:
         if os.path.isdir(shard_dir) and any(f.endswith(".json") for f in os.listdir(shard_dir)):
