@@ -19,7 +19,7 @@ $(STAMP): requirements.txt setup.py
 	touch $(STAMP)
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests

@@ -22,8 +22,6 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
-
 from checkpoints_tools.common import EXIT_VERIFY_FAILED, ToolError, run_cli
 from checkpoints_tools.output_dir import StagedCheckpoint, refuse_checkpoint_output
 from checkpoints_tools.streams import HFWeights, fill_model, groups_from_hf

@@ -13,7 +13,6 @@ disjoint documents in each stage, chosen deterministically.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import os

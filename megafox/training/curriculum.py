@@ -16,12 +16,15 @@ stage already (partly) trained, which would change which samples were and will b
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from megafox import checkpoint
 from megafox.config import ConfigError, StageConfig, TrainConfig
-from megafox.records import (CheckpointRecord, StageDone, done_path, flatten, read_stage_done, same_value,
-                             write_stage_done)
+from megafox.records import (CheckpointRecord, StageDone, config_mapping, done_path, flatten, read_stage_done,
+                             same_value, write_stage_done)
 
 # What fixes the shapes of the model's tensors: a checkpoint cannot continue into another value.
 # (Other model fields, e.g. rope_theta or max_position_embeddings, change the run and are reported.)
@@ -137,3 +140,91 @@ def check_model_shape(record: CheckpointRecord, config: TrainConfig) -> Tuple[st
     without a saved config: model-only and megafox-dist-v1 checkpoints)."""
     return tuple(f"model.{k}: {getattr(record.model, k)!r} -> {getattr(config.model, k)!r}" for k in _MODEL_SHAPE
                  if not same_value(getattr(record.model, k), getattr(config.model, k)))
+
+
+# ----------------------------------------------------------------------------------------------
+# resume
+
+def resume(trainer) -> None:
+    """Own `latest`, else --load, else checkpoint.init_from, else a fresh start."""
+    own = (trainer.root / checkpoint.LATEST_FILE).is_file()
+    source = str(trainer.root) if own else (trainer.load_dir or trainer.config.checkpoint.init_from)
+    if source is None:
+        if trainer.stage_index > 0:
+            raise ConfigError(f"--stage {trainer.stage.name}: no checkpoint in {trainer.root} to continue from "
+                              f"(stage {trainer.config.stages[trainer.stage_index - 1].name}'s final one)")
+        trainer.log(f"starting stage {trainer.stage.name} from scratch (no checkpoint in {trainer.root})")
+        return
+    record = _usable_checkpoint(trainer, source)
+    stages = [s.name for s in trainer.config.stages]
+    if not record.is_training or (not own and (record.stage not in stages or not trainer.load_dir)):
+        # model-only, checkpoint.init_from, or --load of another run's stage (e.g. SFT from a
+        # pretraining run): its weights start this run; optimizer, schedule and data start fresh
+        _start_from_weights(trainer, record, own)
+        return
+    check_resumable_stage(record, trainer.config, trainer.stage_index)
+    _check_config(trainer, record)
+    record, rng_restored = checkpoint.load_training_checkpoint(record.path, trainer.model, trainer.optimizer)
+    trainer.scheduler.load_state_dict(record.scheduler)
+    trainer.state = dataclasses.replace(record.run_state, consumed_samples=dict(record.run_state.consumed_samples))
+    trainer.resumed_at_stage_end = record.stage_end and record.stage == trainer.stage.name
+    if trainer.scheduler.num_steps != trainer.state.consumed_tokens:
+        raise checkpoint.CheckpointError(f"{record.path}: LR scheduler at {trainer.scheduler.num_steps} tokens but "
+                                         f"the run consumed {trainer.state.consumed_tokens}: the checkpoint is "
+                                         f"inconsistent")
+    if not rng_restored:
+        trainer.log(f"layout changed ({record.layout} -> {checkpoint.layout_signature()}): RNG states not restored "
+                    f"(per-rank streams of another layout), left at the run's initial seeds")
+    trainer.log(f"resumed from {record.path}: iteration={trainer.state.iteration} stage={record.stage} "
+                f"tokens={trainer.state.consumed_tokens} stage_samples={trainer.stage_samples} "
+                f"optimizer_step={trainer.optimizer_step()} lr={trainer.lr:.6e}")
+
+
+def _usable_checkpoint(trainer, source: str) -> CheckpointRecord:
+    """The newest checkpoint of `source` that verifies (its files against the digests its save
+    recorded); each newer one that does not is reported in one line and left on disk."""
+    if not (Path(source) / checkpoint.LATEST_FILE).is_file() and (Path(source) / checkpoint.METADATA_FILE).is_file():
+        record = checkpoint.read_record(source)  # pointed at one iteration directory: that one or nothing
+        problem = checkpoint.verify(Path(source), record.files)
+        if problem:
+            raise checkpoint.NoUsableCheckpoint(f"{source}: not usable: {problem}")
+        return record
+    record, skipped = checkpoint.find_usable_checkpoint(source)
+    for reason in skipped:
+        trainer.log(f"skipping an unusable checkpoint: {reason}")
+    if skipped:
+        trainer.log(f"falling back to iteration {record.iteration} ({record.path}); the newer ones are kept for "
+                    f"inspection")
+    return record
+
+
+def _start_from_weights(trainer, record: CheckpointRecord, own: bool) -> None:
+    if trainer.stage_index > 0 and own:
+        raise ConfigError(f"{record.path}: a model-only checkpoint cannot continue a curriculum")
+    if trainer.stage_index > 0:
+        raise ConfigError(f"{record.path}: initial weights start the first stage "
+                          f"({trainer.config.stages[0].name}), not {trainer.stage.name}")
+    shape = check_model_shape(record, trainer.config)
+    if shape:
+        raise ConfigError(f"{record.path}: the checkpoint's model differs from the config's: {'; '.join(shape)}")
+    checkpoint.load_model(record.path, trainer.model)
+    trainer.optimizer.reload_model_params()  # bf16 keeps fp32 main params in the optimizer: refresh them
+    what = "model only" if not record.is_training else f"the weights of its stage {record.stage} checkpoint"
+    trainer.log(f"initialized weights from {record.path} ({what}; optimizer, schedule and data start fresh)")
+
+
+def _check_config(trainer, record: CheckpointRecord) -> None:
+    if record.config is None:  # megafox-dist-v1: only the model can be checked
+        changes = ConfigChanges(refused=list(check_model_shape(record, trainer.config)))
+        trainer.log(f"{record.path}: saved before checkpoints recorded their config; only the model shape is checked")
+    else:
+        trained = [s.name for s in trainer.config.stages if s.name in record.run_state.consumed_samples]
+        changes = compare_configs(record.config, config_mapping(trainer.config), trained)
+    if changes.reported:
+        trainer.log(f"config changed since {record.path}: {'; '.join(changes.reported)}")
+    if changes.refused:
+        what = "; ".join(changes.refused)
+        if not trainer.allow_config_change:
+            raise ConfigError(f"{record.path}: resuming with a config that changes what this run has trained "
+                              f"would make it wrong: {what} (run with --allow-config-change to accept)")
+        trainer.log(f"--allow-config-change: continuing despite: {what}")
