@@ -312,3 +312,37 @@ def test_load_hf_converted_weights_trains_and_exports_them_back(tiny_data, tmp_p
     assert set(exported) <= set(original) and "model.layers.3.mlp.down_proj.weight" in exported
     for name, tensor in exported.items():
         assert torch.equal(tensor, original[name]), name
+
+
+def test_downstream_eval_in_the_trainer_scores_like_lm_eval_and_leaves_the_run_unchanged(reference, tiny_data,
+                                                                                          tmp_path):
+    """`eval:` in the training config: a local multiple-choice task every 4 steps on the DP2 model
+    being trained. The losses equal the reference run's (the same run without it), each score is
+    logged with its cost, and the score at the last step equals lm_eval's `hf` model on that
+    step's checkpoint exported to HF."""
+    from tests.eval.eval_helpers import run_eval, stage_docstring_task
+
+    task_yaml = stage_docstring_task(tmp_path / "tasks", tmp_path / "task_data")
+    root = tmp_path / "ckpt"
+    rc, out = run_stage("stage1", root, tiny_data, overrides=[
+        "eval.interval=4", f"eval.tasks=[{task_yaml}]", f"eval.data_dir={tmp_path / 'task_data'}", "eval.limit=12",
+        "eval.batch_size=6"])
+    _ok(rc, out)
+    assert "downstream eval: docstring_mc every 4 steps (limit 12 documents per task)" in out
+    assert losses(root, "stage1") == losses(reference, "stage1")  # bit-identical training
+    records = [json.loads(line) for line in (root / "metrics" / "stage1.jsonl").read_text().splitlines()]
+    scores = {r["iteration"]: r for r in records if any(k.startswith("eval/docstring_mc/") for k in r)}
+    assert sorted(scores) == [4, 8], "\n".join(line for line in out.splitlines() if "eval" in line)
+    key = next(k for k in scores[8] if k.startswith("eval/docstring_mc/"))
+    assert all(0.0 <= s[key] <= 1.0 and s["eval/time_s"] > 0 for s in scores.values())
+    assert f"step 8 stage=stage1 tokens={STAGE1_STEPS * GBS1 * 64} {key}=" in out
+
+    run_module("checkpoints_tools.to_hf", "--checkpoint", root, "--output", tmp_path / "export", "--dtype", "fp32",
+               timeout=300, check=True)
+    proc = run_eval("--hf", tmp_path / "export", "--tasks", task_yaml, "--limit", 12, "--data-dir",
+                    tmp_path / "task_data", "--output", tmp_path / "results", "--no-progress")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / "export.json").read_text())
+    theirs = next(r for r in report["tasks"] if r["task"] == "docstring_mc")
+    assert key == f"eval/docstring_mc/{theirs['metric']}" and theirs["samples"] == 12
+    assert scores[8][key] == pytest.approx(theirs["value"], abs=1e-9)
