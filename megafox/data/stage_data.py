@@ -173,6 +173,16 @@ def _split_documents(num_documents: int, valid_fraction: float, excluded: Option
     return train, valid
 
 
+def _tokens(lengths: np.ndarray, ids: np.ndarray, step: int = 1 << 24) -> int:
+    """Tokens in documents `ids` (sorted), read in slices: a contiguous run is summed in place, any
+    other selection one slice at a time, so no copy of the lengths over all documents is made."""
+    if len(ids) == 0:
+        return 0
+    if int(ids[-1]) - int(ids[0]) + 1 == len(ids):
+        return int(lengths[int(ids[0]):int(ids[-1]) + 1].sum(dtype=np.int64))
+    return sum(int(lengths[ids[a:a + step]].sum(dtype=np.int64)) for a in range(0, len(ids), step))
+
+
 class _Stage:
     """A blend at one sequence length: the built train (and valid) datasets."""
 
@@ -195,7 +205,7 @@ class _Stage:
             if len(train) == 0:
                 raise DataError(f"{e.field}.prefix: all training documents of {e.prefix} were read by earlier "
                                 f"stages; stage {blend.stage} has nothing left to draw from it")
-            tokens = int(e.lengths[train].sum())
+            tokens = _tokens(e.lengths, train)
             if tokens < seq_length + 1:
                 raise DataError(f"{e.field}.prefix: seq_length {seq_length} is larger than the data allows: "
                                 f"{e.prefix} has {tokens} tokens for training"
@@ -203,7 +213,7 @@ class _Stage:
                                 f"and one sample needs seq_length + 1 = {seq_length + 1}")
             documents[e.prefix] = {"train": train, "valid": valid}
             if len(valid):
-                valid_samples[e.prefix] = max(0, (int(e.lengths[valid].sum()) - 1) // seq_length)
+                valid_samples[e.prefix] = max(0, (_tokens(e.lengths, valid) - 1) // seq_length)
 
         digest = _digest(documents)
 

@@ -139,3 +139,27 @@ def test_default_cache_dir_sits_next_to_the_blend(blends):
     sd = StageData(blends["mix"], SEQ1, GBS)
     assert sd.cache_dir == os.path.join(os.path.dirname(blends["mix"]), ".cache")
     assert any(f.endswith("shuffle_index.npy") for f in os.listdir(sd.cache_dir))
+
+
+def test_document_lengths_are_the_mapped_idx_not_a_copy(blends):
+    """Every rank reads the blend: its per-document lengths must be the .idx's own int32 array,
+    mapped read-only (shared page cache), equal to megatron-core's reading of the same file."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megafox.data.blend import read_blend
+
+    for entry in read_blend(blends["mix"]).datasets:
+        assert isinstance(entry.lengths, np.memmap) and entry.lengths.dtype == np.int32
+        assert not entry.lengths.flags.writeable and not entry.lengths.flags.owndata
+        assert np.array_equal(entry.lengths, IndexedDataset(entry.prefix).sequence_lengths)
+
+
+def test_token_counts_of_document_selections_equal_a_plain_sum():
+    from megafox.data.stage_data import _tokens
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 2**31 - 1, size=1000, dtype=np.int64).astype(np.int32)  # sums far past int32
+    for ids in (np.arange(0, 1000), np.arange(10, 400), np.sort(rng.choice(1000, 300, replace=False)),
+                np.array([7]), np.array([], dtype=np.int32)):
+        ids = ids.astype(np.int32)
+        assert _tokens(lengths, ids, step=64) == sum(int(lengths[i]) for i in ids)
