@@ -176,7 +176,22 @@ def child(step: str, spec: dict) -> dict:
         next(iter(sd.micro_batches(0, 1, 0, GBS2)))
         out["excluded"] = {os.path.basename(p): int(len(v)) for p, v in sd.excluded_documents.items()}
     out["seconds"], out["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
+    out["anon_gb"] = _anonymous_gb()  # while the stage's data is still alive
     return out
+
+
+def _anonymous_gb() -> float:
+    """This process's private anonymous memory now. Peak RSS also counts the memory-mapped .idx and
+    index-cache pages a rank touched, which every rank of a node shares through the page cache (and
+    the kernel can drop); anonymous memory is what each rank holds on its own."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Anonymous:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return float("nan")
 
 
 def measure(step: str, spec: dict, timeout: float) -> dict:
@@ -223,7 +238,8 @@ def _cell(r):
         return "skipped"
     if "error" in r:
         return "error"
-    return f"{r['seconds']:.2f} s ({r['cpu_seconds']:.2f}) / {r['rss_gb']:.2f} GB"
+    anon = f" ({r['anon_gb']:.2f} anon)" if "anon_gb" in r else ""
+    return f"{r['seconds']:.2f} s ({r['cpu_seconds']:.2f}) / {r['rss_gb']:.2f} GB{anon}"
 
 
 def report(rows: list, sizes: list) -> str:
@@ -234,8 +250,10 @@ def report(rows: list, sizes: list) -> str:
                      + " | ".join(_cell(row.get(s)) for s in STEPS[1:]) + " |")
     base = rows[0].get("baseline") or {}
     base_rss = base.get("rss_gb", 0.0)
-    lines.append(f"\nwall seconds (CPU seconds of the process) / peak RSS; baseline (imports only): "
-                 f"{base_rss:.2f} GB RSS")
+    base_anon = base.get("anon_gb", 0.0)
+    lines.append(f"\nwall seconds (CPU seconds of the process) / peak RSS (private anonymous memory held at the "
+                 f"end: the rest of RSS is memory-mapped files a node's ranks share); baseline (imports only): "
+                 f"{base_rss:.2f} GB RSS, {base_anon:.2f} GB anonymous")
     for size, row in zip(sizes, rows):
         if row.get("record") and row.get("before") and "excluded" in row["before"]:
             same = row["record"].get("excluded") == row["before"]["excluded"]
@@ -263,9 +281,12 @@ def report(rows: list, sizes: list) -> str:
         t1, _ = _extrapolate(xs, cpu, to, 1.0)
         m1, _ = _extrapolate(xs, rss, to, 1.0)
         wall, bw = _extrapolate(xs, [p[1]["seconds"] for p in pts], to)
+        anon = [max(p[1].get("anon_gb", float("nan")) - base_anon, 1e-3) for p in pts]
+        a1 = _extrapolate(xs, anon, to, 1.0)[0] if all(math.isfinite(v) for v in anon) else None
         lines.append(f"  {label}: linear {t1:,.0f} CPU s ({t1 / 60:,.1f} min), +{m1:,.1f} GB; measured growth "
                      f"{t:,.0f} s ({t / 60:,.1f} min), +{m:,.1f} GB (b = {b:.2f} time, {bm:.2f} RSS; "
-                     f"from {xs[-1]:.0e} {axis}); wall time with its measured growth {wall:,.0f} s (b = {bw:.2f})")
+                     f"from {xs[-1]:.0e} {axis}); wall time with its measured growth {wall:,.0f} s (b = {bw:.2f})"
+                     + (f"; private anonymous memory, linear: +{a1:,.1f} GB" if a1 is not None else ""))
         return max(t, t1, wall)
 
     extrapolate("build1", f"stage-1 index build at Fox-1's stage 1 ({FOX_STAGE1:.0e} tokens)", FOX_STAGE1)
