@@ -155,20 +155,22 @@ def _pp_limited(inputs, tokenizer, prefix, *extra, fsize):
 
 
 def _read_only(path):
-    """Make a directory unwritable even for root (chattr +i) or, as a user, by its mode; the undo
-    function restores it so that pytest can clean up."""
+    """Make a directory unwritable even for root (chattr +i, else a read-only tmpfs mounted over
+    it) or, as a user, by its mode; the undo function restores it so that pytest can clean up."""
     import os
     import subprocess
-
-    import pytest
 
     if os.geteuid() != 0:
         os.chmod(path, 0o555)
         return lambda: os.chmod(path, 0o755)
     r = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"running as root and chattr +i is not available here: {r.stderr!r}")
-    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+    if r.returncode == 0:
+        return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+    # filesystems without the immutable flag (overlayfs, tmpfs): root may still mount
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)
+    assert m.returncode == 0, (f"running as root, and neither chattr +i ({r.stderr!r}) nor a read-only tmpfs "
+                               f"mount ({m.stderr!r}) can make {path} unwritable")
+    return lambda: subprocess.run(["umount", str(path)], check=True)
 
 
 def test_unwritable_output_fails_before_any_work(tmp_path, corpus, tokenizer):

@@ -2,7 +2,6 @@
 tokenizer megafox-to-hf exports (tokenizer_config.json carrying the chat template)."""
 import json
 
-import pytest
 
 from data_prep import sft_offline_chat as chat
 from data_prep.chat_template import BUILTIN_TEMPLATES, ChatRenderer, ChatTemplate, load_chat_template
@@ -125,8 +124,8 @@ def test_boundary_merge_token_is_trained(tokenizer, tmp_path):
 def test_real_pretrained_sentencepiece(tmp_path):
     """Mistral's released 32K tokenizer: [INST]/[/INST] control tokens written by the template, bos, fox1."""
     model = mistral_model(tmp_path)
-    if model is None:
-        pytest.skip("mistral-common wheel not reachable (pip download failed)")
+    # the package registry is reachable wherever the tests run (make test installs from it)
+    assert model is not None, "mistral-common's tokenizer: neither installed nor downloadable with pip"
     path = tmp_path / "mistral.jinja"
     path.write_text(MISTRAL)
     hf = check_against_transformers(model, load_chat_template(str(path)), tmp_path / "hf_mistral",
