@@ -155,18 +155,6 @@ def _spill_dir(opts: "Options") -> str:
     return d
 
 
-def _remove_own_temporaries(shards: List["Shard"]) -> None:
-    """This process's half-written files of these shards (tmp_name's ".NAME.tmp<pid>")."""
-    suffix = f".tmp{os.getpid()}"
-    for sh in shards:
-        d, base = os.path.split(sh.prefix)
-        for path in globmod.glob(os.path.join(globmod.escape(d), "." + globmod.escape(base) + ".*" + suffix)):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
-
 def _final_name(e: OSError, final: str) -> str:
     """The file to name in an error: e's own, unless it is one of our hidden temporaries (a user
     knows the final name, and the temporary is gone by the time they read the message)."""
@@ -569,7 +557,8 @@ def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: s
     except BaseException:
         for w in writers.values():
             w.abort()
-        _remove_own_temporaries(pending)  # a Ctrl-C can land between a writer's open() and its entry above
+        for sh in pending:  # a Ctrl-C can land between a writer's open() and its entry in `writers`
+            sh.clean_stale()
         if pool is not None:
             pool.terminate()
             pool.join()
