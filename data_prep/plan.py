@@ -4,6 +4,7 @@
         [--workers N] [--validate] [--tokenizer-only]
         [--array-index I --array-count N]   # SLURM array task: a slice of every source's shards
         [--finalize]                        # merge the slices, write manifests and blend.json files
+        [--dedup-merge]                     # between two array runs: the stages' dedup merge (data_prep/dedup.py)
 
 Outputs: <output_dir>/<stage>/<source>.{bin,idx,manifest.json} and <output_dir>/<stage>/blend.json
 (the blend.json contract: megafox/data/blend.py, the trainer's reader).  Plan format: see configs/data/tiny.yaml;
@@ -21,6 +22,7 @@ import sys
 import sysconfig
 from typing import Dict, List, Optional
 
+from . import dedup
 from .common import FORMATS, DataPrepError, atomic_write_json, expand_inputs, run_main, setup_logging
 
 STAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -144,7 +146,7 @@ def load_plan(path: str, output_dir: Optional[str] = None) -> dict:
         if not isinstance(st, dict):
             raise PlanError(f"{W}: must be a mapping with token_budget and sources")
         _check_keys(st, ("token_budget", "sources", "description", "kind", "chat_template", "seq_length",
-                         "overlong"), W)
+                         "overlong", "dedup", "decontaminate"), W)
         kind = st.get("kind", "pretrain")
         if kind not in ("pretrain", "sft"):
             raise PlanError(f"{W}.kind: must be pretrain (documents) or sft (chat records), got {kind!r}")
@@ -152,6 +154,8 @@ def load_plan(path: str, output_dir: Optional[str] = None) -> dict:
             for k in ("chat_template", "seq_length", "overlong"):
                 if k in st:
                     raise PlanError(f"{W}.{k}: only for kind: sft stages")
+        elif st.get("dedup") or st.get("decontaminate"):
+            raise PlanError(f"{W}: dedup / decontaminate are for pretraining stages (documents), not kind: sft")
         if "token_budget" not in st:
             raise PlanError(f"{W}.token_budget: required (tokens to train on in this stage)")
         budget = _num(st["token_budget"], f"{W}.token_budget", integer=True)
@@ -186,7 +190,10 @@ def load_plan(path: str, output_dir: Optional[str] = None) -> dict:
                              "weight": _num(s["weight"], f"{SW}.weight") if "weight" in s else None,
                              "json_key": jk, "format": fmt,
                              "where": SW})
-        plan["stages"][sname] = {"token_budget": budget, "sources": out_srcs, "kind": kind}
+        plan["stages"][sname] = {"token_budget": budget, "sources": out_srcs, "kind": kind,
+                                 "dedup": dedup.dedup_settings(st.get("dedup"), f"{W}.dedup", PlanError),
+                                 "decontaminate": dedup.decontam_settings(st.get("decontaminate"), f"{W}.decontaminate",
+                                                                          PlanError, _expand)}
         if kind == "sft":
             from .sft import stage_settings
 
@@ -234,16 +241,24 @@ def _source_options(plan, stage, src, tok_path, workers, array_index=None, array
 
 def blend_record(plan: dict, stage: str, manifests: Dict[str, dict], tok_path: str) -> dict:
     d = os.path.join(plan["output_dir"], stage)
-    return {
+    st = plan["stages"][stage]
+    rec = {
         "stage": stage,
         "tokenizer": (os.path.relpath(tok_path, d) if tok_path.startswith(plan["output_dir"] + os.sep)
                       else os.path.abspath(tok_path)),
         "datasets": [{"prefix": src["name"],
                       "weight": src["weight"] if src["weight"] is not None else manifests[src["name"]]["documents"],
                       "documents": manifests[src["name"]]["documents"],
-                      "tokens": manifests[src["name"]]["tokens"]} for src in plan["stages"][stage]["sources"]],
-        "token_budget": plan["stages"][stage]["token_budget"],
+                      "tokens": manifests[src["name"]]["tokens"],
+                      # provenance: what the stage's dedup / decontamination left out (data_prep/dedup.py)
+                      **({"removed": manifests[src["name"]]["removed"]} if "removed" in manifests[src["name"]] else {})}
+                     for src in st["sources"]],
+        "token_budget": st["token_budget"],
     }
+    if dedup.enabled(plan, stage):
+        rec["dedup"] = {"dedup": st.get("dedup"), "decontaminate": st.get("decontaminate"),
+                        "report": "dedup_report.json"}
+    return rec
 
 
 def write_blend(plan: dict, stage: str, manifests: Dict[str, dict], tok_path: str) -> str:
@@ -253,8 +268,9 @@ def write_blend(plan: dict, stage: str, manifests: Dict[str, dict], tok_path: st
 
 
 def run_plan(plan: dict, stages: Optional[List[str]] = None, workers: int = 0, array_index=None,
-             array_count=None, finalize: bool = False, quiet: bool = False) -> Dict[str, str]:
-    """Returns {stage: blend.json path} (empty for an array task)."""
+             array_count=None, finalize: bool = False, quiet: bool = False, dedup_merge: bool = False) -> Dict[str, str]:
+    """Returns {stage: blend.json path} (empty for an array task).  dedup_merge: only the dedup merge
+    step of the stages that have one (data_prep/dedup.py)."""
     from .preprocess import preprocess
 
     tok_path = ensure_tokenizer(plan, quiet=quiet)
@@ -271,9 +287,19 @@ def run_plan(plan: dict, stages: Optional[List[str]] = None, workers: int = 0, a
             if path:
                 blends[stage] = path
             continue
+        filters: Dict[str, object] = {}
+        if dedup.enabled(plan, stage):
+            found = dedup.run_stage(plan, stage, workers or plan["preprocess"]["workers"] or os.cpu_count() or 1,
+                                    array_index, array_count, finalize, dedup_merge, quiet)
+            if found is None:  # this job's part of the dedup is done; tokenizing needs the other steps
+                continue
+            filters = found
+        if dedup_merge:
+            continue
         manifests = {}
         for src in plan["stages"][stage]["sources"]:
             opts = _source_options(plan, stage, src, tok_path, workers, array_index, array_count, quiet)
+            opts.drop_filter = filters.get(src["name"])
             manifests[src["name"]] = preprocess(opts, merge_only=finalize)
         if array_count is None:
             blends[stage] = write_blend(plan, stage, manifests, tok_path)
@@ -298,6 +324,10 @@ def _main(argv=None) -> int:
     p.add_argument("--array-index", type=int, default=None)
     p.add_argument("--array-count", type=int, default=None)
     p.add_argument("--finalize", action="store_true", help="merge array-task shards and write blend.json files")
+    p.add_argument("--dedup-merge", action="store_true",
+                   help="the dedup merge step of the stages with dedup/decontaminate (after the array tasks' "
+                        "signatures; with --array-index/--array-count: a slice of the buckets)")
+    p.add_argument("--dedup-stages", action="store_true", help="print the stages with dedup/decontaminate and exit")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     if (a.array_index is None) != (a.array_count is None):
@@ -307,10 +337,13 @@ def _main(argv=None) -> int:
         n = sum(len(s["sources"]) for s in plan["stages"].values())
         print(f"{a.plan}: ok ({len(plan['stages'])} stages, {n} sources)")
         return 0
+    if a.dedup_stages:
+        print(" ".join(s for s in plan["stages"] if dedup.enabled(plan, s)))
+        return 0
     if a.tokenizer_only:
         print(ensure_tokenizer(plan, quiet=a.quiet))
         return 0
-    run_plan(plan, a.stage, a.workers, a.array_index, a.array_count, a.finalize, a.quiet)
+    run_plan(plan, a.stage, a.workers, a.array_index, a.array_count, a.finalize, a.quiet, a.dedup_merge)
     return 0
 
 

@@ -70,18 +70,27 @@ def _encode_spill(chunk: tuple):
     """Pool workers write a chunk's token bytes to a spill file of its own and send back only
     (path, size): no token data crosses the pipe. The main process copies and deletes it, so
     spill space stays at the chunks in flight, not a second copy of the output."""
-    tok, lens, skips, nbytes = _encode_chunk(chunk)
+    return spill_result(_encode_chunk(chunk))
+
+
+def spill_result(result: tuple) -> tuple:
+    """A worker's result with its token bytes (the first element) moved to a spill file."""
+    tok = result[0]
     _W["spilled"] += 1
     path = os.path.join(_W["spill"], f".worker{os.getpid()}-{_W['spilled']}.spill.tmp")
     with open(path, "wb") as f:
         f.write(tok)
-    return (path, len(tok)), lens, skips, nbytes
+    return ((path, len(tok)),) + tuple(result[1:])
 
 
 def _encode_chunk(chunk: tuple):
     """chunk -> (token bytes, int32 lengths bytes, skips, text bytes).  Only bytes cross processes."""
+    return encode_texts(*parse_chunk(chunk, _W["key"]))
+
+
+def encode_texts(texts: List[str], lines: List[int], skips: list):
+    """Parsed documents -> _encode_chunk's result (also data_prep.dedup's, after it drops some)."""
     sp = _W["sp"]
-    texts, lines, skips = parse_chunk(chunk, _W["key"])
     nbytes_text = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
     try:
         arrs = sp.encode(texts, return_type="numpy", num_threads=1) if texts else []
@@ -234,7 +243,7 @@ class Options:
     def __init__(self, inputs, tokenizer, output_prefix, json_key="text", workers=1, append_eod=True,
                  dtype="auto", fmt="auto", shards=None, array_index=None, array_count=None,
                  keep_shards=False, chunk_bytes=DEFAULT_CHUNK_BYTES, progress="auto", log_interval=30.0,
-                 quiet=False):
+                 quiet=False, drop_filter=None):
         self.inputs = inputs
         self.tokenizer = tokenizer
         self.output_prefix = os.path.abspath(output_prefix)
@@ -251,6 +260,7 @@ class Options:
         self.progress = progress
         self.log_interval = log_interval
         self.quiet = quiet
+        self.drop_filter = drop_filter  # data_prep.dedup.DropFilter: documents the stage's dedup removes
 
 
 class Piece(NamedTuple):
@@ -447,6 +457,8 @@ def _setup(opts: Options):
     fmts = {f: detect_format(f, opts.fmt) for f in opts.inputs}
     sig_common = {"tokenizer_sha256": tok["sha256"], "json_key": opts.json_key,
                   "append_eod": bool(opts.append_eod), "dtype": dtype_name(dtype), "format": opts.fmt}
+    if opts.drop_filter is not None:  # other removals: the shards are tokenized again
+        sig_common["removed"] = opts.drop_filter.digest
     groups = group_pieces(plan_pieces(opts.inputs, fmts, opts.shards), opts.shards)
     shards = [Shard(i, g, opts, sig_common, fmts) for i, g in enumerate(groups)]
     return sp, tok, dtype, eos, shards, sig_common
@@ -464,10 +476,11 @@ class Codec(NamedTuple):
 
 
 def _text_codec(opts: Options, tok: dict, dtype, eos) -> Codec:
-    return Codec(_worker_init, (tok["path"], opts.json_key, eos, dtype_name(dtype)), _encode_chunk, _encode_spill,
-                 lambda piece, fmt, chunk_bytes: FileReader(piece.path, fmt, opts.json_key, chunk_bytes,
-                                                            piece.start, piece.end),
-                 ShardWriter)
+    codec = Codec(_worker_init, (tok["path"], opts.json_key, eos, dtype_name(dtype)), _encode_chunk, _encode_spill,
+                  lambda piece, fmt, chunk_bytes: FileReader(piece.path, fmt, opts.json_key, chunk_bytes,
+                                                             piece.start, piece.end),
+                  ShardWriter)
+    return opts.drop_filter.codec(codec) if opts.drop_filter is not None else codec
 
 
 def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: str,
@@ -582,6 +595,10 @@ def _manifest(shards: List[Shard], opts: Options, tok: dict, dtype, elapsed: flo
         examples.extend(m["skipped_examples"][: MAX_EXAMPLES - len(examples)])
     docs = sum(m["documents"] for m in metas)
     tokens = sum(m["tokens"] for m in metas)
+    removed: collections.Counter = collections.Counter()  # by the stage's dedup / decontamination
+    for m in metas:
+        removed.update(m.get("removed", {}))
+    extra = {"removed": dict(sorted(removed.items()))} if any("removed" in m for m in metas) else {}
     return {
         "version": MANIFEST_VERSION,
         "prefix": opts.output_prefix,
@@ -601,6 +618,7 @@ def _manifest(shards: List[Shard], opts: Options, tok: dict, dtype, elapsed: flo
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
         "signature": sig,
+        **extra,
     }
 
 
