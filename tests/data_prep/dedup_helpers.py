@@ -92,15 +92,13 @@ def build_corpus(root: Path, data: Path, seed: int = 0) -> dict:
     {"files": {source: [paths]}, "planted": [(source, file, line, kind, original (source, file, line) or task)]}."""
     rng = random.Random(seed)
     base = base_documents()
+    hosts, base = base[:5], base[5:]  # documents that appear only with a question pasted in
     web_docs, books_docs = base[: len(base) // 2], base[len(base) // 2:]
     web = [(d, None) for d in web_docs]
     books = [(d, None) for d in books_docs]
-    planted_near = []
-    for i in rng.sample(range(len(web_docs)), 6):
-        if len(words(web_docs[i])) >= 150:
-            planted_near.append(i)
-    for i in planted_near[:4]:
-        web.append((near_copy(web_docs[i], rng), ("near", "web", i)))
+    long_docs = [i for i, d in enumerate(web_docs) if len(words(d)) >= 300]
+    for i in rng.sample(long_docs, 4):
+        web.append((near_copy(web_docs[i], rng, changes=rng.randint(1, 3)), ("near", "web", i)))
     for i in rng.sample(range(len(web_docs)), 4):
         copy = web_docs[i]
         if i % 2:  # differs in case and spacing only: the same after normalisation
@@ -108,8 +106,8 @@ def build_corpus(root: Path, data: Path, seed: int = 0) -> dict:
         books.append((copy, ("exact", "web", i)))
     qs = benchmark_questions(data)
     for task, k in (("gsm8k", 3), ("arc_challenge", 2)):
-        for r in rng.sample(qs[task], k):
-            host = rng.choice(books_docs)
+        for r in rng.sample([r for r in qs[task] if len(words(r["question"])) >= 16], k):
+            host = hosts.pop()
             cut = len(host) // 2
             books.append((host[:cut] + "\n" + r["question"] + "\n" + host[cut:], ("contaminated", task, None)))
     rng.shuffle(web)
@@ -134,8 +132,10 @@ def build_corpus(root: Path, data: Path, seed: int = 0) -> dict:
         kind, a, b = tag
         if kind == "contaminated":
             out.append((name, path, line, kind, a))
-        else:
-            out.append((name, path, line, kind, where[web_docs[b]]))
+            continue
+        order = {p: i for i, p in enumerate(files["web"] + files["books"])}  # plan order: the first is kept
+        first, later = sorted([where[web_docs[b]], (name, path, line)], key=lambda x: (order[x[1]], x[2]))
+        out.append(later + (kind, first))
     return {"files": files, "planted": out, "documents": [d for d, _ in web] + [d for d, _ in books]}
 
 
