@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .common import DataPrepError, atomic_write_bytes, file_stat
-from .minhash import ngram_hashes, word_hashes
+from .minhash import ngram_hashes, ngrams_many, word_hashes
 
 INDEX_VERSION = 1
 
@@ -159,6 +159,23 @@ class BenchmarkIndex:
         h.update(self.task.tobytes())
         h.update(json.dumps(self.names).encode())
         return h.hexdigest()[:16]
+
+    def hits_many(self, wh: np.ndarray, counts: np.ndarray) -> List[Tuple[int, int, int]]:
+        """(document, task, example) for several documents' concatenated word hashes, sorted."""
+        if not len(self.ngrams):
+            return []
+        g, d = ngrams_many(wh, counts, self.n, short_whole=False)
+        if not len(g):
+            return []
+        pos = np.searchsorted(self.ngrams, g)
+        pos[pos == len(self.ngrams)] = 0
+        m = self.ngrams[pos] == g
+        out = set()
+        for x, doc in set(zip(g[m].tolist(), d[m].tolist())):
+            lo = np.searchsorted(self.ngrams, np.uint64(x), "left")
+            hi = np.searchsorted(self.ngrams, np.uint64(x), "right")
+            out.update((doc, t, e) for t, e in zip(self.task[lo:hi].tolist(), self.example[lo:hi].tolist()))
+        return sorted(out)
 
     def hits(self, wh: np.ndarray) -> List[Tuple[int, int]]:
         """Distinct (task, example) pairs sharing an n-gram with a document's word hashes."""

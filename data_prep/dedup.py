@@ -39,7 +39,7 @@ import numpy as np
 
 from .common import DataPrepError, atomic_write_bytes, atomic_write_json, detect_format, expand_inputs, file_stat, \
     log, read_json
-from .minhash import MinHasher, band_keys, exact_hash, lsh_params, ngram_hashes, word_hashes
+from .minhash import MinHasher, band_keys, exact_hash, lsh_params, ngrams_many, word_hashes_many
 from .readers import FileReader, parse_chunk
 
 EXACT, NEAR, CONTAMINATED, REPORTED = 1, 2, 3, 4
@@ -236,20 +236,22 @@ def _sig_shard(job: tuple) -> Tuple[str, int, int]:
             if ch[0] == "skip":
                 continue
             texts, lines, _ = parse_chunk(ch, json_key)
-            for text, line in zip(texts, lines):
-                if line >= 1 << LINE_BITS:
-                    raise DataPrepError(f"{piece.path}: more than {1 << LINE_BITS} lines in one input piece; "
-                                        f"set preprocess.shards to cut it into byte ranges")
-                g = make_gid(stage_i, src_i, piece_i, line)
-                ids.append(g)
-                hashes.append(exact_hash(text))
-                if hasher is not None or index is not None:
-                    wh = word_hashes(text)
-                    if hasher is not None:
-                        sh = np.unique(ngram_hashes(wh, min(dd["ngram"], len(wh)))) if len(wh) else wh
-                        sigs.append(hasher.signature(sh) if len(sh) else np.full(dd["num_perm"], 0xFFFFFFFF, np.uint32))
-                    if index is not None:
-                        contam.extend((g, t, e) for t, e in index.hits(wh))
+            if not texts:
+                continue
+            if lines[-1] >= 1 << LINE_BITS:
+                raise DataPrepError(f"{piece.path}: more than {1 << LINE_BITS} lines in one input piece; "
+                                    f"set preprocess.shards to cut it into byte ranges")
+            base_id = len(ids)
+            ids.extend(make_gid(stage_i, src_i, piece_i, line) for line in lines)
+            lowered = [t.lower() for t in texts]
+            hashes.extend(exact_hash(t, low) for t, low in zip(texts, lowered))
+            if hasher is not None or index is not None:
+                wh, counts = word_hashes_many(lowered)
+                if hasher is not None:
+                    g, d = ngrams_many(wh, counts, dd["ngram"])
+                    sigs.append(hasher.signatures(g, d, len(texts)))
+                if index is not None:
+                    contam.extend((ids[base_id + d], t, e) for d, t, e in index.hits_many(wh, counts))
     n = len(ids)
     gid = np.array(ids, np.uint64)
     prefix = os.path.join(base, f"shard-{shard_i:05d}")
@@ -260,7 +262,8 @@ def _sig_shard(job: tuple) -> Tuple[str, int, int]:
     order = np.lexsort((gid, hl[:, 1], hl[:, 0]))
     _save_npy(prefix + ".exact.npy", np.stack([hl[order, 0], hl[order, 1], gid[order]]))
     if hasher is not None:
-        keys = band_keys(np.array(sigs, np.uint32).reshape(n, dd["num_perm"]), dd["bands"], dd["rows"]).T
+        allsig = np.concatenate(sigs) if sigs else np.zeros((0, dd["num_perm"]), np.uint32)
+        keys = band_keys(allsig, dd["bands"], dd["rows"]).T
         order = np.lexsort((np.broadcast_to(gid, keys.shape), keys), axis=-1) if n else np.zeros(keys.shape, np.int64)
         _save_npy(prefix + ".bkeys.npy", np.take_along_axis(keys, order, axis=1))
         _save_npy(prefix + ".bids.npy", np.take_along_axis(np.broadcast_to(gid, keys.shape), order, axis=1))

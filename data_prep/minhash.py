@@ -4,10 +4,12 @@
   normalisation (Unicode NFC, lower case, every run of whitespace -> one space, ends stripped), so
   copies that differ only in case, line wrapping or indentation count as the same document.
 * `word_hashes`: the document's words (`\\w+` runs of the lower-cased text: punctuation and
-  spacing never matter) as 64-bit hashes; `ngram_hashes` combines n consecutive ones.
+  spacing never matter) as 64-bit hashes (BLAKE2b, cached per process); `ngram_hashes` combines n
+  consecutive ones; the `_many` variants do a whole chunk of documents in one numpy pass.
 * `MinHasher`: MinHash signatures of the word n-gram shingles, with multiply-shift hash families
   (one 64-bit multiply-add per shingle and permutation, the whole (shingles x permutations) block
-  at once) instead of datasketch's per-call Mersenne-prime arithmetic; bench/dedup.py measures both.
+  at once, and many small documents in one block) instead of datasketch's per-document Mersenne-prime
+  arithmetic; bench/dedup.py measures both.
 * `lsh_params` / `band_keys`: the LSH banding (b bands of r rows) for a Jaccard threshold, chosen
   like datasketch's optimal parameters (least false positive + false negative probability mass).
 
@@ -20,14 +22,11 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-import zlib
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 WORD_RE = re.compile(r"\w+")
-_WS_RE = re.compile(r"\s+")
-_M64 = (1 << 64) - 1
 
 
 def _constants(n: int, seed: int) -> np.ndarray:
@@ -47,12 +46,16 @@ def mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-def normalize(text: str) -> str:
-    return _WS_RE.sub(" ", unicodedata.normalize("NFC", text).lower()).strip()
+def normalize(text: str, lowered: Optional[str] = None) -> str:
+    """NFC, lower case, whitespace runs -> one space, ends stripped (str.split's Unicode whitespace)."""
+    low = lowered if lowered is not None else text.lower()
+    if not low.isascii():
+        low = unicodedata.normalize("NFC", low)
+    return " ".join(low.split())
 
 
-def exact_hash(text: str) -> Tuple[int, int]:
-    d = hashlib.blake2b(normalize(text).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+def exact_hash(text: str, lowered: Optional[str] = None) -> Tuple[int, int]:
+    d = hashlib.blake2b(normalize(text, lowered).encode("utf-8", "surrogatepass"), digest_size=16).digest()
     return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
 
 
@@ -60,10 +63,48 @@ def words(text: str):
     return WORD_RE.findall(text.lower())
 
 
+_WORD_CACHE: dict = {}  # per process; words repeat (Zipf), a hash costs a dict lookup after the first
+
+
+def _word_hash(w: str) -> int:
+    if len(_WORD_CACHE) >= 1 << 21:
+        _WORD_CACHE.clear()
+    h = _WORD_CACHE[w] = int.from_bytes(
+        hashlib.blake2b(w.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return h
+
+
+def word_hashes_many(lowered: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """The 64-bit word hashes (BLAKE2b of the UTF-8 word) of several lower-cased texts, concatenated,
+    and each text's word count."""
+    per = [WORD_RE.findall(t) for t in lowered]
+    counts = np.fromiter((len(w) for w in per), np.int64, len(per))
+    get = _WORD_CACHE.get
+    flat = [get(w) or _word_hash(w) for ws in per for w in ws]
+    return np.array(flat, dtype=np.uint64) if flat else np.zeros(0, np.uint64), counts
+
+
 def word_hashes(text: str) -> np.ndarray:
-    ws = words(text)
-    h = np.fromiter((zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in ws), dtype=np.uint64, count=len(ws))
-    return mix64(h)
+    return word_hashes_many([text.lower()])[0]
+
+
+def ngrams_many(wh: np.ndarray, counts: np.ndarray, n: int, short_whole: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    """Word n-gram hashes of several documents (word hashes concatenated, `counts` words each):
+    (hashes, document index of each), grouped by document in order.  short_whole: a document of
+    fewer than n words (but some) gives one n-gram of all its words, as ngram_hashes(wh, len)."""
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    g = ngram_hashes(wh, n)
+    doc_of = np.repeat(np.arange(len(counts)), counts)[: len(g)]
+    valid = np.arange(len(g)) + n <= ends[doc_of] if len(g) else np.zeros(0, bool)
+    grams, docs = [g[valid]], [doc_of[valid]]
+    if short_whole:
+        for d in np.nonzero((counts > 0) & (counts < n))[0].tolist():
+            grams.append(ngram_hashes(wh[starts[d]:ends[d]], int(counts[d])))
+            docs.append(np.array([d]))
+    g, d = np.concatenate(grams), np.concatenate(docs)
+    order = np.argsort(d, kind="stable")
+    return g[order], d[order]
 
 
 _GRAM_C = _constants(64, 20261205)
@@ -93,7 +134,7 @@ class MinHasher:
     """h_j(x) = high 32 bits of (a_j * x + b_j) mod 2^64, a_j odd: a multiply-shift family over the
     64-bit shingle hashes; the signature is min_x h_j(x) for j < num_perm (uint32)."""
 
-    BLOCK = 2048  # shingles per step: bounds the (shingles x num_perm) temporary to ~2 MB
+    BLOCK = 512  # shingles per step: the (shingles x num_perm) temporary (512 KB) stays in cache
 
     def __init__(self, num_perm: int = 128, seed: int = 1):
         self.num_perm = num_perm
@@ -107,6 +148,33 @@ class MinHasher:
                 x = sh[i:i + self.BLOCK, None]
                 h = ((x * self.a + self.b) >> np.uint64(32)).astype(np.uint32)
                 np.minimum(out, h.min(axis=0), out=out)
+        return out
+
+
+    def signatures(self, grams: np.ndarray, docs: np.ndarray, ndocs: int) -> np.ndarray:
+        """(ndocs, num_perm) signatures of shingles grouped by document (ngrams_many's output);
+        many small documents share one (shingles x permutations) block, not one numpy call each."""
+        out = np.full((ndocs, self.num_perm), 0xFFFFFFFF, np.uint32)
+        if not len(grams):
+            return out
+        bounds = np.nonzero(np.diff(docs))[0] + 1
+        seg_starts = np.concatenate([[0], bounds])
+        seg_docs = docs[seg_starts]
+        seg_ends = np.concatenate([bounds, [len(grams)]])
+        i = 0
+        with np.errstate(over="ignore"):
+            while i < len(seg_starts):
+                j = i + 1  # segments [i, j) whose shingles fit one block (at least one segment)
+                while j < len(seg_starts) and seg_ends[j] - seg_starts[i] <= self.BLOCK:
+                    j += 1
+                lo, hi = seg_starts[i], seg_ends[j - 1]
+                if j == i + 1 and hi - lo > self.BLOCK:
+                    out[seg_docs[i]] = self.signature(grams[lo:hi])
+                else:
+                    x = grams[lo:hi, None]
+                    h = ((x * self.a + self.b) >> np.uint64(32)).astype(np.uint32)
+                    out[seg_docs[i:j]] = np.minimum.reduceat(h, seg_starts[i:j] - lo, axis=0)
+                i = j
         return out
 
 
