@@ -131,23 +131,28 @@ def shingles(text: str, n: int) -> np.ndarray:
 
 
 class MinHasher:
-    """h_j(x) = high 32 bits of (a_j * x + b_j) mod 2^64, a_j odd: a multiply-shift family over the
-    64-bit shingle hashes; the signature is min_x h_j(x) for j < num_perm (uint32)."""
+    """h_j(x) = (a_j * x + b_j) mod 2^32, a_j odd, x the high 32 bits of the (mixed, 64-bit) shingle
+    hash: a multiply-add family; the signature is min_x h_j(x) for j < num_perm (uint32)."""
 
-    BLOCK = 512  # shingles per step: the (shingles x num_perm) temporary (512 KB) stays in cache
+    BLOCK = 512  # shingles per step: the (shingles x num_perm) temporary (256 KB) stays in cache
 
     def __init__(self, num_perm: int = 128, seed: int = 1):
         self.num_perm = num_perm
-        self.a = _constants(num_perm, seed)
-        self.b = _constants(num_perm, seed + 1000003)
+        self.a = (_constants(num_perm, seed) >> np.uint64(32)).astype(np.uint32) | np.uint32(1)
+        self.b = (_constants(num_perm, seed + 1000003) >> np.uint64(32)).astype(np.uint32)
+
+    def _h(self, sh: np.ndarray) -> np.ndarray:
+        # 32-bit lanes: half the memory traffic of 64-bit ones, ~2x faster (bench/dedup.py)
+        x = (sh >> np.uint64(32)).astype(np.uint32)[:, None]
+        with np.errstate(over="ignore"):
+            h = x * self.a
+            h += self.b
+        return h
 
     def signature(self, sh: np.ndarray) -> np.ndarray:
         out = np.full(self.num_perm, 0xFFFFFFFF, np.uint32)
-        with np.errstate(over="ignore"):
-            for i in range(0, len(sh), self.BLOCK):
-                x = sh[i:i + self.BLOCK, None]
-                h = ((x * self.a + self.b) >> np.uint64(32)).astype(np.uint32)
-                np.minimum(out, h.min(axis=0), out=out)
+        for i in range(0, len(sh), self.BLOCK):
+            np.minimum(out, self._h(sh[i:i + self.BLOCK]).min(axis=0), out=out)
         return out
 
 
@@ -171,9 +176,7 @@ class MinHasher:
                 if j == i + 1 and hi - lo > self.BLOCK:
                     out[seg_docs[i]] = self.signature(grams[lo:hi])
                 else:
-                    x = grams[lo:hi, None]
-                    h = ((x * self.a + self.b) >> np.uint64(32)).astype(np.uint32)
-                    out[seg_docs[i:j]] = np.minimum.reduceat(h, seg_starts[i:j] - lo, axis=0)
+                    out[seg_docs[i:j]] = np.minimum.reduceat(self._h(grams[lo:hi]), seg_starts[i:j] - lo, axis=0)
                 i = j
         return out
 

@@ -17,6 +17,11 @@ def _info(args: argparse.Namespace) -> int:
 
     print(format_report(model, args.seq_length, args.tp, args.pp, args.dp, args.micro_batch_size,
                         args.recompute, not args.no_fused_loss))
+    if args.blend:
+        from megafox.data.provenance import format_blend
+
+        for path in args.blend:
+            print("\n" + format_blend(path))
     return 0
 
 
@@ -38,6 +43,8 @@ def main(argv=None) -> int:
     info.add_argument("--micro-batch-size", type=int, default=1)
     info.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     info.add_argument("--no-fused-loss", action="store_true", help="estimate with full logits materialized")
+    info.add_argument("--blend", action="append", default=[], metavar="BLEND_JSON",
+                      help="also show a stage's data: documents, tokens and what dedup/decontamination removed")
     info.set_defaults(func=_info)
     evaluate = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint or HF directory (megafox.eval)")
     from megafox.eval.cli import add_arguments

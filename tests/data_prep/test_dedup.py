@@ -209,3 +209,24 @@ def test_bad_sections_one_line(tmp_path, tokenizer):
         p.write_text(base + section)
         r = plan(p, "--validate", check=False)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.slow
+def test_across_stages_drops_only_the_later_stage_copies(world, tmp_path):
+    corpus = world["corpus"]
+    src = lambda name: f"      - {{name: {name}, globs: {json.dumps(corpus['files'][name])}, weight: 1}}\n"  # noqa
+    p = tmp_path / "plan.yaml"
+    p.write_text(f"output_dir: {tmp_path / 'out'}\ntokenizer: {{model: {world['tokenizer']}}}\n"
+                 f"preprocess: {{workers: 2}}\nstages:\n"
+                 f"  stage1:\n    token_budget: 1000\n    sources:\n" + src("web") +
+                 f"  stage2:\n    token_budget: 1000\n    sources:\n" + src("books") +
+                 f"    dedup: {{exact: true, near: false, across_stages: true}}\n")
+    plan(p, "--quiet")
+    got = {key(r): r for r in dropped(tmp_path / "out", "stage2", "books")}
+    exact = {(f, line): orig for s, f, line, kind, orig in corpus["planted"] if kind == "exact"}
+    assert set(got) == set(exact)  # books' copies of web documents; its leaked questions stay
+    for place, orig in exact.items():
+        assert got[place]["duplicate_of"] == {"source": "stage1.web", "file": orig[1], "line": orig[2]}
+    assert "removed" not in json.loads((tmp_path / "out" / "stage1" / "web.manifest.json").read_text())
+    blend = json.loads((tmp_path / "out" / "stage2" / "blend.json").read_text())
+    assert blend["datasets"][0]["removed"]["exact_duplicate"] == len(exact)
