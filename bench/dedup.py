@@ -1,6 +1,6 @@
 """Benchmark the data plan's dedup + decontamination steps (data_prep/dedup.py) against tokenizing.
 
-    python bench/dedup.py [--sizes 4000 16000 64000] [--workdir /tmp/megafox_bench_dedup]
+    python bench/dedup.py [--sizes 2000 4000 16000] [--workdir /tmp/megafox_bench_dedup]
                           [--datasketch-path DIR]   # a directory holding the datasketch package
 
 Corpus: real text only: the CPython standard library's .py sources cut into documents of ~8
@@ -140,7 +140,6 @@ def measured(cmd):
 
 
 def minhash_compare(docs, ds_path):
-    import numpy as np
 
     from data_prep.minhash import MinHasher, ngrams_many, word_hashes_many, words
 
@@ -171,13 +170,14 @@ def minhash_compare(docs, ds_path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[4000, 16000, 64000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 4000, 16000])
     ap.add_argument("--workdir", default="/tmp/megafox_bench_dedup")
     ap.add_argument("--datasketch-path", default=None)
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     docs = stdlib_docs()
-    print(f"{len(docs):,} distinct stdlib documents available", flush=True)
+    print(f"{len(docs):,} distinct stdlib documents available; load average at start "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     tok_dir = os.path.join(a.workdir, "tok")
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
         d, files = write_corpus(a.workdir, a.sizes[0], docs)
@@ -219,6 +219,7 @@ def main():
         for step in ("signatures", "merge", "cluster", "tokenize"):
             s, m, _ = r[step]
             print(f"| {step} | {s:.2f} | {n / s:,.0f} | {m:.0f} |")
+        print(f"(load average now {os.getloadavg()[0]:.1f})")
         extra = r["signatures"][0] + r["merge"][0] + r["cluster"][0]
         print(f"dedup + decontamination add {extra:.1f} s to {r['tokenize'][0]:.1f} s of tokenizing "
               f"(+{100 * extra / r['tokenize'][0]:.0f}%)", flush=True)

@@ -8,18 +8,23 @@ default, as GPT-3 reports; words as data_prep.minhash.words) go into one sorted 
 with the task and example they come from.  Examples shorter than n words cannot be checked this
 way and are counted as such in the report.
 
-lm_eval (and with it torch) is imported only while the index is built, once per run in the main
-process; the index file is reused while the tasks, data files and n are unchanged.
+megafox.eval.tasks imports lm_eval (and with it torch) only when the index is built, once per run in
+the main process; the index file is reused while the tasks, data files and n are unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from megafox.config import ConfigError
+from megafox.eval.suites import parse_task, suite as suite_specs
+from megafox.eval.tasks import load_tasks, offline_environment, require_lm_eval, task_manager
 
 from .common import DataPrepError, atomic_write_bytes, file_stat
 from .minhash import ngram_hashes, ngrams_many, word_hashes
@@ -28,9 +33,6 @@ INDEX_VERSION = 1
 
 
 def _task_specs(suite: Optional[str], tasks: Sequence[str]):
-    from megafox.config import ConfigError
-    from megafox.eval.suites import parse_task, suite as suite_specs
-
     try:
         specs = list(suite_specs(suite)) if suite else []
         specs += [parse_task(t, "decontaminate.tasks") for t in tasks]
@@ -57,9 +59,6 @@ def _example_text(task, doc) -> str:
 
 def benchmark_examples(suite: Optional[str], tasks: Sequence[str], data_dir: Optional[str]) -> Dict[str, List[str]]:
     """{leaf task name: [example text, ...]} of every test and validation document."""
-    from megafox.config import ConfigError
-    from megafox.eval.tasks import load_tasks, offline_environment, require_lm_eval, task_manager
-
     offline_environment()
     specs = _task_specs(suite, tasks)
     try:
@@ -134,8 +133,6 @@ class BenchmarkIndex:
         return cls(g[order], t[order], e[order], names, [len(examples[x]) for x in names], short, n)
 
     def save(self, path: str, signature: dict) -> None:
-        import io
-
         buf = io.BytesIO()
         np.savez(buf, ngrams=self.ngrams, task=self.task, example=self.example,
                  meta=np.frombuffer(json.dumps({"names": self.names, "examples": self.examples, "short": self.short,

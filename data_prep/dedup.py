@@ -28,8 +28,11 @@ the inputs and the settings, never of worker count, array split or interruptions
 from __future__ import annotations
 
 import collections
+import glob
 import hashlib
+import io
 import json
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -39,7 +42,9 @@ import numpy as np
 
 from .common import DataPrepError, atomic_write_bytes, atomic_write_json, detect_format, expand_inputs, file_stat, \
     log, read_json
+from .decontaminate import BenchmarkIndex, load_or_build
 from .minhash import MinHasher, band_keys, exact_hash, lsh_params, ngrams_many, word_hashes_many
+from .preprocess import _W, Codec, ShardWriter, array_slice, encode_texts, group_pieces, plan_pieces, spill_result
 from .readers import FileReader, parse_chunk
 
 EXACT, NEAR, CONTAMINATED, REPORTED = 1, 2, 3, 4
@@ -149,8 +154,6 @@ class Member:
     """One source of this stage, or (across_stages) of an earlier one: its shards as the tokenizer cuts them."""
 
     def __init__(self, plan: dict, stage_i: int, stage: str, src_i: int, src: dict):
-        from .preprocess import group_pieces, plan_pieces
-
         self.stage_i, self.stage, self.src_i, self.src = stage_i, stage, src_i, src
         self.key = f"{stage}.{src['name']}"
         try:
@@ -207,16 +210,12 @@ def _sig_init(settings: dict, index_path: Optional[str]) -> None:
 
 
 def _sig_setup(settings: dict, index_path: Optional[str]) -> None:
-    from .decontaminate import BenchmarkIndex
-
     dd = settings.get("dedup") or {}
     _S.update(dd=dd, hasher=MinHasher(dd["num_perm"]) if dd.get("near") else None,
               index=BenchmarkIndex.load(index_path) if index_path else None)
 
 
 def _save_npy(path: str, arr: np.ndarray) -> None:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
@@ -286,8 +285,6 @@ class StageDedup:
         self.index_path = os.path.join(self.dir, "benchmarks.npz") if self.dc else None
         self.index = None
         if self.dc:
-            from .decontaminate import load_or_build
-
             os.makedirs(self.dir, exist_ok=True)
             self.index = load_or_build(self.index_path, self.dc)
         self.settings = {"dedup": self.dd, "decontaminate": self.dc}
@@ -314,8 +311,6 @@ class StageDedup:
 
     # -- step 1 ------------------------------------------------------------------------
     def signatures(self, workers: int, array_index=None, array_count=None) -> int:
-        from .preprocess import array_slice
-
         jobs = self.jobs
         if array_count is not None:
             jobs = [jobs[i] for i in array_slice(len(jobs), array_index, array_count)]
@@ -324,6 +319,7 @@ class StageDedup:
             if self._sig_done(m, k, sig) is None:
                 base = os.path.dirname(self.sig_prefix(m, k))
                 os.makedirs(base, exist_ok=True)
+                _clear_temporaries(base, f"shard-{k:05d}.")  # a killed writer's; this shard is ours
                 pieces = [(i, p, m.fmts[p.path]) for i, p in m.shards[k]]
                 chunk = int(self.plan["preprocess"]["chunk_mb"] * (1 << 20))
                 pending.append((m.key, k, pieces, m.stage_i, m.src_i, m.src["json_key"], chunk, base, sig))
@@ -373,8 +369,6 @@ class StageDedup:
         return meta
 
     def merge(self, workers: int, array_index=None, array_count=None) -> None:
-        from .preprocess import array_slice
-
         meta = self._prepare_merge()
         units = self.units(meta)
         if array_count is not None:
@@ -382,6 +376,8 @@ class StageDedup:
         pending = [u for u in units if not os.path.exists(self._unit_path(u))]
         if not pending:
             return
+        for u in pending:
+            _clear_temporaries(os.path.dirname(self._unit_path(u)), os.path.basename(self._unit_path(u)))
         shard_files = [self.sig_prefix(m, k) for m, k, _ in self.jobs]
         if not self.quiet:
             log.info("%s: dedup merge of %d buckets (%d partitions of the hash space)", self.stage, len(pending),
@@ -441,8 +437,6 @@ class StageDedup:
             order = np.argsort(g, kind="stable")
             g, r, ref = g[order], r[order], ref[order]
         buf_path = os.path.join(self.dir, "drops.npz")
-        import io
-
         buf = io.BytesIO()
         np.savez(buf, gid=g, reason=r, ref=ref)
         atomic_write_bytes(buf_path, buf.getvalue())
@@ -514,6 +508,15 @@ class StageDedup:
 
     def counts(self) -> dict:
         return read_json(self.state_path())["counts"]
+
+
+def _clear_temporaries(directory: str, name: str) -> None:
+    """atomic_write_bytes's leftovers (.NAME....tmp) of a writer killed while writing `name`*."""
+    for p in glob.glob(os.path.join(glob.escape(directory), "." + glob.escape(name) + "*.tmp")):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
 
 
 def _digest(obj) -> str:
@@ -596,8 +599,6 @@ def _run_pool(fn, jobs: list, workers: int, init, init_args: tuple) -> list:
         if init is _sig_init:
             _sig_setup(*init_args)
         return [fn(j) for j in jobs]
-    import multiprocessing as mp
-
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     pool = ctx.Pool(workers, initializer=init, initargs=init_args)
     try:
@@ -630,13 +631,11 @@ class DropFilter:
         self.digest = h.hexdigest()[:32]
 
     def codec(self, base):
-        from .preprocess import Codec
-
         def reader(piece, fmt, chunk_bytes):
             return _FilteringReader(base.reader(piece, fmt, chunk_bytes),
                                     self.by_piece.get(self.piece_index.get(piece), None))
 
-        return Codec(base.init, base.init_args, _encode_filtered, _encode_filtered_spill, reader, _writer_class())
+        return Codec(base.init, base.init_args, _encode_filtered, _encode_filtered_spill, reader, FilteredShardWriter)
 
 
 class _FilteringReader:
@@ -667,8 +666,6 @@ class _FilteringReader:
 
 
 def _encode_filtered(chunk: tuple):
-    from .preprocess import _W, encode_texts
-
     drops = dict(chunk[3]) if len(chunk) > 3 else {}
     texts, lines, skips = parse_chunk(chunk[:3], _W["key"])
     removed = collections.Counter()
@@ -687,27 +684,22 @@ def _encode_filtered(chunk: tuple):
 
 
 def _encode_filtered_spill(chunk: tuple):
-    from .preprocess import spill_result
-
     return spill_result(_encode_filtered(chunk))
 
 
-def _writer_class():
-    from .preprocess import ShardWriter
+class FilteredShardWriter(ShardWriter):
+    """A shard writer that also counts what the workers left out (the shard record's "removed")."""
 
-    class FilteredShardWriter(ShardWriter):
-        def __init__(self, shard, dtype):
-            super().__init__(shard, dtype)
-            self.removed = collections.Counter({v: 0 for v in REASONS.values()})
+    def __init__(self, shard, dtype):
+        super().__init__(shard, dtype)
+        self.removed = collections.Counter({v: 0 for v in REASONS.values()})
 
-        def add(self, piece, result):
-            self.removed.update(result[4])
-            return super().add(piece, result[:4])
+    def add(self, piece, result):
+        self.removed.update(result[4])
+        return super().add(piece, result[:4])
 
-        def extra_meta(self) -> dict:
-            return {"removed": dict(sorted(self.removed.items()))}
-
-    return FilteredShardWriter
+    def extra_meta(self) -> dict:
+        return {"removed": dict(sorted(self.removed.items()))}
 
 
 # ---------------------------------------------------------------------------------------
