@@ -6,8 +6,10 @@
 Corpus: real text only: the CPython standard library's .py sources cut into documents of ~8
 blank-line separated blocks (~1-2 KB), with 10% of the documents repeated (exact copies) and 5%
 repeated with a word changed (near copies), as a crawl has them; written as 4 .jsonl files per size.
-For each corpus size, each step runs alone in a fresh process with one worker (so its
-documents/s is per core, and its peak RSS is the step's own): signatures, bucket merge, clusters,
+For each corpus size, each step runs alone in a fresh process with one worker, its documents/s
+per core from the process's CPU seconds (user + system, less the start-up every step pays; the
+machine is shared, so wall time is shown but not used) and its peak RSS its own: signatures, bucket
+merge, clusters,
 and the tokenizer pass of `data_prep.preprocess` on the same files (a SentencePiece BPE tokenizer
 trained by data_prep on the corpus, vocab 8000).  Decontamination runs against a benchmark index
 of 2,000 examples (40-word stdlib passages, some of which the corpus holds).  Prints a table per size, the growth between sizes,
@@ -123,20 +125,64 @@ print(json.dumps({{"seconds": time.perf_counter() - t0, "setup": t_index}}))
 
 
 def measured(cmd):
-    """Run cmd under /usr/bin/time -v when there, else plain; returns (stdout, seconds, peak RSS MB)."""
+    """Run cmd under /usr/bin/time -v when there, else plain: (stdout, wall s, peak RSS MB, CPU s).
+    CPU seconds (user + system) are what documents/s per core is computed from: on a shared,
+    loaded machine wall time measures the neighbours."""
     t0 = time.perf_counter()
     if os.path.exists("/usr/bin/time"):
         p = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, cwd=REPO)
         rss = next((int(x.split(":")[1]) / 1024 for x in p.stderr.splitlines() if "Maximum resident" in x), float("nan"))
+        cpu = sum(float(x.split(":")[1]) for x in p.stderr.splitlines()
+                  if x.strip().startswith(("User time", "System time")))
     else:
         import resource
 
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         rss = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1024
+        cpu = float("nan")
     if p.returncode:
         raise SystemExit(f"{' '.join(map(str, cmd[:4]))} failed:\n{p.stderr[-2000:]}")
-    return p.stdout, time.perf_counter() - t0, rss
+    return p.stdout, time.perf_counter() - t0, rss, cpu
+
+
+MERGE_CHILD = r"""
+import sys, time, json, resource
+sys.path.insert(0, {repo!r})
+from data_prep.dedup import _merge_unit
+t0 = time.process_time()
+_merge_unit((("exact", 0, 0), {bits}, {files!r}, {out!r}))
+print(json.dumps({{"cpu": time.process_time() - t0}}))
+"""
+
+
+def merge_scale(workdir, total, shards=64):
+    """One exact-hash merge unit over `total` synthetic entries in `shards` sorted shard files, with
+    the key space in 1 and in 4 partitions: time and peak memory of a unit."""
+    import numpy as np
+
+    d = os.path.join(workdir, f"merge{total}")
+    os.makedirs(d, exist_ok=True)
+    rng = np.random.default_rng(0)
+    files = []
+    per = total // shards
+    for k in range(shards):
+        prefix = os.path.join(d, f"shard-{k:05d}")
+        files.append(prefix)
+        if os.path.exists(prefix + ".exact.npy"):
+            continue
+        hi = rng.integers(0, 2 ** 63, per, dtype=np.uint64) * np.uint64(2)
+        hi[: per // 10] = hi[per // 10: 2 * (per // 10)]  # 10% duplicates
+        lo = hi ^ np.uint64(12345)
+        gid = np.arange(k * per, (k + 1) * per, dtype=np.uint64)
+        o = np.lexsort((gid, lo, hi))
+        np.save(prefix + ".exact.npy", np.stack([hi[o], lo[o], gid[o]]))
+    out = []
+    for bits in (0, 2):
+        res, wall, rss, cpu = measured([sys.executable, "-c", MERGE_CHILD.format(
+            repo=REPO, bits=bits, files=files, out=os.path.join(d, f"unit{bits}.npy"))])
+        out.append((bits, json.loads(res.strip().splitlines()[-1])["cpu"], rss))
+    return out
 
 
 def minhash_compare(docs, ds_path):
@@ -173,6 +219,9 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 4000, 16000])
     ap.add_argument("--workdir", default="/tmp/megafox_bench_dedup")
     ap.add_argument("--datasketch-path", default=None)
+    ap.add_argument("--merge-entries", type=int, default=16_000_000,
+                    help="synthetic entries for the merge-unit measurement (0: skip)")
+    ap.add_argument("--only-merge", action="store_true", help="only the merge-unit measurement")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     docs = stdlib_docs()
@@ -187,7 +236,7 @@ def main():
     tokenizer = os.path.join(tok_dir, "tokenizer.model")
     data_dir = stage_task(a.workdir, docs)
     rows = []
-    for n in a.sizes:
+    for n in ([] if a.only_merge else a.sizes):
         d, files = write_corpus(a.workdir, n, docs)
         import shutil
 
@@ -195,18 +244,25 @@ def main():
         shutil.copy(os.path.join(a.workdir, "bench_task.yaml"), os.path.join(d, "bench_task.yaml"))
         plan = write_plan(d, files, tokenizer, data_dir)
         # the benchmark index (lm_eval loads the task) is built once, outside the timed steps
-        measured([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); from data_prep.plan import load_plan; "
-                  f"from data_prep.dedup import StageDedup; StageDedup(load_plan({plan!r}), 's1', quiet=True)"])
+        _, _, _, base_cpu = measured([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); "
+                                      f"from data_prep.plan import load_plan; from data_prep.dedup import StageDedup; "
+                                      f"StageDedup(load_plan({plan!r}), 's1', quiet=True)"])
+        # ^ also builds the benchmark index once; a second run measures the start-up every step pays
+        _, _, _, base_cpu = measured([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); "
+                                      f"from data_prep.plan import load_plan; from data_prep.dedup import StageDedup; "
+                                      f"StageDedup(load_plan({plan!r}), 's1', quiet=True)"])
         r = {"n": n}
         for step in ("signatures", "merge", "cluster"):
-            out, wall, rss = measured([sys.executable, "-c", CHILD.format(repo=REPO, plan=plan, step=step)])
+            out, wall, rss, cpu = measured([sys.executable, "-c", CHILD.format(repo=REPO, plan=plan, step=step)])
             res = json.loads(out.strip().splitlines()[-1])
-            r[step] = (res["seconds"], rss, res["setup"])
-        out, wall, rss = measured([sys.executable, "-m", "data_prep.preprocess", "--input", *files, "--tokenizer",
-                                   tokenizer, "--output-prefix", os.path.join(d, "tok_only"), "--workers", "1",
-                                   "--progress", "none", "--quiet"])
+            r[step] = (max(cpu - base_cpu, 1e-3), rss, res["seconds"])
+        _, _, _, tok_base = measured([sys.executable, "-c", "import sys; sys.path.insert(0, %r); "
+                                      "import data_prep.preprocess, sentencepiece" % REPO])
+        out, wall, rss, cpu = measured([sys.executable, "-m", "data_prep.preprocess", "--input", *files, "--tokenizer",
+                                        tokenizer, "--output-prefix", os.path.join(d, "tok_only"), "--workers", "1",
+                                        "--progress", "none", "--quiet"])
         man = json.load(open(os.path.join(d, "tok_only.manifest.json")))
-        r["tokenize"] = (man["elapsed_s"], rss, 0.0)
+        r["tokenize"] = (max(cpu - tok_base, 1e-3), rss, man["elapsed_s"])
         rep = json.load(open(os.path.join(d, "out", "s1", "dedup_report.json")))
         r["report"] = rep["sources"]["docs"]
         r["bench"] = rep["benchmarks"]
@@ -214,20 +270,20 @@ def main():
         print(f"\n## {n:,} documents ({sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB JSONL): "
               f"{r['report']['exact_duplicate']:,} exact, {r['report']['near_duplicate']:,} near duplicates, "
               f"{r['report']['contaminated']:,} contaminated")
-        print("| step (1 process, 1 core) | seconds | documents/s | peak RSS MB |")
-        print("| --- | --- | --- | --- |")
+        print("| step (1 process, 1 worker) | CPU seconds | documents/s per core | wall s | peak RSS MB |")
+        print("| --- | --- | --- | --- | --- |")
         for step in ("signatures", "merge", "cluster", "tokenize"):
-            s, m, _ = r[step]
-            print(f"| {step} | {s:.2f} | {n / s:,.0f} | {m:.0f} |")
+            s, m, w = r[step]
+            print(f"| {step} | {s:.2f} | {n / s:,.0f} | {w:.2f} | {m:.0f} |")
         print(f"(load average now {os.getloadavg()[0]:.1f})")
         extra = r["signatures"][0] + r["merge"][0] + r["cluster"][0]
-        print(f"dedup + decontamination add {extra:.1f} s to {r['tokenize'][0]:.1f} s of tokenizing "
+        print(f"dedup + decontamination add {extra:.1f} CPU s to {r['tokenize'][0]:.1f} CPU s of tokenizing "
               f"(+{100 * extra / r['tokenize'][0]:.0f}%)", flush=True)
     if len(rows) > 1:
         a0, a1 = rows[0], rows[-1]
         f = a1["n"] / a0["n"]
         print(f"\n## growth {a0['n']:,} -> {a1['n']:,} documents ({f:.0f}x)")
-        print("| step | time ratio | peak RSS ratio |")
+        print("| step | CPU time ratio | peak RSS ratio |")
         print("| --- | --- | --- |")
         for step in ("signatures", "merge", "cluster", "tokenize"):
             print(f"| {step} | {a1[step][0] / a0[step][0]:.1f}x | {a1[step][1] / a0[step][1]:.2f}x |")
@@ -241,6 +297,13 @@ def main():
               f"({N / sig_rate / 3600 / 2048:.1f} h on a 64-node x 32-core SLURM array); "
               f"merge: {N / merge_rate / 3600:,.0f} core-hours in (bands + 1) x P units of <= partition_docs entries "
               f"each; tokenizing: {N / tok_rate / 3600:,.0f} core-hours")
+    if a.merge_entries:
+        print(f"\n## one exact-hash merge unit, {a.merge_entries:,} synthetic entries in 64 shard files (10% duplicates)")
+        print("| partitions of the key space | entries in the unit | CPU s | entries/s | peak RSS MB |")
+        print("| --- | --- | --- | --- | --- |")
+        for bits, cpu, rss in merge_scale(a.workdir, a.merge_entries):
+            e = a.merge_entries >> bits
+            print(f"| {1 << bits} | {e:,} | {cpu:.2f} | {e / cpu:,.0f} | {rss:.0f} |", flush=True)
     ours, theirs = minhash_compare(docs, a.datasketch_path)
     print("\n## MinHash signatures, 2,000 documents, 128 permutations, word 5-grams, 1 core")
     print(f"ours (numpy multiply-shift): {ours:,.0f} docs/s" +
