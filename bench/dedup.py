@@ -185,18 +185,40 @@ def merge_scale(workdir, total, shards=64):
     return out
 
 
+CLUSTER_CHILD = r"""
+import sys, time, json
+import numpy as np
+sys.path.insert(0, {repo!r})
+from data_prep.dedup import components
+rng = np.random.default_rng(0)
+m = {pairs}
+# duplicate pairs as the merge writes them: (first document of a bucket, another), clusters of ~3
+nodes = rng.choice(np.uint64(1) << np.uint64(60), size=m + m // 2, replace=False).astype(np.uint64)
+first = nodes[rng.integers(0, m // 2, m)]
+edges = np.stack([first, nodes[m // 2:][:m]])
+t0 = time.process_time()
+n, r = components(edges)
+print(json.dumps({{"cpu": time.process_time() - t0, "nodes": int(len(n))}}))
+"""
+
+
+def cluster_scale(pairs):
+    res, wall, rss, cpu = measured([sys.executable, "-c", CLUSTER_CHILD.format(repo=REPO, pairs=pairs)])
+    return json.loads(res.strip().splitlines()[-1]), rss
+
+
 def minhash_compare(docs, ds_path):
 
     from data_prep.minhash import MinHasher, ngrams_many, word_hashes_many, words
 
     sample = docs[:2000]
     h = MinHasher(128)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for i in range(0, len(sample), 100):  # as the signature step does: a chunk of documents at a time
         wh, counts = word_hashes_many([t.lower() for t in sample[i:i + 100]])
         g, d = ngrams_many(wh, counts, 5)
         h.signatures(g, d, len(counts))
-    ours = len(sample) / (time.perf_counter() - t0)
+    ours = len(sample) / (time.process_time() - t0)
     theirs = None
     if ds_path:
         sys.path.insert(0, ds_path)
@@ -204,13 +226,13 @@ def minhash_compare(docs, ds_path):
         from datasketch import MinHash
     except ImportError:
         return ours, None
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for t in sample:
         w = words(t)
         sh = {" ".join(w[i:i + 5]).encode() for i in range(max(len(w) - 4, 1))}
         m = MinHash(num_perm=128)
         m.update_batch(list(sh))
-    theirs = len(sample) / (time.perf_counter() - t0)
+    theirs = len(sample) / (time.process_time() - t0)
     return ours, theirs
 
 
@@ -221,7 +243,9 @@ def main():
     ap.add_argument("--datasketch-path", default=None)
     ap.add_argument("--merge-entries", type=int, default=16_000_000,
                     help="synthetic entries for the merge-unit measurement (0: skip)")
-    ap.add_argument("--only-merge", action="store_true", help="only the merge-unit measurement")
+    ap.add_argument("--cluster-pairs", type=int, default=8_000_000,
+                    help="synthetic duplicate pairs for the cluster-step measurement (0: skip)")
+    ap.add_argument("--only-merge", action="store_true", help="only the merge-unit and cluster measurements")
     a = ap.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     docs = stdlib_docs()
@@ -304,6 +328,13 @@ def main():
         for bits, cpu, rss in merge_scale(a.workdir, a.merge_entries):
             e = a.merge_entries >> bits
             print(f"| {1 << bits} | {e:,} | {cpu:.2f} | {e / cpu:,.0f} | {rss:.0f} |", flush=True)
+    if a.cluster_pairs:
+        print(f"\n## connected components of {a.cluster_pairs:,} synthetic duplicate pairs")
+        print("| pairs | documents in pairs | CPU s | peak RSS MB | bytes per pair |")
+        print("| --- | --- | --- | --- | --- |")
+        for m in (a.cluster_pairs // 4, a.cluster_pairs):
+            res, rss = cluster_scale(m)
+            print(f"| {m:,} | {res['nodes']:,} | {res['cpu']:.2f} | {rss:.0f} | {rss * 2 ** 20 / m:.0f} |", flush=True)
     ours, theirs = minhash_compare(docs, a.datasketch_path)
     print("\n## MinHash signatures, 2,000 documents, 128 permutations, word 5-grams, 1 core")
     print(f"ours (numpy multiply-shift): {ours:,.0f} docs/s" +

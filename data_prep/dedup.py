@@ -84,7 +84,7 @@ def dedup_settings(raw, where: str, err) -> Optional[dict]:
     th = raw.get("threshold", 0.8)
     if isinstance(th, bool) or not isinstance(th, (int, float)) or not 0 < th < 1:
         raise err(f"{where}.threshold: must be a Jaccard similarity between 0 and 1, got {th!r}")
-    for k, default, lo, hi in (("ngram", 5, 1, 64), ("num_perm", 128, 8, 1024), ("partition_docs", 1 << 25, 1, 1 << 40)):
+    for k, default, lo, hi in (("ngram", 5, 1, 64), ("num_perm", 128, 8, 1024), ("partition_docs", 1 << 24, 1, 1 << 40)):
         v = raw.get(k, default)
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise err(f"{where}.{k}: must be a whole number in [{lo}, {hi}], got {v!r}")
