@@ -142,6 +142,11 @@ def test_planted_cases_caught_and_nothing_else(world, tmp_path):
         entry = next(d for d in blend["datasets"] if d["prefix"] == name)
         assert entry["removed"] == man["removed"]
     assert "near duplicates" in world["stdout"]
+    info = run_module("megafox.cli", "info", "--blend", out / "stage1" / "blend.json", check=True).stdout
+    books = json.loads((out / "stage1" / "books.manifest.json").read_text())["removed"]
+    assert f"| books | {json.loads((out / 'stage1' / 'books.manifest.json').read_text())['documents']:,} |" in info
+    assert f"| {books['exact_duplicate']} | {books['near_duplicate']} | {books['contaminated']} dropped |" in info
+    assert "benchmark gsm8k: " in info and "benchmark arc_challenge: " in info
 
 
 @pytest.mark.slow
@@ -164,7 +169,7 @@ def test_one_worker_and_kill_then_rerun_identical(world, tmp_path):
             break
         time.sleep(0.01)
     os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    assert p.wait() == -signal.SIGKILL  # killed mid-run, not finished
     r = run_command(cmd)
     assert r.returncode == 0, r.stderr
     assert _outputs(killed) == {k: v.replace(str(world["out"]).encode(), str(killed).encode())
