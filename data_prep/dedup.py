@@ -286,7 +286,11 @@ class StageDedup:
         self.index = None
         if self.dc:
             os.makedirs(self.dir, exist_ok=True)
-            self.index = load_or_build(self.index_path, self.dc)
+            try:
+                self.index = load_or_build(self.index_path, self.dc)
+            except DataPrepError as e:  # name the plan and the section the benchmarks come from
+                msg = str(e).removeprefix("decontaminate: ")
+                raise DataPrepError(f"{plan['path']}: stages.{stage}.decontaminate: {msg}") from None
         self.settings = {"dedup": self.dd, "decontaminate": self.dc}
         self.settings_sig = {"dedup": self.dd, "decontaminate": dict(self.dc, index=self.index.digest()) if self.dc else None}
         self.jobs = []  # (member, shard index, signature)

@@ -235,3 +235,15 @@ def test_across_stages_drops_only_the_later_stage_copies(world, tmp_path):
     assert "removed" not in json.loads((tmp_path / "out" / "stage1" / "web.manifest.json").read_text())
     blend = json.loads((tmp_path / "out" / "stage2" / "blend.json").read_text())
     assert blend["datasets"][0]["removed"]["exact_duplicate"] == len(exact)
+
+
+@pytest.mark.slow
+def test_missing_benchmark_data_one_line(world, tmp_path):
+    """`suite: fox1` with only ARC and GSM8K staged: the first missing dataset, named, before any work."""
+    p = tmp_path / "plan.yaml"
+    p.write_text(world["plan"].read_text().replace("tasks: [arc_challenge, gsm8k]", "suite: fox1")
+                 .replace(f"output_dir: {world['root'] / 'out'}", f"output_dir: {tmp_path / 'out'}"))
+    r = plan(p, check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "stages.stage1.decontaminate: task hellaswag" in r.stderr and "Rowan/hellaswag" in r.stderr
+    assert not list((tmp_path / "out").rglob("*.bin"))
