@@ -247,3 +247,23 @@ def test_missing_benchmark_data_one_line(world, tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "stages.stage1.decontaminate: task hellaswag" in r.stderr and "Rowan/hellaswag" in r.stderr
     assert not list((tmp_path / "out").rglob("*.bin"))
+
+
+@pytest.mark.slow
+def test_task_yaml_examples_rendered_by_the_task(tmp_path):
+    """A task YAML (lm_eval's format, data under the data dir): every test document, as the task
+    renders it with its gold answer, is indexed; a document quoting one is found, others are not."""
+    from data_prep.decontaminate import BenchmarkIndex, benchmark_examples
+    from data_prep.minhash import word_hashes
+    from tests.eval.eval_helpers import stage_docstring_task
+
+    yaml_path = stage_docstring_task(tmp_path / "tasks", tmp_path / "data")
+    rows = [json.loads(x) for x in (tmp_path / "data" / "docstring_mc" / "test.jsonl").read_text().splitlines()]
+    ex = benchmark_examples(None, [str(yaml_path)], str(tmp_path / "data"))
+    assert ex == {"docstring_mc": [f"Docstring: {r['docstring']}\nFunction: {r['choices'][r['answer']]}" for r in rows]}
+    idx = BenchmarkIndex.build(ex, 8)
+    long_rows = [i for i, r in enumerate(rows) if len(r["docstring"].split()) >= 10]
+    i = long_rows[0]
+    doc = "Some unrelated prose about a library.\n" + rows[i]["docstring"] + "\nAnd more prose after it."
+    assert (0, i) in idx.hits(word_hashes(doc))
+    assert idx.hits(word_hashes(" ".join(paragraphs(license_texts(["MPL-2.0"]))[:3]))) == []
