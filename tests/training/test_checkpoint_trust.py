@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from megafox import checkpoint as ckpt
+from tests.support.processes import assert_one_line_error
 from tests.training.harness import (faulty_trainer, kill_session, latest, losses, run_stage, track, wait_for_line,
                                     worker_with_rank)
 
@@ -152,6 +153,29 @@ def test_no_usable_checkpoint_exits_4_in_one_line(killed, tiny_data, tmp_path):
     lines = [line for line in out.splitlines() if "megafox-train: error:" in line]
     assert len(lines) == 1 and f"no usable checkpoint in {root}" in lines[0], out[-3000:]
     assert "Traceback" not in out
+
+
+def test_a_resume_that_changes_the_config_is_refused_in_one_line_unless_allowed(killed, tiny_data, tmp_path):
+    """A requeued job whose config now gives the partly trained stage another length: refused at
+    start-up (exit 2, one line naming the checkpoint, the field and the way out), nothing written;
+    with --allow-config-change the same command resumes from iteration 4 and trains to the new end."""
+    root = _copy(killed, tmp_path)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    longer = INTERVAL + ["stages.stage1.token_budget=5120"]  # 10 steps of 8 x 64 tokens instead of 8
+    rc, out = run_stage("stage1", root, tiny_data, nproc=1, overrides=longer)
+    line = assert_one_line_error(subprocess.CompletedProcess([], rc, "", out),
+                                 f"{root / 'iter_0000004'}: resuming with a config that changes what this run has "
+                                 f"trained would make it wrong: stages.stage1.token_budget: ",
+                                 "(run with --allow-config-change to accept)")
+    assert "5120" in line and "4096" in line, line
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == files and latest(root) == 4
+
+    rc, out = run_stage("stage1", root, tiny_data, nproc=1, overrides=longer,
+                        env={"MEGAFOX_TRAIN_ARGS": "--allow-config-change"})
+    assert rc == 0, out[-4000:]
+    assert "--allow-config-change: continuing despite: stages.stage1.token_budget: " in out, out[-4000:]
+    assert f"resumed from {root / 'iter_0000004'}" in out and "stage stage1 complete: iteration=10" in out
+    assert sorted(losses(root, "stage1")) == list(range(1, 11)) and latest(root) == 10
 
 
 def test_a_full_disk_says_so_and_names_the_checkpoint_still_good(tiny_data, tmp_path):
