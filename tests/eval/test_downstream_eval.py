@@ -75,6 +75,7 @@ def _hf_dir(weights, tokenizer, out: Path) -> Path:
     hf = hf_llama(model)
     missing, unexpected = hf.load_state_dict(weights, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied: lm_head is the embedding
+    out.mkdir(parents=True)
     ids = write_hf_tokenizer(Path(tokenizer), out, model.max_position_embeddings)
     hf.config.bos_token_id = hf.generation_config.bos_token_id = ids["bos"]
     hf.config.eos_token_id = hf.generation_config.eos_token_id = ids["eos"]
