@@ -38,11 +38,10 @@ def sft_data(tiny_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrained") / "ckpt"
-    rc, out = run_stage("stage1", root, tiny_data, overrides=["stages.stage1.token_budget=2048"])
-    assert rc == 0, out[-3000:]
-    return root
+def pretrained(reference):
+    """The pretraining run SFT starts from: conftest.py's stage-1 run (8 steps on DP2), trained
+    once for all the trainer tests; only read here (checkpoint.init_from)."""
+    return reference
 
 
 @pytest.fixture(scope="module")
