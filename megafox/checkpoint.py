@@ -51,19 +51,25 @@ BeforeCommit = Callable[[Path], None]
 
 
 class CheckpointSaveError(CheckpointError):
-    """A save failed (disk full, I/O error); says why and which checkpoint is still good."""
+    """A save failed (disk full, I/O error); says why and which checkpoint is still good.
+
+    A full disk leads the message (what is full, how much is free, which checkpoint is still the
+    latest): torch's zip writer reports it as a long internal line that names no cause, so the
+    library's words come last."""
 
     def __init__(self, root: Union[str, Path], iteration: int, cause: BaseException):
         reason = _root_cause(cause)
         try:
             last = resolve_iteration(root)
-            good = f"the last complete checkpoint is iteration {last} in {root}, untouched"
+            good = f"iteration {last} is still the latest checkpoint ({root}, untouched)"
         except CheckpointError:
             last, good = None, f"there is no complete checkpoint in {root} yet"
         full = _disk_full(Path(root), last)
-        super().__init__(f"saving iteration {iteration} to {iteration_dir(root, iteration)} failed: {reason}"
-                         + (f" (the disk is full: {full}; free space, then rerun to resume)" if full else "")
-                         + f"; {good}")
+        failed = f"saving iteration {iteration} to {iteration_dir(root, iteration)} failed: {reason}"
+        if full:
+            super().__init__(f"the disk is full: {full}; {good}; {failed}; free space, then rerun to resume")
+        else:
+            super().__init__(f"{failed}; {good}")
 
 
 def _disk_full(root: Path, last: Optional[int]) -> Optional[str]:
@@ -76,8 +82,7 @@ def _disk_full(root: Path, last: Optional[int]) -> Optional[str]:
     need = 64 << 20
     if last is not None:
         need = max(need // 64, sum(f.stat().st_size for f in iteration_dir(root, last).iterdir() if f.is_file()))
-    return f"{free / 2**20:.1f} MiB free on its filesystem, a checkpoint needs about {need / 2**20:.1f}" \
-        if free < need else None
+    return f"{free / 2**20:.1f} MiB free, a save needs {need / 2**20:.1f} MiB" if free < need else None
 
 
 class NoUsableCheckpoint(CheckpointError):

@@ -123,3 +123,13 @@ def test_verify_failure_exits_1(good, tmp_path):
     proc = run_tool("to_hf", "--checkpoint", good / "ckpt", "--output", tmp_path / "o", "--dtype", "fp32",
                     "--verify", "--tolerance", "-1", "--no-progress")
     assert proc.returncode == 1 and "FAILED" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("argv, given", [([], "no command given"), (["frob", "--checkpoint", "x"], "unknown command 'frob'")])
+def test_megafox_ckpt_without_a_known_command(argv, given):
+    """`megafox-ckpt` (checkpoints_tools.cli:main) with no or an unknown command: one line naming
+    what was given and the commands there are, exit 2."""
+    line = assert_one_line_error(run_tool("cli", *argv), f"megafox-ckpt: error: {given} (choose from: ")
+    assert "inspect, verify, reshard, to-hf, from-hf" in line
+    helped = run_tool("cli", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: megafox-ckpt {inspect,") and not helped.stderr

@@ -8,7 +8,7 @@ from megatron.core import parallel_state as ps
 from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
 from megafox.data.tokenizer import load_tokenizer
 from megafox.eval.config import EvalConfig
-from megafox.testing.layout import current_parallel, load_hf_weights
+from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.callbacks.downstream_eval import DownstreamEvalCallback
 from megafox.training.stack import build_training_stack
 from megafox.training.step import params_gathered, train_step
@@ -37,10 +37,10 @@ def _global_batches(vocab: int, steps: int, global_batch: int, seed: int = 5):
             for t in tokens]
 
 
-def _train(hf_path, tokenizer_path, steps, global_batch, callback, overlap):
+def _train(hf_path, tokenizer_path, steps, global_batch, callback, overlap, snapshot_every=None):
     """`steps` optimizer steps from the same weights and batches; `callback.post_step` after each
     one when given, as the trainer calls it. Returns the losses, the logged records and the RNG
-    states at the end."""
+    states at the end, and with `snapshot_every` the weights (HF names) after every such step."""
     model = fox1_tiny()
     parallel = dataclasses.replace(current_parallel(use_distributed_optimizer=True), **overlap)
     torch.manual_seed(1234)
@@ -54,7 +54,7 @@ def _train(hf_path, tokenizer_path, steps, global_batch, callback, overlap):
     if callback is not None:
         callback.on_start(trainer)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    losses = []
+    losses, snapshots = [], {}
     for batch in _global_batches(model.vocab_size, steps, global_batch):
         local = {k: v.chunk(dp)[dp_rank] for k, v in batch.items()}
         micro = [{k: v[i:i + MICRO] for k, v in local.items()} for i in range(0, local["tokens"].shape[0], MICRO)]
@@ -65,11 +65,14 @@ def _train(hf_path, tokenizer_path, steps, global_batch, callback, overlap):
         trainer.state.consumed_tokens += global_batch * SEQ
         if callback is not None:
             callback.post_step(trainer, result)
+        if snapshot_every and trainer.state.iteration % snapshot_every == 0:
+            with params_gathered(stack.model):  # the weights the evaluator has just scored
+                snapshots[trainer.state.iteration] = gather_hf_weights(stack.model, model, parallel)
     with params_gathered(stack.model):  # with overlap_param_gather, the last update is gathered lazily
         weights = torch.cat([p.detach().reshape(-1).float().clone() for c in stack.model for p in c.parameters()])
     return {"losses": losses, "records": metrics.records, "resets": metrics.resets,
             "torch_rng": torch.get_rng_state(), "weights_sum": float(weights.double().sum()),
-            "modes": [c.training for c in stack.model]}
+            "modes": [c.training for c in stack.model], "snapshots": snapshots}
 
 
 def with_and_without_evaluator(hf_path, tokenizer_path, task_yaml, data_dir, steps=4, interval=2, global_batch=4,
@@ -77,7 +80,8 @@ def with_and_without_evaluator(hf_path, tokenizer_path, task_yaml, data_dir, ste
     overlap = overlap or {}
     plain = _train(hf_path, tokenizer_path, steps, global_batch, None, overlap)
     config = EvalConfig(interval=interval, tasks=[f"{task_yaml}:1"], data_dir=data_dir, limit=8, batch_size=3)
-    evaluated = _train(hf_path, tokenizer_path, steps, global_batch, DownstreamEvalCallback(config), overlap)
+    evaluated = _train(hf_path, tokenizer_path, steps, global_batch, DownstreamEvalCallback(config), overlap,
+                       snapshot_every=interval)
     return {"plain": plain, "evaluated": evaluated, "rank": torch.distributed.get_rank()}
 
 

@@ -1,10 +1,13 @@
 """The in-loop evaluator around real training steps: scores logged every `interval` steps, and the
 training run it sits in is bit-identical to the same run without it."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from megafox.testing.distributed import run_distributed
-from tests.eval.eval_helpers import peaked_hf_state, tiny_model
+from tests.eval.eval_helpers import peaked_hf_state, run_eval, tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 
@@ -55,10 +58,46 @@ def test_scores_are_logged_every_interval(runs, layout):
     assert [r["iteration"] for r in records] == [2, 4]
     assert [r["consumed_tokens"] for r in records] == [2 * 4 * 32, 4 * 4 * 32]
     for record in records:
-        assert 0.0 <= record["eval/docstring_mc/acc_norm"] <= 1.0
+        correct = record["eval/docstring_mc/acc_norm"] * 8  # a fraction of the 8 documents (limit=8)
+        assert 0 <= correct <= 8 and correct == pytest.approx(round(correct), abs=1e-9), record
         assert record["eval/time_s"] > 0
     assert runs[layout]["evaluated"]["resets"] == 2  # evaluation time kept out of the throughput window
     assert runs[layout]["plain"]["records"] == []
+
+
+def _hf_dir(weights, tokenizer, out: Path) -> Path:
+    """The weights a run's evaluator scored, as a Hugging Face directory with its tokenizer."""
+    from checkpoints_tools.hf_tokenizer import write_hf_tokenizer
+    from megafox.config import fox1_tiny
+    from megafox.testing.hf_reference import hf_llama
+
+    model = fox1_tiny()  # what bodies.py trains
+    hf = hf_llama(model)
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied: lm_head is the embedding
+    out.mkdir(parents=True)
+    ids = write_hf_tokenizer(Path(tokenizer), out, model.max_position_embeddings)
+    hf.config.bos_token_id = hf.generation_config.bos_token_id = ids["bos"]
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = ids["eos"]
+    hf.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.mark.parametrize("layout, iteration", [("pp2", 2), ("dp2_overlap", 4)])
+def test_logged_score_equals_lm_eval_on_the_weights_it_scored(runs, staged, tmp_path, layout, iteration):
+    """The score logged in the loop equals lm_eval's own `hf` model on the same weights (gathered
+    right after that step), with the same task, shots and documents. (The layouts agree with each
+    other below, so two of the six scores cover them all.)"""
+    evaluated = runs[layout]["evaluated"]
+    logged = next(r for r in evaluated["records"] if r["iteration"] == iteration)
+    hf_dir = _hf_dir(evaluated["snapshots"][iteration], staged["tokenizer"], tmp_path / "hf")
+    proc = run_eval("--hf", hf_dir, "--tasks", f"{staged['task_yaml']}:1", "--limit", 8, "--batch-size", 3,
+                    "--data-dir", staged["data"], "--output", tmp_path / "results", "--no-progress")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / "hf.json").read_text())
+    theirs = next(r for r in report["tasks"] if r["task"] == "docstring_mc")
+    assert theirs["metric"] == "acc_norm" and theirs["samples"] == 8, theirs
+    assert logged["eval/docstring_mc/acc_norm"] == pytest.approx(theirs["value"], abs=1e-9), (logged, theirs)
 
 
 def test_layouts_agree_on_the_scores(runs):

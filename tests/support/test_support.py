@@ -67,3 +67,17 @@ def test_commands_run_outside_any_torchrun_job_and_fail_checked(monkeypatch):
         run_module("megafox.cli", "info", "--tp", "3", check=True)
     with pytest.raises(AssertionError):
         assert_one_line_error(run_module("megafox.cli", "info", "--tp", "2"))  # exit 0: not a failure
+
+
+def test_every_test_runs_under_a_time_limit(request):
+    """pytest-timeout is active with pytest.ini's limit, and an end-to-end test gets the longer one
+    (tests/conftest.py): a hung test fails on its own instead of stalling CI."""
+    from tests.conftest import SLOW_TIMEOUT_S, pytest_collection_modifyitems
+
+    assert request.config.pluginmanager.hasplugin("timeout")
+    assert request.config.getini("timeout") == "300" and request.config.getini("timeout_method") == "signal"
+    item = request.node
+    assert item.get_closest_marker("timeout") is None  # a unit test: the ini's default applies
+    item.add_marker(pytest.mark.slow)
+    pytest_collection_modifyitems(request.config, [item])
+    assert item.get_closest_marker("timeout").args == (SLOW_TIMEOUT_S,)

@@ -58,11 +58,14 @@ def run_stage(stage: str, root: Path, data: Path, nproc: int = 2, overrides: Lis
         sessions: set = set()
         deadline = time.monotonic() + timeout
         try:
-            while proc.poll() is None:
-                if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
+            while True:
                 track(proc, sessions)
-                time.sleep(0.5)
+                try:
+                    proc.wait(timeout=0.5)  # returns as the launcher exits, not at the next half second
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() > deadline:
+                        raise subprocess.TimeoutExpired(cmd, timeout) from None
         finally:
             kill_session(proc, sessions)
         log.seek(0)

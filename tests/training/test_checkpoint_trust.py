@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from megafox import checkpoint as ckpt
+from tests.support.processes import assert_one_line_error
 from tests.training.harness import (faulty_trainer, kill_session, latest, losses, run_stage, track, wait_for_line,
                                     worker_with_rank)
 
@@ -28,14 +29,6 @@ def killed(tiny_data, tmp_path_factory):
     rc, out = run_stage("stage1", root, tiny_data, overrides=INTERVAL, env=faulty_trainer("--kill-at-step", "6"))
     assert rc != 0 and latest(root) == 4, out[-3000:]
     return root
-
-
-@pytest.fixture(scope="module")
-def straight(tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("straight") / "ckpt"
-    rc, out = run_stage("stage1", root, tiny_data, overrides=INTERVAL)
-    assert rc == 0, out[-3000:]
-    return losses(root, "stage1")
 
 
 def _copy(src, tmp_path):
@@ -127,7 +120,7 @@ def test_checkpoints_without_digests_are_checked_against_their_index(killed, tmp
     assert record.iteration == 2 and "__0_1.distcp: truncated shard file (100 bytes" in skipped[0]
 
 
-def test_resume_skips_a_silently_corrupt_checkpoint_and_trains_the_same_run(killed, straight, tiny_data, tmp_path):
+def test_resume_skips_a_silently_corrupt_checkpoint_and_trains_the_same_run(killed, reference, tiny_data, tmp_path):
     """One flipped bit in the newest checkpoint used to resume without a word and depart from the
     trajectory: now the trainer names the file, resumes from the one before, and every logged loss
     equals the uninterrupted run's."""
@@ -138,7 +131,7 @@ def test_resume_skips_a_silently_corrupt_checkpoint_and_trains_the_same_run(kill
     assert "skipping an unusable checkpoint: iteration 4: " in out and "__0_0.distcp: checksum mismatch" in out
     assert f"falling back to iteration 2 ({root / 'iter_0000002'})" in out
     assert f"resumed from {root / 'iter_0000002'}" in out
-    assert losses(root, "stage1") == straight
+    assert losses(root, "stage1") == losses(reference, "stage1")  # the uninterrupted run (conftest.py)
     kept = list(root.glob("iter_0000004.superseded-*"))
     assert len(kept) == 1 and (kept[0] / "__0_0.distcp").is_file()  # the bad one is kept for inspection
 
@@ -154,6 +147,35 @@ def test_no_usable_checkpoint_exits_4_in_one_line(killed, tiny_data, tmp_path):
     assert "Traceback" not in out
 
 
+def test_a_resume_that_changes_the_config_is_refused_in_one_line_unless_allowed(killed, tiny_data, tmp_path):
+    """A requeued job whose config now gives the partly trained stage another length: refused at
+    start-up (exit 2, one line naming the checkpoint, the field and the way out), nothing written;
+    with --allow-config-change the same command resumes from iteration 4 and trains to the new end."""
+    root = _copy(killed, tmp_path)
+
+    def checkpoints():  # every file of the run but the data cache (built before the config is compared)
+        return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+                if p.is_file() and p.relative_to(root).parts[0] != "data_cache" and "lock" not in p.name}
+
+    before = checkpoints()
+    assert "latest" in before and "iter_0000004/megafox.json" in before
+    longer = INTERVAL + ["stages.stage1.token_budget=5120"]  # 10 steps of 8 x 64 tokens instead of 8
+    rc, out = run_stage("stage1", root, tiny_data, nproc=1, overrides=longer)
+    line = assert_one_line_error(subprocess.CompletedProcess([], rc, "", out),
+                                 f"{root / 'iter_0000004'}: resuming with a config that changes what this run has "
+                                 f"trained would make it wrong: stages.stage1.token_budget: ",
+                                 "(run with --allow-config-change to accept)")
+    assert "5120" in line and "4096" in line, line
+    assert checkpoints() == before  # nothing written, nothing touched
+
+    rc, out = run_stage("stage1", root, tiny_data, nproc=1, overrides=longer,
+                        env={"MEGAFOX_TRAIN_ARGS": "--allow-config-change"})
+    assert rc == 0, out[-4000:]
+    assert "--allow-config-change: continuing despite: stages.stage1.token_budget: " in out, out[-4000:]
+    assert f"resumed from {root / 'iter_0000004'}" in out and "stage stage1 complete: iteration=10" in out
+    assert sorted(losses(root, "stage1")) == list(range(1, 11)) and latest(root) == 10
+
+
 def test_a_full_disk_says_so_and_names_the_checkpoint_still_good(tiny_data, tmp_path):
     """The checkpoint directory on a 7 MB tmpfs: the first save (4.6 MB) fits, the second does not."""
     disk = tmp_path / "disk"
@@ -167,8 +189,15 @@ def test_a_full_disk_says_so_and_names_the_checkpoint_still_good(tiny_data, tmp_
         assert rc == 1, out[-4000:]
         lines = [line for line in out.splitlines() if "megafox-train: error:" in line]
         assert len(lines) == 1, out[-4000:]
-        assert "saving iteration 4 to" in lines[0] and "(the disk is full: " in lines[0], lines[0]
-        assert f"the last complete checkpoint is iteration 2 in {root}" in lines[0]
+        # the cause first (what is full, how much is free, which checkpoint is still the latest),
+        # torch's internal words ("unexpected pos ...") after it
+        line = lines[0][lines[0].index("megafox-train: error: "):]
+        head = line[:120]
+        assert head.startswith("megafox-train: error: the disk is full: ") and " MiB free, a save needs " in head, line
+        assert "iteration 2 is still the latest checkpoint" in head, line
+        assert line.index("iteration 2 is still the latest") < line.index("saving iteration 4 to") \
+            < line.index(" failed: "), line
+        assert line.endswith("free space, then rerun to resume"), line
         assert latest(root) == 2 and not (root / "iter_0000004").exists()  # the partial save's space is given back
         assert ckpt.find_usable_checkpoint(root)[0].iteration == 2
     finally:

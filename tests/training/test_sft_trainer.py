@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megafox import checkpoint as ckpt
+from megafox.testing.distributed import run_distributed
 from tests.support.processes import run_module
 from tests.training.harness import faulty_trainer, latest, losses, metrics, run_stage, sample_ids
 
@@ -37,11 +38,10 @@ def sft_data(tiny_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrained") / "ckpt"
-    rc, out = run_stage("stage1", root, tiny_data, overrides=["stages.stage1.token_budget=2048"])
-    assert rc == 0, out[-3000:]
-    return root
+def pretrained(reference):
+    """The pretraining run SFT starts from: conftest.py's stage-1 run (8 steps on DP2), trained
+    once for all the trainer tests; only read here (checkpoint.init_from)."""
+    return reference
 
 
 @pytest.fixture(scope="module")
@@ -120,5 +120,11 @@ def test_exported_instruct_model_chats_through_its_chat_template(finetuned, sft_
     assert "<|assistant|>" in tok.decode(prompt["input_ids"][0])  # the template the model was trained with
     with torch.no_grad():
         generated = model.generate(**prompt, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id)
-    reply = tok.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert generated.shape[1] > prompt["input_ids"].shape[1] and reply.strip(), reply
+    prompt_ids = prompt["input_ids"][0].tolist()
+    theirs = generated[0, len(prompt_ids):].tolist()
+    reply = tok.decode(theirs, skip_special_tokens=True)
+    assert theirs and reply.strip(), reply
+    # the same greedy reply from the checkpoint itself, run by megafox: the export is the model trained
+    ours = run_distributed("tests/support/checkpoint_model.py:greedy_tokens", 1, {}, {
+        "root": str(root), "prompt": prompt_ids, "max_new_tokens": 24, "eos_id": tok.eos_token_id})
+    assert theirs == ours, (tok.decode(theirs), tok.decode(ours))

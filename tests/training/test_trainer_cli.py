@@ -26,20 +26,6 @@ def _ok(rc, out, expected=0):
     assert rc == expected, f"exit {rc}, expected {expected}:\n{out[-6000:]}"
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory):
-    """stage1 uninterrupted on DP2: the losses every interrupted run must reproduce."""
-    root = tmp_path_factory.mktemp("reference") / "ckpt"
-    rc, out = run_stage("stage1", root, tiny_data)
-    _ok(rc, out)
-    assert f"stage stage1 complete: iteration={STAGE1_STEPS}" in out
-    ref = losses(root, "stage1")
-    assert sorted(ref) == list(range(1, STAGE1_STEPS + 1))
-    assert all(math.isfinite(v) for v in ref.values())
-    assert ref[STAGE1_STEPS] < ref[1]  # it learns
-    return root
-
-
 def _assert_samples_exact(root, stage, steps, gbs, first_iteration=1):
     """Over all runs of the stage (a re-run step replaces the killed run's), the global batches
     are exactly stage samples [0, steps x gbs) in order: none repeated, none skipped."""
