@@ -21,8 +21,9 @@ embedding has no padding rows and the softmax the trainer takes is exactly the H
 megafox does with padded rows (tests/independent/test_independent_step_vs_hf.py owns that).
 
 Layouts x schedules: 1 rank and PP2 with warmup+cosine, TP2 and DP2 (the distributed optimizer's
-sharded update) with WSD: every layout once and each schedule across the stage change (the scheduler is the same per-rank code at every layout, so the
-full product would add runtime, not coverage).
+sharded update) with WSD: every layout once and each schedule across the stage change (the
+scheduler is the same per-rank code at every layout, so the full product would add runtime, not
+coverage). bf16 runs once, at 1 rank, against the fp32 reference.
 """
 import json
 import math
@@ -31,10 +32,15 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.support.indexed import write_blend, write_indexed
 from tests.support.processes import REPO, free_port, run_command, run_module
@@ -75,7 +81,7 @@ RUNS = [("tp1", "cosine"), ("tp2", "wsd"), ("pp2", "cosine"), ("dp2", "wsd")]
 # partition, by some 10 ulps (observed <= 1.2e-6). The weights after 7 Adam steps: an update is
 # lr * m / (sqrt(v) + eps), and eps = 3e-4 keeps it from amplifying the gradients' rounding where
 # they are near 0, so the weights differ by rounding-level amounts (observed <= 2.5e-7). 2e-6 is
-# 1/500 of the smallest lr: a wrong lr, clip or decay shows by 100-1000x more
+# 1/500 of the smallest lr: an lr 2% off, no clipping or decayed norms show by over 1000x more
 # (test_the_comparison_can_fail).
 LOSS_RTOL, GRAD_NORM_RTOL = 1e-6, 1e-5
 WEIGHT_ATOL = 2e-6
@@ -115,8 +121,6 @@ def step_tokens():
 def hf_model():
     """Fox-1's architecture at fox1-tiny's shape (tied embeddings, GQA 4:2), norms random so a
     swapped or undecayed/decayed norm shows."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(7)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
@@ -133,12 +137,11 @@ def hf_model():
 def reference_batches(data: Path, eos: int):
     """{stage: [global batch]} read by megatron-core's GPTDataset from the stage's indexed file
     (its own index build, in its own cache directory)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
     tokenizer = SimpleNamespace(vocab_size=VOCAB, eod=eos, pad=-1, unique_identifiers={"reference": "sp512"})
     out = {}
     for name, seq, steps, _ in STAGES:
+        # megafox's contract: a stage has ceil(token_budget / seq_length) samples (the count is
+        # part of GPTDataset's shuffle), and its budget here is exactly its steps' tokens
         num_samples = math.ceil(seq * GLOBAL_BATCH * steps / seq)
         config = GPTDatasetConfig(random_seed=SEED, sequence_length=seq, blend=([str(data / "shards" / name)], None),
                                   split="1,0,0", tokenizer=tokenizer, reset_position_ids=False,
@@ -146,8 +149,9 @@ def reference_batches(data: Path, eos: int):
                                   path_to_cache=str(data / "reference_cache"))
         dataset = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()[0]
         samples = [dataset[i] for i in range(num_samples)]
-        out[name] = [{key: torch.stack([torch.as_tensor(s[key]) for s in samples[k * GLOBAL_BATCH:(k + 1) * GLOBAL_BATCH]])
-                      for key in ("tokens", "labels", "loss_mask")} for k in range(steps)]
+        batches = [samples[k * GLOBAL_BATCH:(k + 1) * GLOBAL_BATCH] for k in range(steps)]
+        out[name] = [{key: torch.stack([torch.as_tensor(s[key]) for s in batch])
+                      for key in ("tokens", "labels", "loss_mask")} for batch in batches]
     return out
 
 
@@ -198,8 +202,6 @@ def setup(tmp_path_factory):
     corpora = {name: paragraphs(stdlib_texts([pattern]), loose=True) for name, _, _, pattern in STAGES}
     tokenizer = train_sentencepiece(data, [d for docs in corpora.values() for d in docs], VOCAB, byte_fallback=False,
                                     pad_id=-1, character_coverage=1.0, max_sentence_length=100000)
-    import sentencepiece as spm
-
     eos = spm.SentencePieceProcessor(model_file=str(tokenizer)).eos_id()
     for name, seq, steps, _ in STAGES:
         prefix = write_indexed(data / "shards" / name, encode_documents(tokenizer, corpora[name]))
@@ -240,8 +242,6 @@ def write_config(path: Path, data: Path, root: Path, style: str, precision: str)
 
 def train(setup, layout: str, style: str, precision: str = "fp32"):
     """Both stages through launch/local.sh, then the fp32 export; (per-step metrics, final weights)."""
-    from safetensors.torch import load_file
-
     run = setup["tmp"] / f"{layout}_{style}_{precision}"
     run.mkdir()
     root = run / "ckpt"
@@ -294,7 +294,7 @@ def test_the_comparison_can_fail(setup, references):
     for variant in (dict(clip=False), dict(decay_1d=True), dict(lr_scale=1.02)):
         wrong = hf_train(setup["initial"], setup["batches"], "cosine", **variant)["weights"]
         diff = max((wrong[k] - cosine["weights"][k]).abs().max().item() for k in cosine["weights"])
-        assert diff > 20 * WEIGHT_ATOL, (variant, diff)
+        assert diff > 1000 * WEIGHT_ATOL, (variant, diff)
     for name, tensor in cosine["weights"].items():
         assert (tensor - setup["initial"][name]).abs().max() > 100 * WEIGHT_ATOL, f"{name} barely moved"
     lrs = {style: [s["lr"] for s in ref["steps"]] for style, ref in references.items()}
@@ -340,16 +340,16 @@ def main_params_of_norms(root: Path):
     here because the export holds bf16(m): at |w| ~ 1 bf16's spacing (2^-7) is coarser than these
     weights' whole update over the run, so only the fp32 main params show it. (The norms are the
     only tensors whose megatron layout is HF's: no QKV interleave or fused gate/up to undo.)"""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     latest = int((root / "latest").read_text())
     dcp_to_torch_save(str(root / f"iter_{latest:07d}"), str(root.parent / "last.pt"))
     state = torch.load(root.parent / "last.pt", weights_only=False)
     main = "optimizer.state.param.decoder."
+    qkv_norm = state[main + "layers.self_attention.linear_qkv.layer_norm_weight"]
+    fc1_norm = state[main + "layers.mlp.linear_fc1.layer_norm_weight"]
     out = {"model.norm.weight": state[main + "final_layernorm.weight"]}
-    for i in range(4):
-        out[f"model.layers.{i}.input_layernorm.weight"] = state[main + "layers.self_attention.linear_qkv.layer_norm_weight"][i]
-        out[f"model.layers.{i}.post_attention_layernorm.weight"] = state[main + "layers.mlp.linear_fc1.layer_norm_weight"][i]
+    for i in range(4):  # layers stacked on the first dimension
+        out[f"model.layers.{i}.input_layernorm.weight"] = qkv_norm[i]
+        out[f"model.layers.{i}.post_attention_layernorm.weight"] = fc1_norm[i]
     return out
 
 
@@ -368,12 +368,13 @@ def test_bf16_updates_follow_the_fp32_reference_within_bf16_precision(setup, ref
         matrices (the export):         || x - bf16(w0) - (r - w0) || <= U ||x|| + RHO ||r - w0||
         norms (fp32 main params m):    || m - bf16(w0) - (r - w0) || <= RHO ||r - w0||
     and each step's grad norm is within RHO of the reference's. Every tensor's update is more than
-    twice its bound, so a run that lost its updates (left at bf16(w0)), or whose updates were off
-    by more than RHO (a wrong lr, a lost step, moments not kept in fp32), fails."""
+    twice its bound, so a run that lost its updates (left at bf16(w0)) fails, as does one whose
+    updates are off by more than RHO."""
     ref, initial, got = references["cosine"], setup["initial"], bf16_run
     for g, r in zip(got["steps"], ref["steps"]):
         assert g["lr"] == pytest.approx(r["lr"], rel=1e-12)
-        assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=RHO), (g["iteration"], g["grad_norm"], r["grad_norm"])
+        assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=RHO), (g["iteration"], g["grad_norm"],
+                                                                          r["grad_norm"])
     assert any(g["loss"] != r["loss"] for g, r in zip(got["steps"], ref["steps"]))  # really bf16
     norms = main_params_of_norms(got["root"])
     assert set(norms) == {k for k in ref["weights"] if k.endswith("norm.weight")}
