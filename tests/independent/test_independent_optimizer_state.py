@@ -6,6 +6,9 @@ load_training_checkpoint with a CheckpointRecord as the checkpointing callback b
      (padded bucket ends): 2 steps, save, step 3; a fresh stack resumes from the save, step 3 again
   B  TP2: resumes A's checkpoint, step 3, save, step 4; a fresh TP2 stack resumes, step 4 again
   C  TP1, one rank: resumes B's checkpoint, step 4
+  D  PP2: resumes B's checkpoint, step 4, save, step 5; a fresh PP2 stack resumes, step 5 again
+  E  PP2 with 2 virtual stages per rank (interleaved schedule, one layer per chunk): resumes D's
+     checkpoint, step 5, save, step 6; a fresh PP2+VPP2 stack resumes, step 6 again
 Every fp32 main parameter, exp_avg and exp_avg_sq is read from megatron-core's optimizer per
 parameter (the distributed optimizer's shard of it on each DP rank, summed over DP into zeros,
 every element owned exactly once), mapped to HF names without padding, and compared tensor by
@@ -31,7 +34,7 @@ CROSS_LAYOUT_TOL = 1e-5
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("optstate")
     torch.save(hf_state(tiny_model(VOCAB), seed=21), tmp / "hf.pt")
-    torch.save(make_batches(VOCAB, steps=4, seed=17), tmp / "batches.pt")
+    torch.save(make_batches(VOCAB, steps=6, seed=17), tmp / "batches.pt")
     common = {"batches_path": str(tmp / "batches.pt"), "micro_batch_size": 2, "vocab_size": VOCAB,
               "settings": SETTINGS}
     a = run_distributed("tests/independent/bodies.py:resume_cycle", 2, {"use_distributed_optimizer": True},
@@ -41,7 +44,12 @@ def runs(tmp_path_factory):
                         dict(common, root_in=str(tmp / "A"), root_out=str(tmp / "B"), steps_before_save=1))
     c = run_distributed("tests/independent/bodies.py:resume_cycle", 1, {},
                         dict(common, root_in=str(tmp / "B"), steps_before_save=1))
-    return {"A": a, "B": b, "C": c}
+    d = run_distributed("tests/independent/bodies.py:resume_cycle", 2, {"pipeline_model_parallel_size": 2},
+                        dict(common, root_in=str(tmp / "B"), root_out=str(tmp / "D"), steps_before_save=1))
+    e = run_distributed("tests/independent/bodies.py:resume_cycle", 2,
+                        {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
+                        dict(common, root_in=str(tmp / "D"), root_out=str(tmp / "E"), steps_before_save=1))
+    return {"A": a, "B": b, "C": c, "D": d, "E": e}
 
 
 def assert_state_equal(got, expected, what):
@@ -93,3 +101,29 @@ def test_tp2_to_tp1(runs):
     b, c = runs["B"], runs["C"]
     assert_state_equal(c["loaded"], b["saved"], "TP2 -> TP1")
     assert_step_equal(c["steps"][0], b["after_save"], "TP1 step 4 after resume", CROSS_LAYOUT_TOL)
+
+
+def test_tp2_to_pp2(runs):
+    b, d = runs["B"], runs["D"]
+    assert_state_equal(d["loaded"], b["saved"], "TP2 -> PP2")
+    assert_step_equal(d["steps"][0], b["after_save"], "PP2 step 4 after resume", CROSS_LAYOUT_TOL)
+
+
+def test_same_layout_pp2(runs):
+    d = runs["D"]
+    assert d["saved"]["state"]["steps"] == [4.0]
+    assert_state_equal(d["reloaded"], d["saved"], "PP2 -> PP2")
+    assert_step_equal(d["after_reload"], d["after_save"], "PP2 step 5 after resume")
+
+
+def test_pp2_to_pp2_vpp2(runs):
+    d, e = runs["D"], runs["E"]
+    assert_state_equal(e["loaded"], d["saved"], "PP2 -> PP2+VPP2")
+    assert_step_equal(e["steps"][0], d["after_save"], "PP2+VPP2 step 5 after resume", CROSS_LAYOUT_TOL)
+
+
+def test_same_layout_pp2_vpp2(runs):
+    e = runs["E"]
+    assert e["saved"]["state"]["steps"] == [5.0]
+    assert_state_equal(e["reloaded"], e["saved"], "PP2+VPP2 -> PP2+VPP2")
+    assert_step_equal(e["after_reload"], e["after_save"], "PP2+VPP2 step 6 after resume")
