@@ -83,6 +83,7 @@ class Metrics(Callback):
         self._start_clock(trainer)
 
     def _start_clock(self, trainer) -> None:
+        self.reset_window()  # throughput from the first step, not from set-up
         self._last_record = time.perf_counter()
         if getattr(trainer, "timers", None) is not None:
             trainer.timers.take()  # set-up and resume are not a step's time
