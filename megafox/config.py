@@ -370,6 +370,7 @@ class ProfileConfig:
     steps: List[int] = field(default_factory=list)  # [first, last] global iterations, inclusive; [] = off
     ranks: List[int] = field(default_factory=lambda: [0])  # global ranks that trace
     dir: Optional[str] = None  # default <checkpoint.dir>/profile
+    signal_steps: int = 0  # > 0: a rank sent SIGUSR2 traces its next signal_steps steps (0: SIGUSR2 untouched)
     record_shapes: bool = False
     with_stack: bool = False
     memory_snapshot_on_oom: bool = True  # CUDA: write the allocator's snapshot when a step runs out of memory
@@ -562,6 +563,7 @@ class TrainConfig:
         _require(not p.steps or (len(p.steps) == 2 and 1 <= p.steps[0] <= p.steps[1]), "profile.steps",
                  f"must be [first, last] global iterations with 1 <= first <= last (or [] = off), got {p.steps}")
         _require(all(r >= 0 for r in p.ranks), "profile.ranks", f"must be global ranks >= 0, got {p.ranks}")
+        _require(p.signal_steps >= 0, "profile.signal_steps", f"must be >= 0 (0 = off), got {p.signal_steps}")
         v = self.validation
         _require(v.interval >= 0, "validation.interval", f"must be >= 0, got {v.interval}")
         _require(v.batches >= 1, "validation.batches", f"must be >= 1, got {v.batches}")

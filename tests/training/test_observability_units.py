@@ -87,3 +87,43 @@ def test_observing_differently_is_no_config_change_on_resume():
     now = config_mapping(load_train_config(TINY, ["profile.steps=[3,4]", "logging.trackers=[wandb]",
                                                   "logging.straggler_threshold=1.5"]))
     assert curriculum.compare_configs(saved, now, ["stage1"]) == curriculum.ConfigChanges()
+
+
+def test_sigusr2_traces_exactly_the_next_signal_steps_and_leaves_the_handler_as_it_was(tmp_path):
+    import json
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    import torch
+
+    from megafox.training.callbacks.profiler import ProfilerCallback
+
+    before = signal.getsignal(signal.SIGUSR2)
+    config = load_train_config(TINY, [f"checkpoint.dir={tmp_path}", "profile.signal_steps=2"])
+    [callback] = ProfilerCallback.for_rank(config, rank=3)
+    trainer = SimpleNamespace(state=SimpleNamespace(iteration=0))
+    callback.on_start(trainer)
+    for iteration in range(1, 8):
+        with torch.profiler.record_function("megafox/forward_backward"):
+            torch.ones(8, 8) @ torch.ones(8, 8)
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)  # mid-step: the trace starts with the next step
+        trainer.state.iteration = iteration
+        callback.post_step(trainer, SimpleNamespace(iteration=iteration))
+    callback.close(trainer)
+    assert signal.getsignal(signal.SIGUSR2) == before
+    [trace] = (tmp_path / "profile").iterdir()
+    assert trace.name == "rank3.steps3-4.pt.trace.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = sorted(e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#"))
+    assert steps == ["ProfilerStep#3", "ProfilerStep#4"]
+    assert sum(e.get("name") == "megafox/forward_backward" for e in events) == 2
+
+
+def test_no_profiling_configured_adds_no_callback_and_leaves_sigusr2_alone():
+    from megafox.training.callbacks.profiler import ProfilerCallback
+
+    no_oom = "profile.memory_snapshot_on_oom=false"  # (on by default, on CUDA only)
+    assert ProfilerCallback.for_rank(load_train_config(TINY, [no_oom]), rank=0) == []
+    assert ProfilerCallback.for_rank(load_train_config(TINY, [no_oom, "profile.steps=[2,3]"]), rank=1) == []

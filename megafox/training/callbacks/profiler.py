@@ -1,24 +1,28 @@
 """On-demand profiling (`profile:` in the config): a torch.profiler trace of chosen steps on chosen
-ranks, and on CUDA the allocator's memory snapshot when a step runs out of memory.
+ranks, or of the next steps of a rank that receives SIGUSR2, and on CUDA the allocator's memory
+snapshot when a step runs out of memory.
 
 The trace is Chrome-trace JSON named `*.pt.trace.json`, which chrome://tracing, Perfetto and
 TensorBoard's profiler plugin all open: <profile.dir>/rank<R>.steps<first>-<last>.pt.trace.json.
 Each traced step is one `ProfilerStep#<iteration>` range (the global iteration of the log line)
 that covers the whole step: data, forward/backward, gradient reduction, optimizer and every other
-callback's work on it; the phases inside are the `megafox/<phase>` ranges of
-megafox.training.timers, which on CUDA are NVTX ranges too (`nsys profile` shows them without
-this callback).
+callback's work on it (this callback is the trainer's last); the phases inside are the
+`megafox/<phase>` ranges of megafox.training.timers, which on CUDA are NVTX ranges too
+(`nsys profile` shows them without this callback).
 """
 from __future__ import annotations
 
 import pickle
+import signal
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from megafox.config import TrainConfig
 from megafox.training.callbacks.base import Callback
+
+TRACE_SIGNAL = signal.SIGUSR2  # SIGUSR1 and SIGTERM are the stop signals (megafox.signals)
 
 
 def _always_record(step: int) -> torch.profiler.ProfilerAction:
@@ -29,32 +33,47 @@ class ProfilerCallback(Callback):
     @classmethod
     def for_rank(cls, config: TrainConfig, rank: int) -> List["ProfilerCallback"]:
         p = config.profile
-        traced = bool(p.steps) and rank in p.ranks
-        oom = torch.cuda.is_available() and p.memory_snapshot_on_oom
-        return [cls(config, rank, traced)] if traced or oom else []
+        wanted = (bool(p.steps) and rank in p.ranks) or p.signal_steps > 0 or \
+            (torch.cuda.is_available() and p.memory_snapshot_on_oom)
+        return [cls(config, rank)] if wanted else []
 
-    def __init__(self, config: TrainConfig, rank: int, traced: bool):
-        self.settings, self.rank, self.traced = config.profile, rank, traced
+    def __init__(self, config: TrainConfig, rank: int):
+        self.settings, self.rank = config.profile, rank
         self.dir = Path(self.settings.dir or Path(config.checkpoint.dir) / "profile")
-        self.first, self.last = self.settings.steps if traced else (0, -1)
+        # the configured steps, traced once; a SIGUSR2 adds a window of the next signal_steps steps
+        self.configured: Optional[Tuple[int, int]] = \
+            tuple(self.settings.steps) if self.settings.steps and rank in self.settings.ranks else None
+        self.window: Optional[Tuple[int, int]] = None  # the steps being traced now
         self.profiler: Optional[torch.profiler.profile] = None
-        self.path: Optional[Path] = None
+        self.signalled = False
+        self._previous_handler = None
 
     def on_start(self, trainer) -> None:
         if torch.cuda.is_available() and self.settings.record_memory_history:
             torch.cuda.memory._record_memory_history(max_entries=100000)
+        if self.settings.signal_steps > 0:
+            self._previous_handler = signal.signal(TRACE_SIGNAL, self._on_signal)
         self._maybe_start(trainer.state.iteration + 1)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
 
     def post_step(self, trainer, report) -> None:
         if self.profiler is None:
             self._maybe_start(report.iteration + 1)
-        elif report.iteration >= self.last:
-            self._stop(trainer)
+        elif report.iteration >= self.window[1]:
+            self._stop()
+            self._maybe_start(report.iteration + 1)
         else:
             self.profiler.step()  # closes ProfilerStep#<iteration>, opens the next one
 
     def _maybe_start(self, next_iteration: int) -> None:
-        if not self.traced or self.path is not None or not self.first <= next_iteration <= self.last:
+        if self.configured and self.configured[0] <= next_iteration <= self.configured[1]:
+            self.window, self.configured = (next_iteration, self.configured[1]), None
+        elif self.signalled:
+            self.window, self.signalled = (next_iteration, next_iteration + self.settings.signal_steps - 1), False
+            print(f"[rank {self.rank}] {TRACE_SIGNAL.name}: tracing steps {self.window[0]}-{self.window[1]}", flush=True)
+        else:
             return
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
@@ -65,15 +84,17 @@ class ProfilerCallback(Callback):
                                                with_stack=self.settings.with_stack)
         self.profiler.step_num = next_iteration  # ProfilerStep#N numbers the run's own iterations
         self.profiler.start()
-        self.started = next_iteration
-        self.path = self.dir / f"rank{self.rank}.steps{next_iteration}-{self.last}.pt.trace.json"
 
-    def _stop(self, trainer) -> None:
+    def _stop(self, last: Optional[int] = None) -> None:
         profiler, self.profiler = self.profiler, None
+        first, last = self.window[0], last if last is not None else self.window[1]
         profiler.stop()
+        if last < first:  # stopped before the first traced step ran: nothing to keep
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
-        profiler.export_chrome_trace(str(self.path))
-        print(f"[rank {self.rank}] profiler trace of steps {self.started}-{self.last}: {self.path}", flush=True)
+        path = self.dir / f"rank{self.rank}.steps{first}-{last}.pt.trace.json"
+        profiler.export_chrome_trace(str(path))
+        print(f"[rank {self.rank}] profiler trace of steps {first}-{last}: {path}", flush=True)
 
     def on_error(self, trainer, exc: BaseException) -> None:
         if isinstance(exc, torch.cuda.OutOfMemoryError) and self.settings.memory_snapshot_on_oom:
@@ -86,6 +107,7 @@ class ProfilerCallback(Callback):
 
     def close(self, trainer) -> None:
         if self.profiler is not None:  # the run stopped inside the traced steps: keep what was traced
-            self.last = trainer.state.iteration
-            self.path = self.dir / f"rank{self.rank}.steps{self.started}-{self.last}.pt.trace.json"
-            self._stop(trainer)
+            self._stop(last=trainer.state.iteration)
+        if self._previous_handler is not None:
+            signal.signal(TRACE_SIGNAL, self._previous_handler)
+            self._previous_handler = None
