@@ -113,11 +113,8 @@ class Trainer:
         self.callbacks = [self.stop, self.metrics, ValidationCallback(), self.checkpointing,
                           *([SampleLogCallback()] if cfg.debug.log_samples else []),
                           *([self._downstream_eval()] if cfg.eval.interval else []), *self.extra_callbacks,
-                          *self._profiler()]
-
-    def _profiler(self) -> List[Callback]:
-        """Last in the list, so a traced step covers every other callback's work on it."""
-        return ProfilerCallback.for_rank(self.config, torch.distributed.get_rank())
+                          # last, so a traced step covers every other callback's work on it
+                          *ProfilerCallback.for_rank(cfg, torch.distributed.get_rank())]
     def _downstream_eval(self):
         from megafox.training.callbacks.downstream_eval import DownstreamEvalCallback
 

@@ -127,3 +127,32 @@ def test_no_profiling_configured_adds_no_callback_and_leaves_sigusr2_alone():
     no_oom = "profile.memory_snapshot_on_oom=false"  # (on by default, on CUDA only)
     assert ProfilerCallback.for_rank(load_train_config(TINY, [no_oom]), rank=0) == []
     assert ProfilerCallback.for_rank(load_train_config(TINY, [no_oom, "profile.steps=[2,3]"]), rank=1) == []
+
+
+def test_a_failing_tracker_is_turned_off_and_the_run_goes_on(tmp_path, capsys):
+    from megafox.training.callbacks.metrics import Metrics
+
+    class Broken:
+        def __init__(self):
+            self.logged = 0
+
+        def log(self, values, iteration, tokens):
+            self.logged += 1
+
+        def flush(self):
+            raise ConnectionError("tracking server unreachable")
+
+        def close(self):
+            raise AssertionError("a tracker turned off is not closed")
+
+    config = load_train_config(TINY, [f"checkpoint.dir={tmp_path}", "logging.trackers=[]", "logging.interval=2"])
+    metrics = Metrics(config, "stage1", config.model, 64, world_size=1, rank=0)
+    broken = Broken()
+    metrics.trackers = [broken]
+    for iteration in (1, 2, 3, 4):
+        metrics.step(iteration, {"loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "batch_tokens": 512,
+                                 "consumed_tokens": 512 * iteration, "skipped": False})
+    metrics.close()
+    assert broken.logged == 2 and metrics.trackers == []
+    assert capsys.readouterr().out.count("Broken: flush failed (ConnectionError: tracking server unreachable)") == 1
+    assert len((tmp_path / "metrics" / "stage1.jsonl").read_text().splitlines()) == 4  # the jsonl went on

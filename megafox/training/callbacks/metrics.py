@@ -135,8 +135,7 @@ class Metrics(Callback):
         self._emit(iteration, record)
         if line_due:
             self._reset_window_times()
-        for tracker in self.trackers:
-            tracker.flush()
+        self._each_tracker("flush")
 
     # ---------------------------------------------------------------------------- pieces of a line
     def _emit(self, iteration: int, record: Dict[str, Any]) -> None:
@@ -244,13 +243,21 @@ class Metrics(Callback):
         self._track({k: v for k, v in values.items() if not isinstance(v, bool)}, iteration, consumed_tokens)
 
     def _track(self, record: Dict[str, Any], iteration: int, tokens: int) -> None:
-        values = tracker_values(record)
-        for tracker in self.trackers:
-            tracker.log(values, iteration, tokens)
+        self._each_tracker("log", tracker_values(record), iteration, tokens)
+
+    def _each_tracker(self, method: str, *args) -> None:
+        """A tracker that fails (a tracking server gone, a full disk) is turned off with one line;
+        the run, its log line and its jsonl go on."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as exc:  # noqa: BLE001  (whatever the tracker's library raises)
+                self.trackers.remove(tracker)
+                print(f"{type(tracker).__name__}: {method} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                      "this tracker is off for the rest of this run", flush=True)
 
     def close(self, trainer=None) -> None:
-        for tracker in self.trackers:
-            tracker.close()
+        self._each_tracker("close")
         self.trackers = []
         if self._jsonl is not None:
             self._jsonl.close()
