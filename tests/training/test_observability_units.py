@@ -156,3 +156,16 @@ def test_a_failing_tracker_is_turned_off_and_the_run_goes_on(tmp_path, capsys):
     assert broken.logged == 2 and metrics.trackers == []
     assert capsys.readouterr().out.count("Broken: flush failed (ConnectionError: tracking server unreachable)") == 1
     assert len((tmp_path / "metrics" / "stage1.jsonl").read_text().splitlines()) == 4  # the jsonl went on
+
+
+def test_a_straggler_is_measured_against_its_own_pipeline_stage():
+    from megafox.training.callbacks.metrics import slowest_rank
+
+    hosts = ["n0", "n0", "n1", "n1"]
+    # [step, data, grad_reduce, pipeline stage]: the last stage is busier by design (the loss)
+    balanced = [[1.0, 0.1, 0.0, 0], [1.0, 0.1, 0.0, 0], [2.0, 0.1, 0.0, 1], [2.1, 0.1, 0.0, 1]]
+    assert slowest_rank(balanced, hosts, 1.2) == {"straggler_ratio": pytest.approx(2.1 / 2.05)}
+    # rank 2 is slow; rank 3 waited for it in the gradient reduction, so its step took as long
+    slow = [[1.0, 0.1, 0.0, 0], [1.0, 0.1, 0.0, 0], [3.0, 0.6, 0.0, 1], [3.0, 0.1, 1.0, 1]]
+    assert slowest_rank(slow, hosts, 1.2) == {"straggler_ratio": pytest.approx(3.0 / 2.5), "straggler_rank": 2,
+                                              "straggler_host": "n1", "straggler_data_share": pytest.approx(0.2)}

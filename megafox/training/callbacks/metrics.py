@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from megatron.core import parallel_state
 
 from megafox.config import ModelConfig, TrainConfig
 from megafox.info import flops_per_token
@@ -54,6 +55,24 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
+def slowest_rank(rows: List[List[float]], hosts: List[str], threshold: float) -> Dict[str, Any]:
+    """Per rank [step, data, grad_reduce seconds, pipeline stage] -> the rank furthest above the
+    median busy time (step - grad_reduce) of its pipeline stage: always its ratio, and its rank,
+    host and data-wait share when the ratio reaches `threshold`."""
+    busy = [step - reduce for step, _, reduce, _ in rows]
+    ratios = []
+    for rank, (_, _, _, stage) in enumerate(rows):
+        median = statistics.median(b for b, row in zip(busy, rows) if row[3] == stage)
+        ratios.append(busy[rank] / median if median > 0 else 1.0)
+    slowest = max(range(len(rows)), key=lambda r: ratios[r])
+    out: Dict[str, Any] = {"straggler_ratio": ratios[slowest]}
+    if ratios[slowest] >= threshold:
+        step, data = rows[slowest][:2]
+        out.update(straggler_rank=slowest, straggler_host=hosts[slowest] if hosts else "",
+                   straggler_data_share=data / step if step > 0 else 0.0)
+    return out
+
+
 class Metrics(Callback):
     def __init__(self, config: TrainConfig, stage: str, model: ModelConfig, seq_length: int,
                  world_size: int, rank: int):
@@ -66,6 +85,7 @@ class Metrics(Callback):
         self._window_time: Dict[str, float] = defaultdict(float)  # this rank's phase sums, for stragglers
         self._last_record: Optional[float] = None
         self.hosts: List[str] = []
+        self.pp_rank = 0
         self.trackers: list = []
         self._jsonl = None
         check_available(config.logging.trackers or [])
@@ -77,6 +97,8 @@ class Metrics(Callback):
         self.trackers, self.tracker_runs = open_trackers(config, stage)
 
     def on_start(self, trainer) -> None:
+        if parallel_state.model_parallel_is_initialized():
+            self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         if self.world > 1 and self.threshold:
             self.hosts = [""] * self.world
             torch.distributed.all_gather_object(self.hosts, socket.gethostname())
@@ -186,27 +208,18 @@ class Metrics(Callback):
     def _gather_stragglers(self) -> Optional[Dict[str, Any]]:
         """Every rank's step, data-wait and gradient-reduction seconds over the window; the slowest
         rank by busy time (its step time less the time it waited in the gradient reduction, where
-        a fast rank waits for a slow one) when it passes `straggler_threshold` x the median."""
-        if self.world <= 1 or not self.threshold or "step" not in self._window_time:
+        a fast rank waits for a slow one) when it passes `straggler_threshold` x the median of the
+        ranks in its pipeline stage (stages differ by design: embedding, loss)."""
+        if self.world <= 1 or not self.threshold:
             return None
-        mine = torch.tensor([self._window_time["step"], self._window_time.get("data", 0.0),
-                             self._window_time.get("grad_reduce", 0.0)], dtype=torch.float64,
+        mine = torch.tensor([self._window_time.get("step", 0.0), self._window_time.get("data", 0.0),
+                             self._window_time.get("grad_reduce", 0.0), self.pp_rank], dtype=torch.float64,
                             device="cuda" if torch.cuda.is_available() else "cpu")
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(gathered, mine)
         if self.rank != 0:
             return None
-        rows = [t.tolist() for t in gathered]
-        busy = [step - reduce for step, _, reduce in rows]
-        median = statistics.median(busy)
-        slowest = max(range(self.world), key=lambda r: busy[r])
-        ratio = busy[slowest] / median if median > 0 else 1.0
-        out: Dict[str, Any] = {"straggler_ratio": ratio}
-        if ratio >= self.threshold:
-            step, data, _ = rows[slowest]
-            out.update(straggler_rank=slowest, straggler_host=self.hosts[slowest] if self.hosts else "",
-                       straggler_data_share=data / step if step > 0 else 0.0)
-        return out
+        return slowest_rank([t.tolist() for t in gathered], self.hosts, self.threshold)
 
     @staticmethod
     def _straggler_text(straggler: Optional[Dict[str, Any]]) -> str:
