@@ -169,12 +169,17 @@ def open_trackers(config: TrainConfig, stage: str) -> Tuple[list, Optional[Track
     if log.trackers is None and "tensorboard" in names and importlib.util.find_spec("tensorboard") is None:
         print("tensorboard is not installed: no TensorBoard scalars", flush=True)
         names.remove("tensorboard")
-    if "tensorboard" in names:
-        trackers.append(TensorBoardTracker(log.tensorboard_dir or str(root / "tensorboard")))
-    if "wandb" in names:
-        trackers.append(WandbTracker(config, runs, stage))
-    if "mlflow" in names:
-        trackers.append(MlflowTracker(config, runs, stage))
+    starts = {"tensorboard": lambda: TensorBoardTracker(log.tensorboard_dir or str(root / "tensorboard")),
+              "wandb": lambda: WandbTracker(config, runs, stage), "mlflow": lambda: MlflowTracker(config, runs, stage)}
+    for name in names:
+        try:
+            trackers.append(starts[name]())
+        except Exception as exc:  # noqa: BLE001  (whatever the tracker's library raises)
+            for started in trackers:
+                started.close()
+            hint = " (without network: WANDB_MODE=offline)" if name == "wandb" else ""
+            raise ConfigError(f"logging.trackers: {name} could not start: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}{hint}") from None
     if "wandb" in names or "mlflow" in names:
         write_tracker_runs(root, runs)
     return trackers, runs

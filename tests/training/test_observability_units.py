@@ -169,3 +169,15 @@ def test_a_straggler_is_measured_against_its_own_pipeline_stage():
     slow = [[1.0, 0.1, 0.0, 0], [1.0, 0.1, 0.0, 0], [3.0, 0.6, 0.0, 1], [3.0, 0.1, 1.0, 1]]
     assert slowest_rank(slow, hosts, 1.2) == {"straggler_ratio": pytest.approx(3.0 / 2.5), "straggler_rank": 2,
                                               "straggler_host": "n1", "straggler_data_share": pytest.approx(0.2)}
+
+
+def test_a_tracker_that_cannot_start_is_one_config_error_line(tmp_path):
+    from megafox.training.callbacks.metrics import Metrics
+
+    # an MLflow store where nothing can be written (not even by root)
+    config = load_train_config(TINY, [f"checkpoint.dir={tmp_path}", "logging.trackers=[mlflow]",
+                                      "logging.mlflow_tracking_uri=file:///proc/megafox/mlruns"])
+    with pytest.raises(ConfigError, match=r"^logging.trackers: mlflow could not start: \w+") as info:
+        Metrics(config, "stage1", config.model, 64, world_size=1, rank=0)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / records.TRACKERS_FILE).exists()
