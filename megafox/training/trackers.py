@@ -26,7 +26,8 @@ NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
          "skipped_steps": "train/skipped_steps", "tokens_per_s": "perf/tokens_per_s", "tflops": "perf/tflops",
          "mfu": "perf/mfu", "mem_gib": "perf/mem_gib", "stage_progress": "progress/stage",
          "eta_stage_s": "progress/eta_stage_s", "eta_run_s": "progress/eta_run_s",
-         "straggler_ratio": "straggler/ratio", "straggler_rank": "straggler/rank", "valid_loss": "valid/loss"}
+         "straggler_ratio": "straggler/ratio", "straggler_rank": "straggler/rank",
+         "straggler_data_share": "straggler/data_share", "valid_loss": "valid/loss"}
 # bookkeeping in a jsonl record that is not a metric of its own
 NOT_TRACKED = {"iteration", "stage", "consumed_tokens", "batch_tokens", "loss_tokens", "stage_tokens"}
 _PIP = "pip install -e '.[trackers]'"

@@ -177,6 +177,7 @@ def test_eta_matches_the_closed_form(run):
             assert rec["stage_progress"] == pytest.approx(done / STAGE_BUDGET[stage])
             assert rec["eta_stage_s"] == pytest.approx((STAGE_BUDGET[stage] - done) / rec["tokens_per_s"])
             assert rec["eta_run_s"] == pytest.approx((STAGE_BUDGET[stage] - done + later) / rec["tokens_per_s"])
+            assert rec["skipped_steps"] == 0
     assert "eta_stage=" in run["outputs"][2] and "eta_run=" in run["outputs"][2]
 
 

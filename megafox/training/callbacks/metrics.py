@@ -146,6 +146,8 @@ class Metrics(Callback):
         record.update(tokens_per_s=tokens_per_s, tflops=tflops, mfu=mfu, mem_gib=memory_gib())
         progress = self._progress(trainer, tokens_per_s) if trainer is not None else {}
         record.update(progress)
+        if trainer is not None:
+            record["skipped_steps"] = trainer.state.skipped_steps
         if straggler:
             record.update(straggler)
         skipped = " skipped=1" if record.get("skipped") else ""
