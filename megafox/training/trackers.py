@@ -61,7 +61,7 @@ class TensorBoardTracker:
 
 
 class WandbTracker:
-    def __init__(self, config: TrainConfig, runs: TrackerRuns, stage: str):
+    def __init__(self, config: TrainConfig, runs: TrackerRuns):
         import wandb
 
         log = config.logging
@@ -90,7 +90,7 @@ class WandbTracker:
 
 
 class MlflowTracker:
-    def __init__(self, config: TrainConfig, runs: TrackerRuns, stage: str):
+    def __init__(self, config: TrainConfig, runs: TrackerRuns):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -158,7 +158,7 @@ def check_available(trackers: List[str]) -> None:
             raise ConfigError(f"logging.trackers: {name} is not installed ({_PIP})")
 
 
-def open_trackers(config: TrainConfig, stage: str) -> Tuple[list, Optional[TrackerRuns]]:
+def open_trackers(config: TrainConfig) -> Tuple[list, Optional[TrackerRuns]]:
     """The trackers of a run, on global rank 0; their run ids are recorded for the next start."""
     log, root = config.logging, Path(config.checkpoint.dir)
     names = log.active_trackers()
@@ -171,7 +171,7 @@ def open_trackers(config: TrainConfig, stage: str) -> Tuple[list, Optional[Track
         print("tensorboard is not installed: no TensorBoard scalars", flush=True)
         names.remove("tensorboard")
     starts = {"tensorboard": lambda: TensorBoardTracker(log.tensorboard_dir or str(root / "tensorboard")),
-              "wandb": lambda: WandbTracker(config, runs, stage), "mlflow": lambda: MlflowTracker(config, runs, stage)}
+              "wandb": lambda: WandbTracker(config, runs), "mlflow": lambda: MlflowTracker(config, runs)}
     for name in names:
         try:
             trackers.append(starts[name]())

@@ -9,7 +9,6 @@ stage1 resumed to its end; stage2."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import struct

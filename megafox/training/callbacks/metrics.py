@@ -94,7 +94,7 @@ class Metrics(Callback):
         root = Path(config.checkpoint.dir)
         (root / "metrics").mkdir(parents=True, exist_ok=True)
         self._jsonl = open(root / "metrics" / f"{stage}.jsonl", "a")
-        self.trackers, self.tracker_runs = open_trackers(config, stage)
+        self.trackers, self.tracker_runs = open_trackers(config)
 
     def on_start(self, trainer) -> None:
         if parallel_state.model_parallel_is_initialized():
