@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from megafox.config import ConfigError, TrainConfig
 from megafox.records import TrackerRuns, config_mapping, flatten, read_tracker_runs, write_tracker_runs
 
-# jsonl key -> tracker name (keys not listed keep their name, e.g. time/forward_backward, valid/loss)
+# jsonl key -> tracker name (keys not listed keep their name, e.g. eval/<task>/<metric>)
 NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "skipped": "train/skipped",
          "skipped_steps": "train/skipped_steps", "tokens_per_s": "perf/tokens_per_s", "tflops": "perf/tflops",
          "mfu": "perf/mfu", "mem_gib": "perf/mem_gib", "stage_progress": "progress/stage",
@@ -33,13 +33,19 @@ NOT_TRACKED = {"iteration", "stage", "consumed_tokens", "batch_tokens", "loss_to
 _PIP = "pip install -e '.[trackers]'"
 
 
+def tracker_name(key: str) -> str:
+    if key.startswith("time_mean/"):  # the interval's mean phase times: time/<phase>
+        return "time/" + key[len("time_mean/"):]
+    return NAMES.get(key, key)
+
+
 def tracker_values(record: Dict[str, Any]) -> Dict[str, float]:
     """A metrics/<stage>.jsonl record as the trackers receive it: its numbers, by tracker name."""
     out = {}
     for key, value in record.items():
         if key in NOT_TRACKED or not isinstance(value, (int, float)):
             continue
-        out[NAMES.get(key, key)] = float(value)
+        out[tracker_name(key)] = float(value)
     return out
 
 
@@ -136,7 +142,7 @@ class MlflowTracker:
             self.operations.append(self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000],
                                                          synchronous=False))
         self.pending = []
-        while len(self.operations) > 8:  # long done by now; keeps the list short
+        while len(self.operations) > 64:  # long done by now (waiting costs nothing); keeps the list short
             self.operations.pop(0).wait()
 
     def close(self) -> None:

@@ -114,13 +114,14 @@ def test_wandb_offline_run_holds_the_metrics_and_continues_across_requeue_and_st
     assert len(runs) == 3 and run_ids == {ids[0].wandb_id}  # one offline dir per start, all the same run
     expected = {**metrics(root, "stage1"), **metrics(root, "stage2")}
     assert sorted(last_by_iteration(rows, "train/loss")) == list(range(1, 13))
-    for key, name in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
-                      ("time/forward_backward", "time/forward_backward")):
+    for key, name in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm")):
         got = last_by_iteration(rows, name)
         assert got == pytest.approx({it: rec[key] for it, rec in expected.items()}, rel=1e-12), key
     interval = {it: rec for it, rec in expected.items() if "tokens_per_s" in rec}
-    got = last_by_iteration(rows, "perf/tokens_per_s")
-    assert got == pytest.approx({it: rec["tokens_per_s"] for it, rec in interval.items()}, rel=1e-12)
+    for key, name in (("tokens_per_s", "perf/tokens_per_s"), ("time_mean/forward_backward", "time/forward_backward"),
+                      ("eta_run_s", "progress/eta_run_s")):
+        got = last_by_iteration(rows, name)
+        assert got == pytest.approx({it: rec[key] for it, rec in interval.items()}, rel=1e-12), key
     valid = [r for s in ("stage1", "stage2") for r in jsonl(root, s) if "valid_loss" in r]
     assert valid and [r["valid/loss"] for r in rows if "valid/loss" in r][-len(valid):] == \
         pytest.approx([r["valid_loss"] for r in valid][-len(valid):], rel=1e-12)
@@ -145,10 +146,11 @@ def test_mlflow_store_holds_the_metrics_and_one_run(run):
         for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.timestamp):
             out[m.step] = m.value
         return out
-    for key, name in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
-                      ("time/step", "time/step")):
+    for key, name in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm")):
         assert history(name) == pytest.approx({it: rec[key] for it, rec in expected.items()}, rel=1e-12), key
-    assert history("perf/mfu") == pytest.approx({it: r["mfu"] for it, r in expected.items() if "mfu" in r}, rel=1e-12)
+    for key, name in (("mfu", "perf/mfu"), ("time_mean/step", "time/step"), ("straggler_ratio", "straggler/ratio")):
+        assert history(name) == pytest.approx({it: r[key] for it, r in expected.items() if key in r}, rel=1e-12), key
+    assert len(history("time/step")) == 6  # one point per logging interval
     params = client.get_run(run_id).data.params
     assert float(params["optimizer.lr"]) == pytest.approx(3.0e-3) and params["stages"] == str(["stage1", "stage2", "stage3"])
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -161,6 +163,13 @@ def test_phase_timers_sum_within_the_step(run):
         assert {"time/data", "time/forward_backward", "time/grad_reduce", "time/optimizer"} <= set(phases), rec
         assert all(v >= 0 for v in phases.values()) and rec["time/forward_backward"] > 0
         assert sum(phases.values()) <= rec["time/step"] * 1.001 + 1e-4, rec
+    # the interval's means (the log line's and the trackers' numbers) from the steps' own times:
+    # stage2's launch logs at 10 and 12, each the mean of the two steps before
+    stage2 = metrics(run["root"], "stage2")
+    for end in (10, 12):
+        for phase in ("step", "forward_backward", "grad_reduce", "data"):
+            mean = sum(stage2[it].get(f"time/{phase}", 0.0) for it in (end - 1, end)) / 2
+            assert stage2[end][f"time_mean/{phase}"] == pytest.approx(mean, rel=1e-9)
     # checkpoints every 4 steps and validation every 4: their time shows in the step after them
     assert any(r.get("time/checkpoint", 0) > 0 for r in recs) and any(r.get("time/validation", 0) > 0 for r in recs)
     assert " step_s=" in run["outputs"][1] and "fwd_bwd=" in run["outputs"][1]

@@ -71,7 +71,7 @@ def test_tracker_run_record_round_trips_and_a_bad_one_names_the_file(tmp_path):
 
 def test_trackers_get_every_number_of_a_record_under_its_tracker_name():
     record = {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "skipped": False, "batch_tokens": 512,
-              "consumed_tokens": 1024, "loss_tokens": 500, "time/step": 0.2, "tokens_per_s": 10.0,
+              "consumed_tokens": 1024, "loss_tokens": 500, "time_mean/step": 0.2, "tokens_per_s": 10.0,
               "straggler_host": "node7", "straggler_rank": 3, "eval/hellaswag/acc": 0.3}
     assert trackers.tracker_values(record) == {
         "train/loss": 2.5, "train/lr": 1e-3, "train/grad_norm": 0.5, "train/skipped": 0.0, "time/step": 0.2,

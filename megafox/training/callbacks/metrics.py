@@ -150,6 +150,8 @@ class Metrics(Callback):
             record["skipped_steps"] = trainer.state.skipped_steps
         if straggler:
             record.update(straggler)
+        if line_due:
+            record.update(self._phase_means())
         skipped = " skipped=1" if record.get("skipped") else ""
         print(f"step {iteration} stage={self.stage} tokens={record['consumed_tokens']} "
               f"loss={record['loss']:.6f} lr={record['lr']:.4e} grad_norm={record['grad_norm']:.4f} "
@@ -165,18 +167,25 @@ class Metrics(Callback):
     def _emit(self, iteration: int, record: Dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(dict(record, iteration=iteration, stage=self.stage)) + "\n")
         self._jsonl.flush()
-        self._track(record, iteration, record["consumed_tokens"])
+        # every step's own phase times stay in the jsonl; the trackers get the interval's means
+        self._track({k: v for k, v in record.items() if not k.startswith("time/")}, iteration, record["consumed_tokens"])
 
     def _reset_window_times(self) -> None:
         self._window_time = defaultdict(float)
 
-    def _phases_text(self) -> str:
+    def _phase_means(self) -> Dict[str, float]:
+        """Mean seconds per step of each phase over the interval (what the trackers get: the
+        jsonl has every step's own times, the trackers one point per interval)."""
         steps = self._window_time.get("steps", 0)
-        if not steps or "step" not in self._window_time:
+        return {f"time_mean/{name}": seconds / steps for name, seconds in self._window_time.items()
+                if name != "steps" and steps}
+
+    def _phases_text(self) -> str:
+        means = self._phase_means()
+        if "time_mean/step" not in means:
             return ""
-        parts = [f"{short}={self._window_time[name] / steps:.3f}" for name, short in SHOWN
-                 if self._window_time.get(name)]
-        return f" step_s={self._window_time['step'] / steps:.3f} [{' '.join(parts)}]"
+        parts = [f"{short}={means[f'time_mean/{name}']:.3f}" for name, short in SHOWN if means.get(f"time_mean/{name}")]
+        return f" step_s={means['time_mean/step']:.3f} [{' '.join(parts)}]"
 
     def _progress(self, trainer, tokens_per_s: float) -> Dict[str, float]:
         """Tokens done / budget of the stage, and the time to the end of the stage and of the
