@@ -1,6 +1,7 @@
-"""What observing a run costs per step: the trainer's steps with every tracker on (TensorBoard,
-W&B offline, MLflow file store) vs off (the log line and metrics/<stage>.jsonl only), in the same
-run, alternating blocks of steps so drift and machine load fall on both sides alike.
+"""What observing a run costs per step: the trainer's steps with no tracker (the log line and
+metrics/<stage>.jsonl only), each tracker alone (TensorBoard, W&B offline, MLflow file store) and
+all three, in the same run, blocks of steps taking turns so drift and machine load fall on every
+mode alike.
 
     python bench/observability.py [--steps 120 --block 10 --interval 10 --config configs/train/tiny.yaml]
 
