@@ -15,7 +15,7 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-build-isolation -e ".[eval]" torch==$(TORCH_VERSION)  # + `megafox eval`'s extra; torch stays pinned
+	$(PY) -m pip install -q --no-build-isolation -e ".[eval,trackers]" torch==$(TORCH_VERSION)  # + `megafox eval`'s and the trackers' extras; torch stays pinned
 	touch $(STAMP)
 
 test: venv

@@ -21,6 +21,9 @@ setup(
         # `megafox eval` and the in-loop evaluator: EleutherAI's lm-evaluation-harness, pinned
         # (megafox reads its task registry and results layout), with its `hf` model's deps
         "eval": ["lm_eval[hf]==0.4.13"],
+        # `logging.trackers: [wandb, mlflow]` (docs/observability.md); mlflow-skinny: the tracking
+        # client without the server's dependencies (a file store or a tracking server URI)
+        "trackers": ["wandb>=0.19", "mlflow-skinny>=3"],
     },
     entry_points={
         "console_scripts": [

@@ -2,7 +2,8 @@
 
     python demo/report.py --out demo_out --prompt "def read_file(path):"
 
-Reads the trainer's per-step records (<checkpoint.dir>/metrics/<stage>.jsonl), the tokenized
+Reads the trainer's per-step records (<checkpoint.dir>/metrics/<stage>.jsonl, through
+megafox.report, whose `megafox report` plots any run), the tokenized
 stage data (for the unigram entropy, the loss a model that ignores context would reach) and the
 HF exports; writes OUT/loss_curve.png, OUT/sft_loss.png (the instruction-tuning stage's masked
 loss), OUT/summary.md and OUT/summary.json, with one chat exchange with the instruct model through
@@ -21,32 +22,25 @@ from typing import Dict, List
 
 import numpy as np
 
+from megafox.report import ReportError, StageRecords, plot_loss, read_run
+
 STAGES = ("stage1", "stage2", "stage3")
 
 
 def read_metrics(metrics_dir: Path) -> Dict[str, List[dict]]:
     """Per stage, training records by iteration (a resumed stage's repeats keep the last)."""
-    out = {}
-    for stage in STAGES:
-        path = metrics_dir / f"{stage}.jsonl"
-        if not path.is_file():
-            continue
-        by_iter = {}
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if "loss" in rec:
-                by_iter[rec["iteration"]] = rec
-        out[stage] = [by_iter[i] for i in sorted(by_iter)]
-    return out
+    return {s.name: s.train for s in _stages(metrics_dir) if s.name in STAGES}
 
 
 def read_validation(metrics_dir: Path) -> Dict[str, List[dict]]:
-    out = {}
-    for stage in STAGES:
-        path = metrics_dir / f"{stage}.jsonl"
-        if path.is_file():
-            out[stage] = [r for r in map(json.loads, path.read_text().splitlines()) if "valid_loss" in r]
-    return out
+    return {s.name: s.valid for s in _stages(metrics_dir) if s.name in STAGES}
+
+
+def _stages(metrics_dir: Path):
+    try:
+        return read_run(metrics_dir.parent)
+    except ReportError:
+        return []
 
 
 def stage_tokens(blend_path: Path) -> np.ndarray:
@@ -74,32 +68,11 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 
 
 def plot(metrics: Dict[str, List[dict]], validation: Dict[str, List[dict]], entropy: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    colors = {"stage1": "tab:blue", "stage2": "tab:orange", "stage3": "tab:green"}
-    for stage, recs in metrics.items():
-        if not recs:
-            continue
-        x = [r["consumed_tokens"] / 1e3 for r in recs]
-        ax.plot(x, [r["loss"] for r in recs], color=colors[stage], lw=1.2,
-                label=f"{stage} train (seq {recs[0].get('seq_length', '?')})")
-        ax.axvline(x[0] - (recs[0].get("batch_tokens", 0) / 1e3), color="grey", ls="--", lw=0.8)
-        vals = validation.get(stage) or []
-        if vals:
-            ax.plot([v["consumed_tokens"] / 1e3 for v in vals], [v["valid_loss"] for v in vals], "o",
-                    color=colors[stage], ms=4, label=f"{stage} validation")
-    ax.axhline(entropy, color="red", ls=":", lw=1, label=f"unigram entropy {entropy:.2f} nats")
-    ax.set_xlabel("consumed tokens (thousands)")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.set_title("megafox demo: Fox-shaped model, 3-stage curriculum (dashed lines: stage starts)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """`megafox report`'s loss plot, with the unigram entropy and each stage's sequence length."""
+    stages = [StageRecords(name, recs, validation.get(name) or []) for name, recs in metrics.items() if recs]
+    labels = {s.name: f"{s.name} train (seq {s.train[0].get('seq_length', '?')})" for s in stages}
+    plot_loss(stages, path, title="megafox demo: Fox-shaped model, 3-stage curriculum (dashed lines: stage starts)",
+              hlines=[(entropy, f"unigram entropy {entropy:.2f} nats")], labels=labels)
 
 
 def read_sft(metrics_dir: Path) -> Dict[str, List[dict]]:

@@ -1,4 +1,5 @@
-"""`megafox` command: `megafox info --preset fox1-1.6b --seq-length 8192 --tp 1 --pp 1 --dp 64`."""
+"""`megafox` command: `megafox info --preset fox1-1.6b --seq-length 8192 --tp 1 --pp 1 --dp 64`,
+`megafox eval ...`, `megafox report RUN_DIR`."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,12 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from megafox.report import main as report_main
+
+    return report_main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megafox", description="megafox: Fox-1 pretraining on megatron-core")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +58,11 @@ def main(argv=None) -> int:
 
     add_arguments(evaluate)
     evaluate.set_defaults(func=_eval)
+    report = sub.add_parser("report", help="plot a run's curves and summarize it from its metrics files (megafox.report)")
+    from megafox.report import add_arguments as report_arguments
+
+    report_arguments(report)
+    report.set_defaults(func=_report)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -347,6 +347,34 @@ class LoggingConfig:
     wandb_project: Optional[str] = None  # W&B when set and wandb is installed
     wandb_run_name: Optional[str] = None
     peak_flops: float = 989e12  # per device, for MFU (H100 dense bf16)
+    # Where the metrics go besides the log line and metrics/<stage>.jsonl (docs/observability.md).
+    # null: tensorboard (unless tensorboard_dir is ""), plus wandb when wandb_project is set
+    trackers: Optional[List[str]] = None
+    wandb_dir: Optional[str] = None  # default <checkpoint.dir>; offline runs: WANDB_MODE=offline
+    mlflow_tracking_uri: Optional[str] = None  # default file:<checkpoint.dir>/mlruns; or http://server:5000
+    mlflow_experiment: Optional[str] = None  # default wandb_project, else "megafox"
+    straggler_threshold: float = 1.2  # name the slowest rank when its busy time passes this x the median; 0 = off
+
+    TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+    def active_trackers(self) -> List[str]:
+        if self.trackers is not None:
+            return list(self.trackers)
+        return (["tensorboard"] if self.tensorboard_dir != "" else []) + (["wandb"] if self.wandb_project else [])
+
+
+@dataclass
+class ProfileConfig:
+    """An on-demand torch.profiler trace (docs/observability.md)."""
+
+    steps: List[int] = field(default_factory=list)  # [first, last] global iterations, inclusive; [] = off
+    ranks: List[int] = field(default_factory=lambda: [0])  # global ranks that trace
+    dir: Optional[str] = None  # default <checkpoint.dir>/profile
+    signal_steps: int = 0  # > 0: a rank sent SIGUSR2 traces its next signal_steps steps (0: SIGUSR2 untouched)
+    record_shapes: bool = False
+    with_stack: bool = False
+    memory_snapshot_on_oom: bool = True  # CUDA: write the allocator's snapshot when a step runs out of memory
+    record_memory_history: bool = False  # CUDA: also record each allocation's stack for that snapshot (slower)
 
 
 @dataclass
@@ -431,6 +459,7 @@ class TrainConfig:
     build: BuildConfig = field(default_factory=BuildConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     data_dir: str = "data"
     micro_batch_size: int = 1
     seed: int = 1234  # the one seed of a run: initial weights, RNG streams and the sample order
@@ -525,6 +554,16 @@ class TrainConfig:
         _require(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
         _require(self.logging.interval >= 1, "logging.interval", f"must be >= 1, got {self.logging.interval}")
         _require(self.logging.peak_flops > 0, "logging.peak_flops", f"must be > 0, got {self.logging.peak_flops}")
+        for i, name in enumerate(self.logging.trackers or []):
+            _require(name in LoggingConfig.TRACKERS, f"logging.trackers[{i}]",
+                     f"must be one of {', '.join(LoggingConfig.TRACKERS)}, got {name!r}")
+        _require(self.logging.straggler_threshold == 0 or self.logging.straggler_threshold > 1,
+                 "logging.straggler_threshold", f"must be > 1 (or 0 = off), got {self.logging.straggler_threshold}")
+        p = self.profile
+        _require(not p.steps or (len(p.steps) == 2 and 1 <= p.steps[0] <= p.steps[1]), "profile.steps",
+                 f"must be [first, last] global iterations with 1 <= first <= last (or [] = off), got {p.steps}")
+        _require(all(r >= 0 for r in p.ranks), "profile.ranks", f"must be global ranks >= 0, got {p.ranks}")
+        _require(p.signal_steps >= 0, "profile.signal_steps", f"must be >= 0 (0 = off), got {p.signal_steps}")
         v = self.validation
         _require(v.interval >= 0, "validation.interval", f"must be >= 0, got {v.interval}")
         _require(v.batches >= 1, "validation.batches", f"must be >= 1, got {v.batches}")
@@ -547,7 +586,8 @@ class TrainConfig:
 
 _TRAIN_SECTIONS = {"parallel": ParallelConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
                    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "validation": ValidationConfig,
-                   "data": DataConfig, "build": BuildConfig, "eval": EvalConfig, "debug": DebugConfig}
+                   "data": DataConfig, "build": BuildConfig, "eval": EvalConfig, "debug": DebugConfig,
+                   "profile": ProfileConfig}
 
 # Keys that moved; an old YAML or override gets told where each one lives now.
 _MOVED = {"precision": "build.precision", "recompute": "build.recompute", "fused_loss": "build.fused_loss",

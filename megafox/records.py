@@ -3,6 +3,8 @@
     <checkpoint.dir>/iter_NNNNNNN/megafox.json   CheckpointRecord: what the checkpoint holds (written last,
                                                  so its presence marks a complete save)
     <checkpoint.dir>/<stage>.done                StageDone: the stage finished at this checkpoint
+    <checkpoint.dir>/trackers.json               TrackerRuns: the W&B / MLflow run of this training run,
+                                                 which every stage and requeue continues
 
 A training checkpoint's record carries the run state (iteration, tokens and samples consumed), the
 scheduler position, the layout it was saved with, the tokenizer, and the *effective* training config
@@ -119,6 +121,18 @@ class StageDone:
     loss: float = float("nan")
     documents: Optional[str] = None
     version: int = DONE_FORMAT
+
+
+TRACKERS_FILE = "trackers.json"
+
+
+@dataclass
+class TrackerRuns:
+    """The experiment-tracker runs a training run logs to (one per tracker, for the whole curriculum)."""
+
+    wandb_id: Optional[str] = None
+    mlflow_run_id: Optional[str] = None
+    mlflow_tracking_uri: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +272,24 @@ def read_stage_done(checkpoint_dir: Union[str, Path], stage: str) -> Optional[St
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise RecordError(f"{path}: field '{name}' must be a non-negative integer, got {value!r}")
     return done
+
+
+def read_tracker_runs(checkpoint_dir: Union[str, Path]) -> TrackerRuns:
+    """The run's tracker ids; empty before the first tracker started."""
+    path = Path(checkpoint_dir) / TRACKERS_FILE
+    if not path.exists():
+        return TrackerRuns()
+    data = _load_json(path, "tracker run record")
+    try:
+        return from_dict(TrackerRuns, data, str(path))
+    except ConfigError as exc:
+        raise RecordError(str(exc)) from None
+
+
+def write_tracker_runs(checkpoint_dir: Union[str, Path], runs: TrackerRuns) -> Path:
+    path = Path(checkpoint_dir) / TRACKERS_FILE
+    write_json_atomic(path, json.dumps(dataclasses.asdict(runs), indent=2) + "\n")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

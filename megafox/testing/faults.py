@@ -1,7 +1,9 @@
 """Fault injection for tests, from the tests' side: `megafox-train` with extra callbacks.
 
     python -m megafox.testing.faults [--kill-at-step K] [--crash-in-save N] [--nan-at-step K]
-                                     [--step-sleep S] -- <megafox-train arguments>
+                                     [--step-sleep S] [--slow-rank R --slow-seconds S]
+                                     [--signal-at-step K]
+                                     -- <megafox-train arguments>
 
 The launchers run it in place of the trainer through MEGAFOX_TRAIN_CMD (e.g.
 `MEGAFOX_TRAIN_CMD="python -m megafox.testing.faults --kill-at-step 7 --" launch/local.sh stage1`),
@@ -71,6 +73,35 @@ class NanAtStep(Callback):
         self.handles.clear()
 
 
+class SlowRank(Callback):
+    """Make one global rank's forward `seconds` slower per micro-batch, as a throttled GPU would be."""
+
+    def __init__(self, rank: int, seconds: float):
+        self.rank, self.seconds = rank, seconds
+
+    def on_start(self, trainer) -> None:
+        import torch
+
+        if torch.distributed.get_rank() != self.rank:
+            return
+        for chunk in trainer.model:
+            chunk.register_forward_pre_hook(lambda module, args: time.sleep(self.seconds))
+
+
+class SignalAtStep(Callback):
+    """SIGUSR1 to global rank 0 itself after step `step`, as SLURM's requeue warning: the run saves and
+    exits EXIT_REQUEUE through the real signal path."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def post_step(self, trainer, report) -> None:
+        import torch
+
+        if report.iteration == self.step and torch.distributed.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
 class StepSleep(Callback):
     """Sleep before every step: a slow step, so a signal reliably arrives mid-run."""
 
@@ -89,6 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--crash-in-save", type=int)
     parser.add_argument("--nan-at-step", type=int)
     parser.add_argument("--step-sleep", type=float)
+    parser.add_argument("--signal-at-step", type=int)
+    parser.add_argument("--slow-rank", type=int, help="with --slow-seconds: the global rank to slow down")
+    parser.add_argument("--slow-seconds", type=float, default=0.2)
     faults = parser.parse_args(argv[:split])
     callbacks = []
     if faults.kill_at_step:
@@ -97,6 +131,10 @@ def main(argv=None) -> int:
         callbacks.append(CrashInSave(faults.crash_in_save))
     if faults.nan_at_step:
         callbacks.append(NanAtStep(faults.nan_at_step))
+    if faults.signal_at_step:
+        callbacks.append(SignalAtStep(faults.signal_at_step))
+    if faults.slow_rank is not None:
+        callbacks.append(SlowRank(faults.slow_rank, faults.slow_seconds))
     if faults.step_sleep:
         callbacks.append(StepSleep(faults.step_sleep))
     from megafox.train import main as train_main

@@ -25,10 +25,12 @@ from megafox.signals import EXIT_OK, EXIT_REQUEUE
 from megafox.training import curriculum
 from megafox.training.callbacks.base import Callback
 from megafox.training.callbacks.checkpointing import CheckpointCallback
+from megafox.training.callbacks.profiler import ProfilerCallback
 from megafox.training.callbacks.sample_log import SampleLogCallback
 from megafox.training.callbacks.stop import StopCallback
 from megafox.training.callbacks.validation import ValidationCallback
 from megafox.training.stage_inputs import build_stage_data, tokenizer_record
+from megafox.training.timers import PhaseTimers
 
 
 class TrainingHalted(RuntimeError):
@@ -74,6 +76,7 @@ class Trainer:
         self.checkpointing = CheckpointCallback()
         self.extra_callbacks = list(callbacks)
         self.callbacks: List[Callback] = [self.stop]
+        self.timers = PhaseTimers()  # where each step's time goes (metrics, profiler ranges)
 
     log = staticmethod(log)
 
@@ -109,8 +112,9 @@ class Trainer:
                                torch.distributed.get_world_size(), torch.distributed.get_rank())
         self.callbacks = [self.stop, self.metrics, ValidationCallback(), self.checkpointing,
                           *([SampleLogCallback()] if cfg.debug.log_samples else []),
-                          *([self._downstream_eval()] if cfg.eval.interval else []), *self.extra_callbacks]
-
+                          *([self._downstream_eval()] if cfg.eval.interval else []), *self.extra_callbacks,
+                          # last, so a traced step covers every other callback's work on it
+                          *ProfilerCallback.for_rank(cfg, torch.distributed.get_rank())]
     def _downstream_eval(self):
         from megafox.training.callbacks.downstream_eval import DownstreamEvalCallback
 
@@ -197,7 +201,8 @@ class Trainer:
         from megafox.training.step import train_step
 
         cfg, stage = self.config, self.stage
-        batches = list(self.data.micro_batches(self.stage_samples, self.mbs, self.dp_rank, self.dp_size))
+        with self.timers.phase("data"):
+            batches = list(self.data.micro_batches(self.stage_samples, self.mbs, self.dp_rank, self.dp_size))
         if len(batches) != self.num_microbatches:
             raise RuntimeError(f"StageData gave {len(batches)} micro-batches, expected {self.num_microbatches}")
         self.call("pre_step", batches)
@@ -206,7 +211,7 @@ class Trainer:
         lr = self.lr
         self.state.iteration += 1
         result = train_step(self.model, self.optimizer, self.iterator(batches), self.num_microbatches,
-                            *self.schedule_shape, skip_nonfinite=True)
+                            *self.schedule_shape, skip_nonfinite=True, timers=self.timers)
         self.state.consumed_samples[stage.name] = self.stage_samples + self.gbs
         self.state.consumed_tokens += stage.batch_tokens
         skipped = result.skipped or not (math.isfinite(result.loss) and math.isfinite(result.grad_norm))

@@ -8,6 +8,7 @@ TP/PP/DP layout of the same global batch gives the same loss and the same gradie
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -149,35 +150,46 @@ def _check_packed_pipeline_input(model: torch.nn.Module, num_tokens: int) -> Non
 
 def train_step(chunks: List[DistributedDataParallel], optimizer, data_iterator, num_microbatches: int,
                seq_length: int, micro_batch_size: int, skip_nonfinite: bool = True,
-               forward_only: bool = False) -> StepResult:
+               forward_only: bool = False, timers=None) -> StepResult:
     """Forward/backward over `num_microbatches` micro-batches, then one optimizer step.
 
     `data_iterator` yields micro-batch dicts (tokens, labels, loss_mask[, position_ids]); with
-    virtual pipeline stages pass one iterator per chunk.
+    virtual pipeline stages pass one iterator per chunk. `timers` (megafox.training.timers):
+    the forward/backward, the gradient reduction (megatron-core's finalize_model_grads, where the
+    data-parallel all-reduce waits for the slowest rank) and the optimizer step as phases.
     """
+    phase = timers.phase if timers is not None else (lambda name: contextlib.nullcontext())
     if not forward_only:
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
     forward_backward = get_forward_backward_func()
-    # megatron-core's forward_only does not turn autograd off: without no_grad a validation pass
-    # would keep every activation (and the fused loss would compute LM-head gradients)
-    with torch.set_grad_enabled(not forward_only):
-        losses = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=data_iterator,
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=forward_only,
-        )
-    loss, tokens = _global_loss(losses)
+    config = chunks[0].config
+    finalize = config.finalize_model_grads_func
+    if timers is not None and finalize is not None:
+        config.finalize_model_grads_func = timers.wrap("grad_reduce", finalize)
+    try:
+        # megatron-core's forward_only does not turn autograd off: without no_grad a validation pass
+        # would keep every activation (and the fused loss would compute LM-head gradients)
+        with torch.set_grad_enabled(not forward_only), phase("forward_backward"):
+            losses = forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=data_iterator,
+                model=chunks if len(chunks) > 1 else chunks[0],
+                num_microbatches=num_microbatches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=forward_only,
+            )
+            loss, tokens = _global_loss(losses)
+    finally:
+        config.finalize_model_grads_func = finalize
     if forward_only:
         return StepResult(loss, float("nan"), tokens, skipped=True)
     if skip_nonfinite and not math.isfinite(loss):
         return StepResult(loss, float("nan"), tokens, skipped=True)
-    ok, grad_norm = _update(optimizer, skip_nonfinite)
+    with phase("optimizer"):
+        ok, grad_norm = _update(optimizer, skip_nonfinite)
     return StepResult(loss, grad_norm, tokens, skipped=not ok)
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 from megafox import checkpoint as ckpt
 from megafox.records import CheckpointRecord, config_mapping
 from megafox.training.callbacks.base import Callback
+from megafox.training.timers import phase
 
 
 class CheckpointCallback(Callback):
@@ -33,9 +34,10 @@ class CheckpointCallback(Callback):
         self.saver = ckpt.CheckpointSaver(async_save=trainer.config.checkpoint.async_save)
 
     def post_step(self, trainer, report) -> None:
-        self._committed(trainer, self.saver.poll())
-        if not trainer.stage_finished and report.iteration % trainer.config.checkpoint.interval == 0:
-            self.save(trainer, stage_end=False, wait=False)
+        with phase(trainer, "checkpoint"):  # the time training stands still for saves
+            self._committed(trainer, self.saver.poll())
+            if not trainer.stage_finished and report.iteration % trainer.config.checkpoint.interval == 0:
+                self.save(trainer, stage_end=False, wait=False)
 
     def save_unless_saved(self, trainer) -> None:
         """Before stopping: this iteration's checkpoint, complete on disk."""

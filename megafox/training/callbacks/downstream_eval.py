@@ -22,6 +22,7 @@ import torch
 
 from megafox.eval.config import EvalConfig
 from megafox.training.callbacks.base import Callback
+from megafox.training.timers import phase
 
 
 class DownstreamEvalCallback(Callback):
@@ -70,7 +71,8 @@ class DownstreamEvalCallback(Callback):
     # -------------------------------------------------------------------------------- each step
     def post_step(self, trainer, result) -> None:
         if self.config.interval and trainer.state.iteration % self.config.interval == 0:
-            self.evaluate(trainer)
+            with phase(trainer, "eval"):
+                self.evaluate(trainer)
 
     def evaluate(self, trainer) -> Optional[Dict[str, float]]:
         """Scores on rank 0 (None elsewhere); every rank must call it at the same step."""

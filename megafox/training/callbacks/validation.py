@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 
 from megafox.training.callbacks.base import Callback
+from megafox.training.timers import phase
 
 
 class ValidationCallback(Callback):
     def post_step(self, trainer, report) -> None:
         interval = trainer.config.validation.interval
         if interval and (report.iteration % interval == 0 or trainer.stage_finished):
-            self.validate(trainer)
+            with phase(trainer, "validation"):
+                self.validate(trainer)
 
     @staticmethod
     def validate(trainer) -> None:
