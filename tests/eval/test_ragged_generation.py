@@ -12,6 +12,8 @@ from megafox.testing.hf_reference import hf_llama
 from tests.eval.eval_helpers import sharp_attention_state, tiny_model
 from tests.support.text import stdlib_texts
 
+pytestmark = pytest.mark.slow  # each runs the model under torchrun
+
 MAX_GEN = 12
 BODY = "tests/eval/gen_bodies.py:generate"
 
@@ -73,6 +75,7 @@ def test_kv_cache_one_prefill_then_one_forward_per_token(reference, impl):
     assert all(shape == (n, 1) for shape in steps) and len(steps) <= MAX_GEN
 
 
+@pytest.mark.multirank
 def test_pipeline_at_most_max_gen_toks_passes(reference):
     """PP2 (no KV cache): each pass recomputes the batch's sequences; two micro-batches per pass."""
     out = _run(reference, nproc=2, layout={"pipeline_model_parallel_size": 2})
