@@ -109,7 +109,8 @@ def read_result(task: LoadedTask, raw: Dict[str, Any], seconds: float) -> TaskRe
         leaves = {}
     # a task YAML's row is named by the task it defines, not by the file's path
     return TaskResult(task=task.name, label=spec.label or task.name, shots=_shots(task, raw), metric=metric,
-                      filter=filt, value=_finite(value), stderr=_finite(stderr), samples=samples, seconds=round(seconds, 2),
+                      filter=filt, value=_finite(value), stderr=_finite(stderr), samples=samples,
+                      seconds=round(seconds, 2),
                       aggregation=aggregation, metrics=_numbers(own), leaves=leaves)
 
 

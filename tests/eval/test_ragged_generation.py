@@ -55,7 +55,8 @@ def reference(staged):
             text = text.split(s)[0]
         texts.append(text)
     assert any(len(t) < len(tok.decode(g)) for t, g in zip(texts, generated))  # the stop string cuts one
-    return {"prompts": prompts, "until": until, "texts": texts, "lengths": lengths, "tokenizer": str(staged["tokenizer"])}
+    return {"prompts": prompts, "until": until, "texts": texts, "lengths": lengths,
+            "tokenizer": str(staged["tokenizer"])}
 
 
 def _run(reference, nproc=1, layout=None, impl="native", batch_size=16):
