@@ -209,7 +209,7 @@ def _evaluate_and_write(args, lm, tm, tasks, model: Dict[str, Any], settings: Di
                      json_path, None)
 
     run_tasks(lm, tasks, tm, limit=args.limit, log_samples=args.log_samples, gen_kwargs=args.gen_kwargs,
-              announce=_say, on_result=on_result)
+              announce=_say, on_result=on_result, progress=not args.no_progress)
     report = build_report(results, model, settings, args.suite, version, raw_by_task)
     write_report(report, json_path, md_path)
     print(markdown(report), flush=True)

@@ -83,33 +83,54 @@ class MegafoxLM(TemplateLM):
     # ----------------------------------------------------------------------------- loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
         self._task = requests[0].task_name if requests else None
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
+        items = []
+        for _, context, continuation in requests:
+            if not context or not continuation or len(continuation) > self.max_length:
+                raise ValueError(f"loglikelihood request with {len(context)} context and {len(continuation)} "
+                                 f"continuation tokens (max_length {self.max_length})")
+            whole = (context + continuation)[-(self.max_length + 1):]
+            items.append(ScoreItem(whole[:-1], list(continuation)))
+        # Requests with the same model input (the choices of a question whose continuations are
+        # one token, e.g. MMLU's " A".." D") share one row, as lm_eval's hf model shares their logits
+        groups = {}
+        for i, item in enumerate(items):
+            groups.setdefault(tuple(item.tokens), []).append(i)
         # longest first, like lm_eval's hf model: similar lengths share a batch
-        order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][1]) - len(requests[i][2]),
-                                                           tuple(requests[i][1] + requests[i][2])))
+        order = sorted(groups, key=lambda tokens: (-len(tokens) - 1, tokens))
         results: List[Optional[Tuple[float, bool]]] = [None] * len(requests)
         per_call = self.scorer.batch_size * self.scorer.replicas
         bar = tqdm(total=len(requests), desc=self._desc("loglikelihood"), disable=disable_tqdm or not self.progress)
         for start in range(0, len(order), per_call):
-            chosen = order[start:start + per_call]
-            items = []
-            for i in chosen:
-                _, context, continuation = requests[i]
-                if not context or not continuation or len(continuation) > self.max_length:
-                    raise ValueError(f"loglikelihood request with {len(context)} context and {len(continuation)} "
-                                     f"continuation tokens (max_length {self.max_length})")
-                whole = (context + continuation)[-(self.max_length + 1):]
-                items.append(ScoreItem(whole[:-1], list(continuation)))
-            for i, item, out in zip(chosen, items, self.scorer.score(items)):
-                answer = (float(sum(out.logprobs)), out.greedy == item.targets)
-                results[i] = answer
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-            bar.update(len(chosen))
+            chosen = [groups[tokens] for tokens in order[start:start + per_call]]
+            rows = [self._shared_row([items[i] for i in members]) for members in chosen]
+            for members, out in zip(chosen, self.scorer.score(rows)):
+                offset = 0
+                for i in members:
+                    m = len(items[i].targets)
+                    answer = (float(sum(out.logprobs[offset:offset + m])),
+                              out.greedy[offset:offset + m] == items[i].targets)
+                    offset += m
+                    results[i] = answer
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                bar.update(len(members))
         bar.close()
         return results
+
+    @staticmethod
+    def _shared_row(items: List[ScoreItem]) -> ScoreItem:
+        """One scorer row for items with the same input: every item's targets at its positions."""
+        if len(items) == 1:
+            return items[0]
+        length = len(items[0].tokens)
+        targets, positions = [], []
+        for item in items:
+            targets += item.targets
+            positions += range(length - len(item.targets), length)
+        return ScoreItem(items[0].tokens, targets, positions)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         from lm_eval import utils
@@ -186,11 +207,14 @@ class MegafoxLM(TemplateLM):
         return [self.tok_decode(g) for g in generated]
 
     def _greedy_cached(self, prompts: List[List[int]], until: List[str], max_new: int) -> List[str]:
-        """The same decoding, one token per forward against a KV cache. The batch advances in
-        lockstep (a static cache): it starts after the shortest prompt, and a longer prompt is fed
-        its own next token until it ends (batches hold prompts of similar length, longest first)."""
+        """The same decoding against a KV cache: one forward reads every prompt (of any length)
+        and predicts its first token, then one forward per new token for the whole batch, each
+        sequence stopping at its own EOS / stop string. Where the attention kernel cannot mask
+        the padding between a shorter prompt and its generated tokens (`prefills_ragged`), the
+        batch starts after the shortest prompt instead and a longer prompt is fed its own next
+        token until it ends (batches hold prompts of similar length, longest first)."""
         lengths = [len(p) for p in prompts]
-        position = min(lengths)
+        position = max(lengths) if self.scorer.prefills_ragged else min(lengths)
         predicted = self.scorer.generate_start(prompts, position, max(lengths) + max_new)
         generated: List[List[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)

@@ -15,12 +15,19 @@ from megafox.eval.suites import PUBLISHED, SUITES
 FORMAT = "megafox-eval-v1"
 
 
+def is_fraction(metric: str) -> bool:
+    """Whether `metric` is a 0..1 score (accuracy, exact match, F1...) shown in percent; perplexity-
+    type metrics (word/byte perplexity, bits per byte: lower is better, unbounded) are not, so
+    they are shown as values and kept out of the average."""
+    return not (metric.endswith("perplexity") or metric == "bits_per_byte")
+
+
 def average(results: List[TaskResult], suite: Optional[str]) -> Dict[str, Any]:
-    """The unweighted mean of the tasks' scores (the leaderboard's average); `complete` when every
-    task of the suite has a score."""
-    scored = [r for r in results if r.value is not None]
+    """The unweighted mean of the tasks' 0..1 scores (the leaderboard's average; perplexities are
+    not averaged with accuracies); `complete` when every task of the suite has a score."""
+    scored = [r for r in results if r.value is not None and is_fraction(r.metric)]
     expected = [s.name for s in SUITES[suite]] if suite else [r.task for r in results]
-    have = {r.task for r in scored}
+    have = {r.task for r in results if r.value is not None}
     return {"value": sum(r.value for r in scored) / len(scored) if scored else None,
             "tasks": [r.task for r in scored], "complete": all(name in have for name in expected)}
 
@@ -68,23 +75,31 @@ def markdown(report: Dict[str, Any]) -> str:
         metric = row["metric"] + ("" if row["filter"] == "none" else f" ({row['filter']})")
         if row["aggregation"] == "subject_mean":
             metric += ", mean of subjects"
-        shots = "default" if row["shots"] is None else str(row["shots"])
-        cells = [row["label"], shots, metric, _pct(row["value"]), _pct(row["stderr"])]
+        shots = "varies" if row["shots"] is None else str(row["shots"])
+        shown = _pct if is_fraction(row["metric"]) else _value
+        cells = [row["label"], shots, metric, shown(row["value"]), shown(row["stderr"])]
         cells += [_num(published[name].get(row["task"])) for name in published]
         lines.append("| " + " | ".join(cells) + " |")
     avg = report["average"]
-    if len(report["tasks"]) > 1:
+    averaged = [row for row in report["tasks"] if is_fraction(row["metric"])]
+    if len(averaged) > 1:
         note = "" if avg["complete"] else " (incomplete)"
         cells = [f"**Average**{note}", "", "", _pct(avg["value"]), ""]
         for name in published:
             scores = published[name]
-            full = all(row["task"] in scores for row in report["tasks"])
-            cells.append(_num(sum(scores[row["task"]] for row in report["tasks"]) / len(report["tasks"]))
-                         if full else "-")
+            full = all(row["task"] in scores for row in averaged)
+            cells.append(_num(sum(scores[row["task"]] for row in averaged) / len(averaged)) if full else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Scores in percent; ± is lm_eval's standard error. Documents: "
+    units = "Scores in percent"
+    if len(averaged) < len(report["tasks"]):
+        units = "Accuracy-type scores in percent, perplexity-type as values (not averaged)"
+    lines += ["", f"{units}; ± is lm_eval's standard error. Documents: "
               + ", ".join(f"{row['task']} {row['samples']}" for row in report["tasks"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _value(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _num(value: Optional[float]) -> str:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -22,7 +24,7 @@ FILTER_PREFERENCE = ("strict-match", "none")
 class TaskResult:
     task: str  # lm_eval's task / group name
     label: str
-    shots: Optional[int]  # None: the task's default (reported by lm_eval per leaf in `configs`)
+    shots: Optional[int]  # as lm_eval used it (the YAML's num_fewshot when not given); None: varies by subtask
     metric: str
     filter: str
     value: Optional[float]  # 0..1 as lm_eval reports it
@@ -40,15 +42,47 @@ def quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+@contextmanager
+def lm_eval_progress(shown: bool):
+    """lm_eval draws bars of its own (building a task's requests, the hf model's batches, bootstrap
+    standard errors) and takes no switch for them; several set `disable` themselves. Without
+    `shown`, the `tqdm` its modules call is one that is always disabled, for this block only."""
+    if shown:
+        yield
+        return
+    import tqdm as package
+
+    class Silent(package.tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    # the package attribute serves lm_eval's function-local `from tqdm import tqdm`
+    modules = [package] + [sys.modules[name] for name in ("lm_eval.api.task", "lm_eval.api.model",
+                                                          "lm_eval.models.huggingface") if name in sys.modules]
+    saved = [(module, module.tqdm) for module in modules if hasattr(module, "tqdm")]
+    for module, _ in saved:
+        module.tqdm = Silent
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            module.tqdm = original
+
+
 def evaluate_task(lm, task: LoadedTask, tm, limit: Optional[int] = None, log_samples: bool = False,
-                  bootstrap_iters: int = 100000, gen_kwargs: Optional[str] = None) -> (TaskResult, Dict[str, Any]):
+                  bootstrap_iters: int = 100000, gen_kwargs: Optional[str] = None,
+                  progress: bool = True) -> (TaskResult, Dict[str, Any]):
     """One task (or group) through lm_eval's `simple_evaluate`; its result and lm_eval's raw output.
-    `gen_kwargs` ("max_gen_toks=64,...") updates generation tasks' settings, as lm_eval's --gen_kwargs."""
+    `gen_kwargs` ("max_gen_toks=64,...") updates generation tasks' settings, as lm_eval's --gen_kwargs.
+    `progress`: whether lm_eval's own progress bars are drawn."""
     from lm_eval import simple_evaluate
 
     start = time.monotonic()
-    raw = simple_evaluate(model=lm, tasks=list(task.objects), task_manager=tm, limit=limit,
-                          log_samples=log_samples, bootstrap_iters=bootstrap_iters, gen_kwargs=gen_kwargs or None)
+    with lm_eval_progress(progress):
+        raw = simple_evaluate(model=lm, tasks=list(task.objects), task_manager=tm, limit=limit,
+                              log_samples=log_samples, bootstrap_iters=bootstrap_iters,
+                              gen_kwargs=gen_kwargs or None)
     seconds = time.monotonic() - start
     return read_result(task, raw, seconds), raw
 
@@ -73,9 +107,22 @@ def read_result(task: LoadedTask, raw: Dict[str, Any], seconds: float) -> TaskRe
         value, stderr = own.get(key), own.get(err)
     if task.kind != "group" and len(task.leaves) == 1:
         leaves = {}
-    return TaskResult(task=task.name, label=spec.title, shots=spec.shots, metric=metric, filter=filt,
-                      value=_finite(value), stderr=_finite(stderr), samples=samples, seconds=round(seconds, 2),
+    # a task YAML's row is named by the task it defines, not by the file's path
+    return TaskResult(task=task.name, label=spec.label or task.name, shots=_shots(task, raw), metric=metric,
+                      filter=filt, value=_finite(value), stderr=_finite(stderr), samples=samples,
+                      seconds=round(seconds, 2),
                       aggregation=aggregation, metrics=_numbers(own), leaves=leaves)
+
+
+def _shots(task: LoadedTask, raw: Dict[str, Any]) -> Optional[int]:
+    """The few-shot count lm_eval used: the requested one, else its record per leaf (the task
+    YAML's num_fewshot, 0 when it has none) when all leaves agree."""
+    if task.spec.shots is not None:
+        return task.spec.shots
+    used = {raw.get("n-shot", {}).get(leaf) for leaf in task.leaves}
+    if len(used) == 1 and isinstance(next(iter(used)), int):
+        return next(iter(used))
+    return None
 
 
 def primary_metric(reported: Dict[str, Any], metric: Optional[str], filt: str) -> (str, str):
@@ -115,12 +162,13 @@ def samples_records(raw: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
 
 def run_tasks(lm, tasks: List[LoadedTask], tm, limit: Optional[int] = None, log_samples: bool = False,
               bootstrap_iters: int = 100000, gen_kwargs: Optional[str] = None, announce: Callable[[str], None] = print,
-              on_result: Optional[Callable[[TaskResult, Dict[str, Any]], None]] = None) -> List[TaskResult]:
+              on_result: Optional[Callable[[TaskResult, Dict[str, Any]], None]] = None,
+              progress: bool = True) -> List[TaskResult]:
     results = []
     for i, task in enumerate(tasks, 1):
         shots = "default shots" if task.spec.shots is None else f"{task.spec.shots}-shot"
         announce(f"[{i}/{len(tasks)}] {task.name} ({shots}{', limit ' + str(limit) if limit else ''}): evaluating")
-        result, raw = evaluate_task(lm, task, tm, limit, log_samples, bootstrap_iters, gen_kwargs)
+        result, raw = evaluate_task(lm, task, tm, limit, log_samples, bootstrap_iters, gen_kwargs, progress)
         shown = "n/a" if result.value is None else f"{result.value:.4f}"
         err = "" if result.stderr is None else f" +- {result.stderr:.4f}"
         announce(f"[{i}/{len(tasks)}] {task.name}: {result.metric} ({result.filter}) = {shown}{err} "

@@ -6,6 +6,17 @@ sum and "all greedy"; generation = the argmax at the last position). Greedy gene
 faster path where the layout allows it (one pipeline stage, no sequence parallelism): incremental
 decoding with megatron-core's static KV cache (`StaticInferenceContext`), one token per step.
 
+Prompts of different lengths share one cache in one prefill: they are right-padded (causal
+attention keeps a prompt's tokens from seeing the padding after them), and every decoded token is
+written at the same cache slot for the whole batch, so a shorter prompt's cache has a gap of
+padding slots between its prompt and its generated tokens. Decoding masks the gap out, and RoPE
+rotates each sequence's slots by its own positions (slot j is position j before the gap and
+j - gap after it), so every sequence attends exactly as it would alone, as transformers computes
+it unpadded. This needs core attention that applies a key mask while decoding (megatron-core's
+local `DotProductAttention`, megafox's `SDPAttention`); Transformer Engine's ignores the mask
+when megatron-core asks it for no_mask, so there a batch of ragged prompts is fed in lockstep
+from the shortest prompt's length instead (`prefills_ragged`).
+
 Multi-rank: global rank 0 drives (it runs lm_eval); every `score` call broadcasts the sequences
 to all ranks, each data-parallel replica takes every dp-th sequence and runs the forward
 collectively through megatron-core's pipeline schedule (forward_only), and the replicas' last
@@ -35,6 +46,9 @@ from megafox.checkpoint import unwrap
 class ScoreItem:
     tokens: List[int]  # the model input
     targets: List[int]  # the input's last len(targets) positions predict these tokens
+    # the input positions that predict `targets`, when not the last len(targets) ones: several
+    # one-token continuations of the same context are scored at its last position in one row
+    positions: Optional[List[int]] = None
 
 
 @dataclass
@@ -71,7 +85,7 @@ class CollectiveScorer:
         self.device = next(self.models[0].parameters()).device
         self._selection: Optional[torch.Tensor] = None
         self._hooked = False
-        self._generation = None  # this replica's KV cache (StaticInferenceContext) while generating
+        self._generation: Optional[_Generation] = None  # this replica's KV cache while generating
 
     @property
     def replicas(self) -> int:
@@ -97,9 +111,21 @@ class CollectiveScorer:
         pipeline stage (and one model chunk) and without sequence parallelism."""
         return self.pp == 1 and len(self.chunks) == 1 and not self.config.sequence_parallel
 
+    @property
+    def prefills_ragged(self) -> bool:
+        """Whether `generate_start` takes prompts of different lengths in one prefill: the core
+        attention must apply a key mask while decoding (see the module docstring)."""
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        from megafox.model.attention import SDPAttention
+
+        core = self.models[0].decoder.layers[0].self_attention.core_attention
+        return self.caches_kv and isinstance(core, (DotProductAttention, SDPAttention))
+
     def generate_start(self, prompts: List[List[int]], prefix: int, capacity: int) -> List[int]:
-        """Rank 0: open a KV cache of `capacity` positions for `prompts`, run their first `prefix`
-        tokens (every prompt has at least that many) and return each one's argmax token there."""
+        """Rank 0: open a KV cache of `capacity` positions for `prompts`, run the first `prefix`
+        tokens of each (all of a shorter prompt; prompts of different lengths only where
+        `prefills_ragged`) in one forward and return each one's argmax token after them."""
         return self._collective(_GEN_START, (prompts, prefix, capacity), len(prompts))
 
     def generate_step(self, tokens: List[int]) -> List[int]:
@@ -160,28 +186,66 @@ class CollectiveScorer:
         if not mine:
             self._generation = None
             return []
-        cache = StaticInferenceContext(max_batch_size=len(mine), max_sequence_length=capacity)
-        self._generation = cache
-        tokens = torch.tensor([prompts[i][:prefix] for i in mine], dtype=torch.long, device=self.device)
-        return self._decode(tokens)
+        rows = [prompts[i][:prefix] for i in mine]
+        lengths = torch.tensor([len(r) for r in rows])
+        longest = int(lengths.max())
+        cache = StaticInferenceContext(max_batch_size=len(rows), max_sequence_length=capacity)
+        # the LM head runs on each prompt's own last position (the selection hook), not the row's
+        cache.materialize_only_last_token_logits = False
+        generation = _Generation(cache)
+        if int(lengths.min()) != longest:
+            slots = torch.arange(capacity).unsqueeze(1)  # [capacity, 1]
+            gap = (longest - lengths).unsqueeze(0)  # [1, batch]
+            generation.rope_index = torch.where(slots < longest, slots, slots - gap).to(self.device)
+            # megatron's masks mark the keys to drop with True: [batch, 1, 1, capacity]
+            generation.mask = ((slots >= lengths) & (slots < longest)).t()[:, None, None, :].to(self.device)
+        self._generation = generation
+        tokens = torch.zeros(len(rows), longest, dtype=torch.long)
+        for r, row in enumerate(rows):
+            tokens[r, :len(row)] = torch.tensor(row)
+        return self._decode(tokens.to(self.device), (lengths - 1).unsqueeze(1).to(self.device))
 
     def _generation_step(self, tokens: List[int]) -> List[int]:
         if self._generation is None:
             return []
-        return self._decode(torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1))
+        tokens = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+        return self._decode(tokens, torch.zeros_like(tokens))
 
-    def _decode(self, tokens: torch.Tensor) -> List[int]:
-        """Run `tokens` [batch, n] at the cache's current position; argmax after the last one."""
-        cache = self._generation
+    def _decode(self, tokens: torch.Tensor, last: torch.Tensor) -> List[int]:
+        """Run `tokens` [batch, n] at the cache's current slot; the argmax after position `last`
+        [batch, 1] of each row."""
+        generation = self._generation
+        cache = generation.cache
         start = cache.sequence_len_offset
         positions = torch.arange(start, start + tokens.shape[1], device=self.device).unsqueeze(0).expand_as(tokens)
-        with torch.no_grad():
-            # in eval mode with a static context, GPTModel keeps the last position only and
-            # gathers its logits over TP: [batch, 1, padded vocab]
-            logits = self.chunks[0](tokens, positions, None, inference_context=cache, runtime_gather_output=True)
+        # the prefill is causal: no mask needed (nor taken by every attention kernel)
+        mask = generation.mask[..., :start + tokens.shape[1]] if generation.mask is not None and start else None
+        with torch.no_grad(), self._scored_positions_only(), self._rope_per_sequence(generation.rope_index):
+            self._selection = last
+            # [batch, 1, padded vocab], gathered over TP
+            logits = self.chunks[0](tokens, positions, mask, inference_context=cache, runtime_gather_output=True)
         cache.increment_sequence_len_offset(tokens.shape[1])
         cache.enable_decode_mode()
         return logits[:, -1, :self.vocab_size].argmax(dim=-1).tolist()
+
+    @contextmanager
+    def _rope_per_sequence(self, index: Optional[torch.Tensor]):
+        """RoPE with each sequence's own positions: `index` [capacity, batch] is the position of
+        each cache slot. megatron-core builds one [slots, 1, 1, dim] table for the batch and
+        slices it per step; this hook hands it [slots, batch, 1, dim] instead, which the unfused
+        RoPE broadcasts over the heads (the fused kernel takes one table, so it is off meanwhile)."""
+        if index is None:
+            yield
+            return
+        model = self.models[0]
+        handle = model.rotary_pos_emb.register_forward_hook(lambda module, args, out: out[:, 0][index])
+        fused = self.config.apply_rope_fusion
+        self.config.apply_rope_fusion = False
+        try:
+            yield
+        finally:
+            handle.remove()
+            self.config.apply_rope_fusion = fused
 
     # ------------------------------------------------------------------------ one replica's work
     def _score_replica(self, items: List[ScoreItem]) -> List[ScoreResult]:
@@ -229,10 +293,11 @@ class CollectiveScorer:
         targets = torch.zeros(len(rows), k, dtype=torch.long)
         for r, item in enumerate(rows):
             length, m = len(item.tokens), len(item.targets)
-            if not 1 <= m <= length:
+            if item.positions is None and not 1 <= m <= length:
                 raise ValueError(f"score item: {m} targets for {length} input tokens")
             tokens[r, :length] = torch.tensor(item.tokens)
-            select[r, :m] = torch.arange(length - m, length)
+            select[r, :m] = torch.arange(length - m, length) if item.positions is None else \
+                torch.tensor(item.positions)
             select[r, m:] = length - 1
             targets[r, :m] = torch.tensor(item.targets)
         positions = torch.arange(seq).unsqueeze(0).expand(len(rows), seq)
@@ -308,6 +373,15 @@ class CollectiveScorer:
         candidate = torch.where(values == best, index + start, torch.full_like(index, torch.iinfo(index.dtype).max))
         torch.distributed.all_reduce(candidate, op=torch.distributed.ReduceOp.MIN, group=group)
         return candidate
+
+
+@dataclass
+class _Generation:
+    """One replica's decoding state: the KV cache, and for prompts of different lengths the RoPE
+    position of every cache slot per sequence and the mask over the padding slots."""
+    cache: object  # megatron-core StaticInferenceContext
+    rope_index: Optional[torch.Tensor] = None  # [capacity, batch]
+    mask: Optional[torch.Tensor] = None  # [batch, 1, 1, capacity], True = not attended
 
 
 def serve_while(scorer: CollectiveScorer, drive):

@@ -187,3 +187,17 @@ def run_eval(*args, nproc: int = 1, timeout: float = 600, extra_env=None):
     if nproc == 1:
         return run_module("megafox.cli", "eval", *args, env=env, timeout=timeout)
     return torchrun(nproc, "-m", "megafox.cli", "eval", *args, env=env, timeout=timeout)
+
+
+def sharp_attention_state(model, seed: int = 6):
+    """A random Llama state dict whose attention is sharp (q/k/v/o x 8), so greedy generations
+    depend on which positions a token attends to and how far away they are (a plain random model
+    repeats one token whatever it attends to); seed 6's top-2 logits stay >= 2e-3 apart on
+    test_ragged_generation's prompts, far above float32 noise."""
+    from megafox.testing.hf_reference import hf_state
+
+    state = hf_state(model, seed)
+    for name, tensor in state.items():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+            tensor.mul_(8.0)
+    return state

@@ -1,6 +1,7 @@
 """Reading scores out of lm_eval's results, and the table beside the published Fox-1 numbers."""
 import json
 import math
+import sys
 
 import pytest
 
@@ -80,3 +81,55 @@ def test_incomplete_suite_average_is_marked():
     md = markdown(report)
     assert "**Average** (incomplete)" in md and "At most 10 documents" in md
     assert json.loads(json.dumps(report, allow_nan=False))  # no NaN anywhere
+
+
+def test_perplexity_shown_as_value_and_not_averaged():
+    """wikitext-style rows: word perplexity is unbounded and lower-is-better, so it is shown as it
+    is (not x100 in percent) and the average covers the accuracies only."""
+    results = [_row(FOX1_SUITE[0], 0.40), _row(FOX1_SUITE[1], 0.60),
+               TaskResult(task="wikitext", label="wikitext", shots=0, metric="word_perplexity", filter="none",
+                          value=23.456, stderr=None, samples=62, seconds=3.0)]
+    report = build_report(results, {"kind": "hf", "path": "/h"}, {}, None, "0.4.13", {})
+    assert report["average"]["value"] == pytest.approx(0.5)
+    assert report["average"]["tasks"] == ["arc_challenge", "hellaswag"] and report["average"]["complete"]
+    md = markdown(report)
+    assert "| wikitext | 0 | word_perplexity | 23.46 | - |" in md
+    assert "| **Average** |  |  | 50.00 |  |" in md
+    assert "perplexity-type as values (not averaged)" in md
+
+
+def test_yaml_task_row_shows_task_name_and_lm_eval_shots(tmp_path):
+    """A task given as a YAML file: the row is the task's name, not the file's path, and its shots
+    are what lm_eval used (the YAML's num_fewshot), not "default"."""
+    spec = TaskSpec(str(tmp_path / "tasks" / "docstring_mc.yaml"))
+    raw = {"results": {"docstring_mc": {"acc,none": 0.5, "acc_stderr,none": 0.1}},
+           "n-samples": {"docstring_mc": {"effective": 20}}, "n-shot": {"docstring_mc": 3}}
+    result = read_result(LoadedTask(spec, "docstring_mc", "task", [], ["docstring_mc"]), raw, 1.0)
+    assert (result.label, result.shots) == ("docstring_mc", 3)
+    md = markdown(build_report([result], {"kind": "hf", "path": "/h"}, {}, None, "0.4.13", {}))
+    assert "| docstring_mc | 3 | acc | 50.00 | 10.00 |" in md and ".yaml" not in md
+    # a requested count wins over lm_eval's record of the default
+    result = read_result(LoadedTask(TaskSpec(spec.name, 1), "docstring_mc", "task", [], ["docstring_mc"]),
+                         dict(raw, **{"n-shot": {"docstring_mc": 1}}), 1.0)
+    assert result.shots == 1
+
+
+def test_no_progress_silences_lm_eval_bars(capsys):
+    """lm_eval's own bars (a task's request building, bootstrap) go through the tqdm its modules
+    import, with their own `disable` settings: --no-progress draws none of them."""
+    import lm_eval.api.task  # noqa: F401  (the module whose bar is checked)
+    import tqdm as package
+
+    from megafox.eval.runner import lm_eval_progress
+
+    def bars():
+        for bar in (sys.modules["lm_eval.api.task"].tqdm, package.tqdm):
+            for _ in bar(range(3), total=3, disable=False, mininterval=0):
+                pass
+        return capsys.readouterr().err
+
+    with lm_eval_progress(False):
+        assert bars() == ""
+    assert "3/3" in bars()  # restored afterwards
+    with lm_eval_progress(True):
+        assert "3/3" in bars()

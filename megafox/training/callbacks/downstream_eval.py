@@ -112,7 +112,7 @@ class DownstreamEvalCallback(Callback):
         lm = MegafoxLM(self.scorer, trainer.tokenizer, max_length, name=f"step {trainer.state.iteration}",
                        progress=False)
         results = run_tasks(lm, self.tasks, self.tm, limit=self.config.limit, bootstrap_iters=0,
-                            announce=lambda message: None)
+                            announce=lambda message: None, progress=False)
         return {f"eval/{r.task}/{r.metric}" + ("" if r.filter == "none" else f"_{r.filter}"): r.value
                 for r in results if r.value is not None}
 
