@@ -22,6 +22,7 @@ import torch
 
 from megafox.eval.config import EvalConfig
 from megafox.training.callbacks.base import Callback
+from megafox.watchdog import watched
 
 
 class DownstreamEvalCallback(Callback):
@@ -72,6 +73,7 @@ class DownstreamEvalCallback(Callback):
         if self.config.interval and trainer.state.iteration % self.config.interval == 0:
             self.evaluate(trainer)
 
+    @watched("eval")
     def evaluate(self, trainer) -> Optional[Dict[str, float]]:
         """Scores on rank 0 (None elsewhere); every rank must call it at the same step."""
         from megafox.checkpoint import get_rng_state, set_rng_state

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from megafox.training.callbacks.base import Callback
+from megafox.watchdog import watched
 
 
 class ValidationCallback(Callback):
@@ -18,6 +19,7 @@ class ValidationCallback(Callback):
             self.validate(trainer)
 
     @staticmethod
+    @watched("eval")
     def validate(trainer) -> None:
         from megafox.training.step import train_step
 
