@@ -23,8 +23,8 @@
 #                       rendezvous) at most this many times per job (default 3); counted apart from
 #                       the preemption/time-limit requeues, in logs/.megafox-<job id>.failures
 #   MEGAFOX_SRUN_WAIT   seconds srun waits, once the first rank has ended, before it kills the rest
-#                       (srun --wait; default 60): a rank stopped or hung where no signal reaches it
-#                       cannot keep the job alive after its peers' watchdogs have ended it
+#                       (srun --wait; default 30): a dead rank's peers, or a rank stopped or hung
+#                       where no signal reaches it, cannot keep the job alive for longer
 #   NCCL_* / GLOO_* / TORCH_* / OMP_NUM_THREADS: honoured when set, defaults below otherwise.
 # The older names local.sh (CONFIG, NPROC, LOAD, EXIT_AFTER_MINUTES, MASTER_PORT, PYTHON) and
 # preprocess.slurm (PYTHON, MEGAFOX_REPO) read still work there, with a notice.
@@ -177,7 +177,7 @@ megafox_run_stage() {
   # Each task ignores USR1 until the trainer installs its handler: the default action would kill
   # a rank that is still importing torch when the time-limit warning comes.
   # srun's messages are kept (and still logged) to find a node SLURM reports failed.
-  srun --export=ALL --wait="${MEGAFOX_SRUN_WAIT:-60}" "${srun_extra[@]}" bash -c 'trap "" USR1; exec "$@"' megafox-rank \
+  srun --export=ALL --wait="${MEGAFOX_SRUN_WAIT:-30}" "${srun_extra[@]}" bash -c 'trap "" USR1; exec "$@"' megafox-rank \
        "${cmd[@]}" --config "$MEGAFOX_CONFIG" --stage "$stage" "${extra[@]}" 2> >(tee "$srun_err" >&2) &
   _megafox_srun_pid=$!
   # `wait` returns early (status > 128) whenever a trapped signal arrives: wait again until srun ends

@@ -69,7 +69,8 @@ class RankFault(Callback):
             return
         if not _claim(self.once):
             return
-        print(f"[test fault] rank {_rank()}: {self.what} at step {self.step}", flush=True)
+        # the wall-clock time, comparable with the launchers' log lines: how fast the job ends
+        print(f"[test fault] rank {_rank()}: {self.what} at step {self.step} ({time.strftime('%F %T')})", flush=True)
         if self.what == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.what == "stop":

@@ -38,9 +38,11 @@ def test_final_statuses_are_never_requeued_and_failures_are_bounded(slurm_cluste
     jobs = {status: _submit(tmp_path, f"exit{status}", f"exit={status}") for status in (3, 4, 5)}
     retried = _submit(tmp_path, "exit6", "exit=6", MEGAFOX_MAX_FAILURE_RESTARTS=2)
     stopped = _submit(tmp_path, "sigterm", "steps=120 step_seconds=1")
-    # SIGTERM to the batch shell and every rank, as at a preemption or `scancel`: save, 75, no requeue
+    # SIGTERM to the batch shell and every rank, as at a preemption or `scancel`: save, 75, no
+    # requeue (not --full: that signals srun too, which then kills its tasks before they can save)
     _wait_for(*stopped, "step 2 ", 120)
-    subprocess.run(["scancel", "--full", "--signal=TERM", stopped[1]], check=True)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", stopped[1]], check=True)
+    subprocess.run(["scancel", "--signal=TERM", stopped[1]], check=True)
 
     for status, (work, job) in jobs.items():
         info = wait_job(job, 180)
@@ -51,7 +53,7 @@ def test_final_statuses_are_never_requeued_and_failures_are_bounded(slurm_cluste
     info = wait_job(stopped[1], 180)
     out = job_output(*stopped)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "75:0", "0"), out
-    assert "received SIGTERM" in out and "stopped by SIGTERM" in out and "requeueing" not in out, out
+    assert "received SIGTERM" in out and "stopped by SIGTERM" in out and "requeueing job" not in out, out
 
     work, job = retried
     info = wait_job(job, 300)

@@ -47,7 +47,9 @@ def env_for(ckpt: Path, data: Path, **extra) -> dict:
 
 
 def metrics(ckpt: Path) -> list:
-    return [json.loads(line) for line in (ckpt / "metrics" / "stage1.jsonl").read_text().splitlines()]
+    """Every training step's record, in the order written (validation records left out)."""
+    records = [json.loads(line) for line in (ckpt / "metrics" / "stage1.jsonl").read_text().splitlines()]
+    return [r for r in records if "grad_norm" in r]
 
 
 def trajectory(records) -> dict:
@@ -100,6 +102,16 @@ def _wait_for_run(work, job, run: int, min_step: int, timeout: float) -> str:
     raise AssertionError(f"job {job} run {run} did not reach step {min_step} in {timeout}s: {job_info(job)}")
 
 
+def _fault_to_end_s(run: str) -> float:
+    """Seconds from the fault (the fault's own timestamp) to the launcher's 'trainer exited' line."""
+    from datetime import datetime
+
+    fault = re.search(r"^\[test fault\] .*\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\)$", run, re.M).group(1)
+    end = re.search(r"^\[megafox-launch (\S+ \S+)\] trainer exited with status", run, re.M).group(1)
+    fmt = "%Y-%m-%d %H:%M:%S"
+    return (datetime.strptime(end, fmt) - datetime.strptime(fault, fmt)).total_seconds()
+
+
 def test_every_fault_requeues_and_the_stage_ends_bit_identical(reference, tiny_data, tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "once").mkdir()
@@ -131,6 +143,7 @@ def test_every_fault_requeues_and_the_stage_ends_bit_identical(reference, tiny_d
     # run 1: a dead rank on the second node ends the job, which requeues itself
     assert "[test fault] rank 3: kill at step 12" in runs[1]
     assert f"status 1 (failure): requeueing job {job} (failure restart 1 of at most 3)" in runs[1], runs[1][-3000:]
+    assert _fault_to_end_s(runs[1]) <= 60, runs[1][-3000:]  # srun --wait (30 s) bounds the teardown
     # run 2: a stopped rank is named by rank 0's watchdog; every live rank dumps its stacks; exit 6
     assert "[test fault] rank 1: stop at step 18" in runs[2]
     assert re.search(r"megafox watchdog: no heartbeat \(limit 15s\): rank 1 \(host n\d, phase step, "
@@ -139,6 +152,8 @@ def test_every_fault_requeues_and_the_stage_ends_bit_identical(reference, tiny_d
         assert re.search(rf"megafox watchdog: rank {rank} \(host n\d, pid \d+, phase step, last step 18\) "
                          r"stops the job with exit 6; its Python stacks:", runs[2]), (rank, runs[2][-5000:])
     assert runs[2].count("most recent call first") >= 3
+    # 15 s without a heartbeat + rank 0 keeping the store up 3 s + srun --wait 30 s for the stopped rank
+    assert _fault_to_end_s(runs[2]) <= 90, runs[2][-3000:]
     assert f"status 6 (a rank hung or was lost (watchdog)): requeueing job {job} (failure restart 2" in runs[2]
     # run 3 -> 4: the node lost; SLURM requeued the job itself and the launcher counted it
     assert "failure restarts so far: 3 of at most 3" in runs[4], runs[4][:2000]
