@@ -117,7 +117,7 @@ class Watchdog:
         self._store = None
         self._beats = 0
         self._peers: Dict[int, dict] = {}  # rank -> last heartbeat seen, with our clock at its change
-        self._last_exchange = time.monotonic()
+        self._last_exchange = self._connected_at = time.monotonic()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
@@ -139,7 +139,10 @@ class Watchdog:
 
         self._store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s),
                                wait_for_workers=False)
-        self._last_exchange = time.monotonic()
+        self._last_exchange = self._connected_at = time.monotonic()
+        # the first beat now, not a heartbeat later: a rank that dies within its first interval
+        # must already be known to rank 0
+        self._store.set(f"{_KEY}hb/{self.rank}", json.dumps(self._beat()))
 
     def enter(self, name: str) -> str:
         assert name in PHASES, name
@@ -227,6 +230,9 @@ class Watchdog:
         limit = self.config.peer_timeout_seconds
         silent = [(r, b) for r, b in sorted(self._peers.items())
                   if r != self.rank and b["phase"] != "exited" and now - b["seen_at"] > limit]
+        if now - self._connected_at > limit:  # ranks that never reported at all
+            silent += [(r, {"host": "?", "phase": "never reported", "step": 0, "seen_at": self._connected_at})
+                       for r in range(self.world_size) if r not in self._peers and r != self.rank]
         if not silent:
             return None
         named = "; ".join(f"rank {r} (host {b['host']}, phase {b['phase']}, last reported step {b['step']}) "

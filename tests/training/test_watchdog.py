@@ -179,3 +179,17 @@ def test_defaults_keep_existing_configs_working():
     config = load_train_config(TINY)
     assert config.watchdog.enabled and config.watchdog.step_seconds is None
     assert config.parallel.distributed_timeout_minutes == 30
+
+
+def test_a_rank_that_never_reported_is_named_too():
+    """A rank that died before its first heartbeat has no key in the store: rank 0 names it once
+    the peer limit has passed since it connected."""
+    port = free_port()
+    server = TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)
+    w = dog(0, 2, [], heartbeat_seconds=0.2, peer_timeout_seconds=1.0)
+    w.connect("127.0.0.1", port, 1.0)
+    t = time.monotonic()
+    assert w.exchange(t) is None
+    reason = w.exchange(t + 2)
+    assert reason and "rank 1 (host ?, phase never reported" in reason, reason
+    del server
