@@ -117,7 +117,7 @@ def loop_ab(seconds: float, heartbeat: float) -> dict:
     for _ in range(3):
         dog_on[0] = None
         without.append(timed(n))
-        dog = Watchdog(WatchdogConfig(heartbeat_seconds=heartbeat, peer_timeout_seconds=heartbeat * 10), 0, 2,
+        dog = Watchdog(WatchdogConfig(heartbeat_seconds=heartbeat, peer_timeout_seconds=heartbeat * 10), 0, 1,
                        host="bench")
         dog.connect("127.0.0.1", port, 5.0)
         dog_on[0] = dog.start()
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--step-s", type=float, default=12.0, help="Fox-1 step time at 512 GPUs (for the step limit)")
     p.add_argument("--startup-s", type=float, default=300.0, help="stage start-up at 512 GPUs, to the first step")
     p.add_argument("--requeue-s", type=float, default=120.0, help="requeue until the job runs again")
-    p.add_argument("--teardown-s", type=float, default=60.0, help="the job's end after detection (srun --wait)")
+    p.add_argument("--teardown-s", type=float, default=30.0, help="the job's end after detection (srun --wait)")
     p.add_argument("--lost-steps-s", type=float, default=0.0,
                    help="steps recomputed since the last checkpoint (half the interval on average; "
                         "the same before and after, 0 leaves it out)")
