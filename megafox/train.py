@@ -17,7 +17,7 @@ from typing import Optional, Sequence  # noqa: E402
 
 from megafox.config import ConfigError, load_train_config  # noqa: E402
 from megafox.signals import (EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_NAN,  # noqa: E402
-                             EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_RENDEZVOUS)
+                             EXIT_HUNG, EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_RENDEZVOUS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -119,6 +119,10 @@ def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
         return EXIT_INTERRUPTED
     except Exception:
         traceback.print_exc()
+        aborted = trainer.watchdog.abort_reason() if trainer is not None and trainer.watchdog is not None else None
+        if aborted:  # a peer's watchdog ended the job; this rank's collective failed as a result
+            print(f"megafox-train: error: stopped by the watchdog: {aborted}", file=sys.stderr, flush=True)
+            return EXIT_HUNG
         return EXIT_FAILURE
     finally:
         if trainer is not None:

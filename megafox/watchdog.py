@@ -239,6 +239,18 @@ class Watchdog:
                           f"silent for {now - b['seen_at']:.0f}s" for r, b in silent)
         return f"no heartbeat (limit {limit:.0f}s): {named}: dead, stopped or its node is lost"
 
+    def abort_reason(self) -> Optional[str]:
+        """Why another rank's watchdog stopped the job, if one did: a peer's collective that failed
+        because that rank exited is the watchdog's doing, not a failure of its own."""
+        if self._store is None:
+            return None
+        try:
+            if self._store.check([f"{_KEY}abort"]):
+                return self._store.get(f"{_KEY}abort").decode()
+        except Exception:
+            pass
+        return None
+
     def _run(self) -> None:
         while not self._stop.wait(self.config.heartbeat_seconds):
             now = time.monotonic()
