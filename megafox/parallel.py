@@ -14,6 +14,7 @@ from typing import Optional
 from datetime import timedelta
 
 import torch
+from torch.distributed import TCPStore
 
 from megafox.config import ParallelConfig
 
@@ -46,8 +47,6 @@ def rendezvous_store(env: DistEnv, timeout_s: float, pg_timeout: timedelta):
     """The c10d TCPStore every rank meets at, as init_process_group's env:// would make it (rank 0
     hosts it, or torchrun's agent does), but with its own time limit: a rank or host that never
     comes is a one-line error after `timeout_s`, not a hang for the whole process-group timeout."""
-    from torch.distributed import TCPStore
-
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     where = (f"rank {env.rank} of {env.world_size} on host {socket.gethostname()}: rendezvous at "
              f"{env.master_addr}:{env.master_port}")

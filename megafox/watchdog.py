@@ -37,7 +37,10 @@ import time
 from datetime import timedelta
 from typing import Callable, Dict, List, Optional
 
+from torch.distributed import TCPStore
+
 from megafox.config import WatchdogConfig
+from megafox.parallel import dist_env_from_environ
 from megafox.signals import EXIT_HUNG
 
 PHASES = ("startup", "step", "save", "eval")
@@ -94,8 +97,6 @@ def _exit_file_status(status: int) -> None:
 def start_watchdog(config) -> Optional["Watchdog"]:
     """The trainer's watchdog (None when `watchdog.enabled` is false), started in phase startup;
     rank and world size as megafox.parallel will see them."""
-    from megafox.parallel import dist_env_from_environ
-
     if not config.watchdog.enabled:
         return None
     env = dist_env_from_environ()
@@ -135,8 +136,6 @@ class Watchdog:
         """Heartbeats through the rendezvous store (after the process group is up), on a client
         connection of the watchdog's own with a short timeout, so a store that stops answering
         (rank 0 stopped or gone) blocks this thread for seconds, never the training."""
-        from torch.distributed import TCPStore
-
         self._store = TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s),
                                wait_for_workers=False)
         self._last_exchange = self._connected_at = time.monotonic()

@@ -1,6 +1,6 @@
 """Which trainer statuses the SLURM scripts requeue (launch/common.sh), with the stub trainer on
 the local cluster: 2, 3, 4, 5 never; a SIGTERM stop (scancel, preemption: 75) never; a failure
-(here 6, the watchdog's) at most MEGAFOX_MAX_FAILURE_RESTARTS times. The jobs are submitted
+(6, the watchdog's; 7, a failed rendezvous) at most MEGAFOX_MAX_FAILURE_RESTARTS times. The jobs are submitted
 together and run side by side on the cluster's nodes."""
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def _wait_for(work, job, text, timeout):
 def test_final_statuses_are_never_requeued_and_failures_are_bounded(slurm_cluster, tmp_path):
     jobs = {status: _submit(tmp_path, f"exit{status}", f"exit={status}") for status in (3, 4, 5)}
     retried = _submit(tmp_path, "exit6", "exit=6", MEGAFOX_MAX_FAILURE_RESTARTS=2)
+    rendezvous = _submit(tmp_path, "exit7", "exit=7", MEGAFOX_MAX_FAILURE_RESTARTS=1)
     stopped = _submit(tmp_path, "sigterm", "steps=120 step_seconds=1")
     # SIGTERM to the batch shell and every rank, as at a preemption or `scancel`: save, 75, no
     # requeue (not --full: that signals srun too, which then kills its tasks before they can save)
@@ -61,3 +62,9 @@ def test_final_statuses_are_never_requeued_and_failures_are_bounded(slurm_cluste
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "6:0", "2"), out
     assert "(failure restart 1 of at most 2)" in out and "(failure restart 2 of at most 2)" in out, out
     assert "already 2 failure restarts (MEGAFOX_MAX_FAILURE_RESTARTS=2): not requeueing" in out, out
+
+    work, job = rendezvous  # a rendezvous that never completed (7) is retried like any failure
+    info = wait_job(job, 300)
+    out = job_output(work, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "7:0", "1"), out
+    assert "status 7 (the rendezvous never completed): requeueing job" in out, out
