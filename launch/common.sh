@@ -19,15 +19,26 @@
 #                       differ; local.sh default 29500)
 #   MEGAFOX_NPROC       local.sh only: ranks on this machine (default: one per GPU, else 1)
 #   MEGAFOX_MAX_REQUEUES  stop requeueing after this many restarts (default 100)
+#   MEGAFOX_MAX_FAILURE_RESTARTS  requeue after a failure (a dead or hung rank, a lost node, a failed
+#                       rendezvous) at most this many times per job (default 3); counted apart from
+#                       the preemption/time-limit requeues, in logs/.megafox-<job id>.failures
+#   MEGAFOX_SRUN_WAIT   seconds srun waits, once the first rank has ended, before it kills the rest
+#                       (srun --wait; default 30): a dead rank's peers, or a rank stopped or hung
+#                       where no signal reaches it, cannot keep the job alive for longer
 #   NCCL_* / GLOO_* / TORCH_* / OMP_NUM_THREADS: honoured when set, defaults below otherwise.
 # The older names local.sh (CONFIG, NPROC, LOAD, EXIT_AFTER_MINUTES, MASTER_PORT, PYTHON) and
 # preprocess.slurm (PYTHON, MEGAFOX_REPO) read still work there, with a notice.
 #
 # Exit status: the trainer's (0 stage complete, 75 stopped after a save, 2 bad config, 3 NaN halt,
-# 4 no usable checkpoint, 5 checkpoint dir in use, 1 failure). After a 75 caused by the time-limit
-# warning (SIGUSR1 from --signal=B:USR1@lead) or by --exit-after-minutes, the job requeues itself
-# and the next run resumes from the checkpoint's `latest`; dependents (--dependency=afterok) keep
-# waiting because the job is pending again. Any other status is final: no requeue.
+# 4 no usable checkpoint, 5 checkpoint dir in use, 6 hung or lost rank (watchdog), 7 rendezvous
+# failed, 1 failure). After a 75 caused by the time-limit warning (SIGUSR1 from
+# --signal=B:USR1@lead) or by --exit-after-minutes, the job requeues itself and the next run
+# resumes from the checkpoint's `latest`; dependents (--dependency=afterok) keep waiting because
+# the job is pending again. After a failure (1, 6, 7, a rank killed by a signal, a lost node) the
+# job requeues itself too, at most MEGAFOX_MAX_FAILURE_RESTARTS times, excluding a node that SLURM
+# reported failed; a requeue SLURM made itself (NODE_FAIL) counts as a failure restart as well.
+# 2, 3, 4, 5 are never requeued (a rerun cannot help), nor is a job stopped by SIGTERM (scancel).
+# docs/resilience.md has the details.
 
 megafox_log() { echo "[megafox-launch $(date '+%F %T')] $*"; }
 
@@ -101,8 +112,31 @@ _megafox_forward() {
   fi
 }
 
+# The failure-restart counter of this job: "failures expected_restart_count" in a file of the job's
+# submit dir (sbatch's --comment belongs to curriculum.sh). A restart count above the expected one
+# means SLURM requeued the job itself (a node failure): that is a failure restart too.
+_megafox_failures_file() { echo "$PWD/logs/.megafox-$SLURM_JOB_ID.failures"; }
+_megafox_read_failures() {
+  local f n=0 expect=0
+  f=$(_megafox_failures_file)
+  [ -s "$f" ] && read -r n expect < "$f"
+  local restarts=${SLURM_RESTART_COUNT:-0}
+  [ "$restarts" -gt "$expect" ] && n=$((n + restarts - expect))
+  echo "$n"
+}
+_megafox_write_failures() { mkdir -p "$PWD/logs"; echo "$1 $2" > "$(_megafox_failures_file)"; }
+
+_megafox_status_meaning() {
+  case $1 in
+    1) echo "failure" ;; 2) echo "bad configuration" ;; 3) echo "halted on NaN/inf" ;;
+    4) echo "no usable checkpoint" ;; 5) echo "checkpoint directory in use by another run" ;;
+    6) echo "a rank hung or was lost (watchdog)" ;; 7) echo "the rendezvous never completed" ;;
+    *) if [ "$1" -gt 128 ]; then echo "a rank was killed (signal $(($1 - 128)))"; else echo "failure"; fi ;;
+  esac
+}
+
 megafox_run_stage() {
-  local stage=$1 rc prev
+  local stage=$1 rc prev failures
   if [ -z "${SLURM_JOB_ID:-}" ]; then
     echo "launch/$stage.slurm: not inside a SLURM job; submit it with sbatch (or use launch/curriculum.sh)," \
          "or run launch/local.sh on one machine" >&2
@@ -123,12 +157,28 @@ megafox_run_stage() {
   megafox_log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) stage=$stage restart=${SLURM_RESTART_COUNT:-0}" \
               "nodes=$SLURM_JOB_NODELIST tasks=${SLURM_NTASKS:-?} master=$MASTER_ADDR:$MASTER_PORT"
   megafox_log "config=$MEGAFOX_CONFIG overrides='$MEGAFOX_OVERRIDES' cwd=$PWD"
+  failures=$(_megafox_read_failures)
+  local max_failures=${MEGAFOX_MAX_FAILURE_RESTARTS:-3}
+  if [ "$failures" -gt "$max_failures" ]; then
+    megafox_log "requeued by SLURM after a failure (e.g. NODE_FAIL): $failures failure restarts," \
+                "more than MEGAFOX_MAX_FAILURE_RESTARTS=$max_failures: not running; resubmit after fixing the cause"
+    return 1
+  fi
+  [ "$failures" -gt 0 ] && megafox_log "failure restarts so far: $failures of at most $max_failures"
+  # the trainer's own status (rank 0's, or that of the rank whose watchdog stopped the job), which
+  # srun's aggregate of all tasks' statuses can hide; rank 0 runs on this node
+  export MEGAFOX_EXIT_FILE="$PWD/logs/.megafox-$SLURM_JOB_ID.exit"
+  rm -f "$MEGAFOX_EXIT_FILE"
+  local srun_err="$PWD/logs/.megafox-$SLURM_JOB_ID.srun"
   # srun (not torchrun) starts one trainer per rank, so a forwarded signal reaches each trainer
-  # directly; no --kill-on-bad-exit: it would turn the ranks' common exit 75 into 143.
+  # directly; no --kill-on-bad-exit: it would turn the ranks' common exit 75 into 143. A dead rank
+  # ends the others through the collective that fails (gloo) or their watchdog (megafox/watchdog.py);
+  # --wait then reaps a rank that cannot end itself (stopped, stuck in a driver call).
   # Each task ignores USR1 until the trainer installs its handler: the default action would kill
   # a rank that is still importing torch when the time-limit warning comes.
-  srun --export=ALL "${srun_extra[@]}" bash -c 'trap "" USR1; exec "$@"' megafox-rank \
-       "${cmd[@]}" --config "$MEGAFOX_CONFIG" --stage "$stage" "${extra[@]}" &
+  # srun's messages are kept (and still logged) to find a node SLURM reports failed.
+  srun --export=ALL --wait="${MEGAFOX_SRUN_WAIT:-30}" "${srun_extra[@]}" bash -c 'trap "" USR1; exec "$@"' megafox-rank \
+       "${cmd[@]}" --config "$MEGAFOX_CONFIG" --stage "$stage" "${extra[@]}" 2> >(tee "$srun_err" >&2) &
   _megafox_srun_pid=$!
   # `wait` returns early (status > 128) whenever a trapped signal arrives: wait again until srun ends
   while :; do
@@ -141,6 +191,16 @@ megafox_run_stage() {
   done
   _megafox_srun_pid=""
   if [ -n "$_megafox_resender_pid" ]; then kill "$_megafox_resender_pid" 2>/dev/null; wait "$_megafox_resender_pid" 2>/dev/null; fi
+  if [ -s "$MEGAFOX_EXIT_FILE" ]; then
+    local own; own=$(head -c 16 "$MEGAFOX_EXIT_FILE" | tr -dc 0-9)
+    [ -n "$own" ] && [ "$own" != "$rc" ] && megafox_log "srun exited with status $rc, the trainer with $own"
+    [ -n "$own" ] && rc=$own
+  fi
+  rm -f "$MEGAFOX_EXIT_FILE"
+  sleep 0.5  # tee's last lines
+  # nodes SLURM itself reported failed ("srun: error: Node failure on n2")
+  _megafox_bad_nodes=$(sed -n 's/.*Node failure on \([^ ]*\).*/\1/p' "$srun_err" 2>/dev/null | sort -u | paste -sd, -)
+  rm -f "$srun_err"
   megafox_log "trainer exited with status $rc"
 
   if [ "$rc" = 75 ]; then
@@ -155,11 +215,47 @@ megafox_run_stage() {
       return 75
     fi
     megafox_log "checkpoint saved: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
+    _megafox_write_failures "$failures" $((restarts + 1))
     if scontrol requeue "$SLURM_JOB_ID"; then
       # SLURM now ends this run; leave before it has to kill us
       return 75
     fi
     megafox_log "scontrol requeue failed: resubmit this job to resume from the checkpoint"
+    return "$rc"
   fi
+  case $rc in
+    0) rm -f "$(_megafox_failures_file)"; return 0 ;;
+    2|3|4|5)
+      megafox_log "status $rc ($(_megafox_status_meaning "$rc")) is not retryable: not requeueing"
+      return "$rc" ;;
+  esac
+  if [ "$MEGAFOX_SIGNALLED" = TERM ]; then
+    megafox_log "stopped by SIGTERM (cancelled or preempted): not requeueing"
+    return "$rc"
+  fi
+  _megafox_requeue_after_failure "$rc" "$failures" "$max_failures"
   return "$rc"
+}
+
+_megafox_bad_nodes=""
+_megafox_requeue_after_failure() { # status failures max
+  local rc=$1 failures=$2 max=$3 restarts=${SLURM_RESTART_COUNT:-0} bad=$_megafox_bad_nodes
+  if [ "$failures" -ge "$max" ]; then
+    megafox_log "status $rc ($(_megafox_status_meaning "$rc")): already $failures failure restarts" \
+                "(MEGAFOX_MAX_FAILURE_RESTARTS=$max): not requeueing; fix the cause and resubmit"
+    return 0
+  fi
+  megafox_log "status $rc ($(_megafox_status_meaning "$rc")): requeueing job $SLURM_JOB_ID" \
+              "(failure restart $((failures + 1)) of at most $max)${bad:+, excluding failed node(s) $bad}"
+  _megafox_write_failures $((failures + 1)) $((restarts + 1))
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    megafox_log "scontrol requeue failed: resubmit this job to resume from the checkpoint"
+    return 0
+  fi
+  if [ -n "$bad" ]; then
+    local old; old=$(scontrol show job -o "$SLURM_JOB_ID" | sed -n 's/.*ExcNodeList=\([^ ]*\).*/\1/p')
+    [ "$old" = "(null)" ] && old=""
+    scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="${old:+$old,}$bad" ||
+      megafox_log "could not exclude $bad from the requeued job"
+  fi
 }

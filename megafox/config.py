@@ -106,6 +106,12 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     ddp_bucket_size: Optional[int] = None  # parameters per bucket (megatron-core's default: max(40M, 1M x DP))
+    # Megatron-LM's --distributed-timeout-minutes: how long a collective may wait for its peers
+    # before the process group gives up (the watchdog below notices a hang much sooner)
+    distributed_timeout_minutes: float = 30
+    # every rank must have joined the rendezvous (MASTER_ADDR:MASTER_PORT) within this, else a
+    # one-line error and exit 7 (retryable: the SLURM scripts requeue)
+    rendezvous_timeout_seconds: float = 600
 
     @property
     def tp(self) -> int:
@@ -143,6 +149,8 @@ class ParallelConfig:
                  "parallel.overlap_param_gather", "needs use_distributed_optimizer and overlap_grad_reduce")
         _require(self.ddp_bucket_size is None or self.ddp_bucket_size >= 1, "parallel.ddp_bucket_size",
                  f"must be >= 1, got {self.ddp_bucket_size}")
+        for name in ("distributed_timeout_minutes", "rendezvous_timeout_seconds"):
+            _require(getattr(self, name) > 0, f"parallel.{name}", f"must be > 0, got {getattr(self, name)}")
         if model is not None:
             _require(model.num_attention_heads % self.tp == 0, "parallel.tensor_model_parallel_size",
                      f"num_attention_heads ({model.num_attention_heads}) must be divisible by tp ({self.tp})")
@@ -446,6 +454,35 @@ class DebugConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """Per-rank progress watchdog (megafox/watchdog.py, docs/resilience.md): a rank that makes no
+    progress in a phase for longer than its limit, or a peer that stops sending heartbeats, ends
+    the job with exit 6 after every rank has dumped its Python stacks. Seconds throughout."""
+
+    enabled: bool = True
+    startup_seconds: float = 3600  # rendezvous, data/index build, model build, resume
+    # one training step (incl. the stop agreement and logging after it); None = derived from the
+    # steps measured so far: max(step_min_seconds, step_factor x median step)
+    step_seconds: Optional[float] = None
+    step_min_seconds: float = 300
+    step_factor: float = 10
+    save_seconds: float = 1800  # one checkpoint save
+    eval_seconds: float = 1800  # one in-loop validation or downstream evaluation
+    heartbeat_seconds: float = 5  # how often each rank reports to the rendezvous store
+    peer_timeout_seconds: float = 30  # a rank silent this long is dead, stopped or on a lost node
+
+    def validate(self) -> "WatchdogConfig":
+        for name in ("startup_seconds", "step_min_seconds", "step_factor", "save_seconds", "eval_seconds",
+                     "heartbeat_seconds", "peer_timeout_seconds"):
+            _require(getattr(self, name) > 0, f"watchdog.{name}", f"must be > 0, got {getattr(self, name)}")
+        _require(self.step_seconds is None or self.step_seconds > 0, "watchdog.step_seconds",
+                 f"must be > 0 (or null: derived from measured steps), got {self.step_seconds}")
+        _require(self.peer_timeout_seconds > self.heartbeat_seconds, "watchdog.peer_timeout_seconds",
+                 f"must be longer than watchdog.heartbeat_seconds ({self.heartbeat_seconds})")
+        return self
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig
     stages: list
@@ -460,6 +497,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     data_dir: str = "data"
     micro_batch_size: int = 1
     seed: int = 1234  # the one seed of a run: initial weights, RNG streams and the sample order
@@ -499,6 +537,7 @@ class TrainConfig:
         self.parallel.validate(self.model)
         self.build.validate()
         self.eval.validate()
+        self.watchdog.validate()
         _require(isinstance(self.stages, list) and len(self.stages) > 0, "stages", "must be a non-empty list")
         _require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         seen = set()
@@ -587,7 +626,7 @@ class TrainConfig:
 _TRAIN_SECTIONS = {"parallel": ParallelConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
                    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "validation": ValidationConfig,
                    "data": DataConfig, "build": BuildConfig, "eval": EvalConfig, "debug": DebugConfig,
-                   "profile": ProfileConfig}
+                   "profile": ProfileConfig, "watchdog": WatchdogConfig}
 
 # Keys that moved; an old YAML or override gets told where each one lives now.
 _MOVED = {"precision": "build.precision", "recompute": "build.recompute", "fused_loss": "build.fused_loss",

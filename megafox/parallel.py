@@ -7,12 +7,20 @@ we read SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID instead, so both launch styles w
 from __future__ import annotations
 
 import os
+import socket
+import time
 from dataclasses import dataclass
+from typing import Optional
 from datetime import timedelta
 
 import torch
+from torch.distributed import TCPStore
 
 from megafox.config import ParallelConfig
+
+
+class RendezvousFailed(RuntimeError):
+    """Not every rank joined within parallel.rendezvous_timeout_seconds (exit EXIT_RENDEZVOUS)."""
 
 
 @dataclass
@@ -35,7 +43,32 @@ def dist_env_from_environ(environ=os.environ) -> DistEnv:
     return DistEnv(rank, world, local, environ.get("MASTER_ADDR", "127.0.0.1"), environ.get("MASTER_PORT", "29500"))
 
 
-def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> DistEnv:
+def rendezvous_store(env: DistEnv, timeout_s: float, pg_timeout: timedelta):
+    """The c10d TCPStore every rank meets at, as init_process_group's env:// would make it (rank 0
+    hosts it, or torchrun's agent does), but with its own time limit: a rank or host that never
+    comes is a one-line error after `timeout_s`, not a hang for the whole process-group timeout."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    where = (f"rank {env.rank} of {env.world_size} on host {socket.gethostname()}: rendezvous at "
+             f"{env.master_addr}:{env.master_port}")
+    try:
+        store = TCPStore(env.master_addr, int(env.master_port), env.world_size, is_master=env.rank == 0 and not agent,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=True, multi_tenant=not agent)
+        # a barrier: every rank (not only rank 0, which hosts the store) learns that all have come
+        store.add("megafox/rendezvous", 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add("megafox/rendezvous", 0) < env.world_size:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{store.add('megafox/rendezvous', 0)} of {env.world_size} ranks arrived")
+            time.sleep(0.05)
+    except Exception as exc:  # DistNetworkError / DistStoreError / RuntimeError: all the same to a user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RendezvousFailed(f"{where} did not complete within {timeout_s:.0f}s "
+                               f"(parallel.rendezvous_timeout_seconds): {first[:200]}") from None
+    store.set_timeout(pg_timeout)
+    return store
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: Optional[float] = None) -> DistEnv:
     """Start torch.distributed (nccl on GPU, gloo on CPU) and megatron-core's parallel groups."""
     from megatron.core import parallel_state, tensor_parallel
 
@@ -43,14 +76,17 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
 
     env = dist_env_from_environ()
     on_cpu = install_if_no_cuda()
+    timeout_minutes = parallel.distributed_timeout_minutes if timeout_minutes is None else timeout_minutes
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", env.master_port)
         if not on_cpu:
             torch.cuda.set_device(env.local_rank)
+        pg_timeout = timedelta(minutes=timeout_minutes)
+        store = rendezvous_store(env, parallel.rendezvous_timeout_seconds, pg_timeout) if env.world_size > 1 else None
         torch.distributed.init_process_group(
             backend="gloo" if on_cpu else "nccl", rank=env.rank, world_size=env.world_size,
-            timeout=timedelta(minutes=timeout_minutes))
+            timeout=pg_timeout, **({"store": store} if store is not None else {}))
     parallel.validate(world_size=env.world_size)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(

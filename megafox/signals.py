@@ -8,6 +8,11 @@ Exit statuses of `megafox-train` (README's table; launch/ scripts act on them):
     4   no usable checkpoint: every checkpoint to resume from is incomplete or corrupt (each named);
         requeueing cannot help, so the SLURM scripts stop
     5   the checkpoint directory is in use by another live run (its lock is held)
+    6   the watchdog stopped the job: a rank made no progress within its phase's limit (hung) or a
+        peer stopped sending heartbeats (dead, stopped, its node lost); every rank dumped its
+        Python stacks first (megafox/watchdog.py). Retryable: the SLURM scripts requeue.
+    7   the rendezvous never completed (not every rank joined within
+        parallel.rendezvous_timeout_seconds). Retryable: the SLURM scripts requeue.
     75  stopped early after saving a checkpoint (SIGUSR1/SIGTERM or --exit-after-minutes):
         resubmit / requeue to continue. 75 is EX_TEMPFAIL from sysexits.h.
     130 interrupted by Ctrl-C (SIGINT) before a save could be made
@@ -26,6 +31,8 @@ EXIT_CONFIG = 2
 EXIT_NAN = 3
 EXIT_NO_CHECKPOINT = 4
 EXIT_LOCKED = 5
+EXIT_HUNG = 6
+EXIT_RENDEZVOUS = 7
 EXIT_REQUEUE = 75
 EXIT_INTERRUPTED = 130
 

@@ -17,14 +17,15 @@ from typing import Optional, Sequence  # noqa: E402
 
 from megafox.config import ConfigError, load_train_config  # noqa: E402
 from megafox.signals import (EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_NAN,  # noqa: E402
-                             EXIT_NO_CHECKPOINT, EXIT_OK)
+                             EXIT_HUNG, EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_RENDEZVOUS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="megafox-train", description="Train one curriculum stage of a megafox run.",
         epilog="exit status: 0 stage complete, 75 stopped after saving (requeue), 2 bad config, "
-               "3 halted on NaN/inf (nan_policy: halt), 130 interrupted, 1 other failure")
+               "3 halted on NaN/inf (nan_policy: halt), 4 no usable checkpoint, 5 checkpoint dir in use, "
+               "6 hung or lost rank (watchdog), 7 rendezvous failed, 130 interrupted, 1 other failure")
     parser.add_argument("--config", required=True, help="training YAML (configs/train/*.yaml)")
     parser.add_argument("--stage", required=True, help="stage name from the config's `stages`")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -73,6 +74,7 @@ def _report_status(status: int) -> None:
 
 def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
     from megafox.checkpoint import CheckpointSaveError, NoUsableCheckpoint
+    from megafox.parallel import RendezvousFailed
     from megafox.records import CheckpointError
     from megafox.run_lock import RunLocked
     from megafox.training.curriculum import check_stage_order
@@ -94,6 +96,9 @@ def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
                           allow_config_change=args.allow_config_change)
         trainer.setup()
         return trainer.run()
+    except RendezvousFailed as exc:
+        print(f"megafox-train: error: {exc}", file=sys.stderr, flush=True)  # every rank: each names itself
+        return EXIT_RENDEZVOUS
     except RunLocked as exc:
         _error(str(exc))
         return EXIT_LOCKED
@@ -114,11 +119,17 @@ def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
         return EXIT_INTERRUPTED
     except Exception:
         traceback.print_exc()
+        aborted = trainer.watchdog.abort_reason() if trainer is not None and trainer.watchdog is not None else None
+        if aborted:  # a peer's watchdog ended the job; this rank's collective failed as a result
+            print(f"megafox-train: error: stopped by the watchdog: {aborted}", file=sys.stderr, flush=True)
+            return EXIT_HUNG
         return EXIT_FAILURE
     finally:
         if trainer is not None:
             trainer.stop.uninstall()
             _shutdown()
+            if trainer.watchdog is not None:
+                trainer.watchdog.stop()
 
 
 def _shutdown() -> None:

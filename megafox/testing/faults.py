@@ -2,8 +2,12 @@
 
     python -m megafox.testing.faults [--kill-at-step K] [--crash-in-save N] [--nan-at-step K]
                                      [--step-sleep S] [--slow-rank R --slow-seconds S]
-                                     [--signal-at-step K]
-                                     -- <megafox-train arguments>
+                                     [--signal-at-step K] [--stop-at-step K@R] [--hang-at-step K@R]
+                                     [--once DIR] -- <megafox-train arguments>
+
+K@R: at step K on global rank R only (`--kill-at-step K@R` too; plain K: every rank). --once DIR
+makes each of those faults fire in one run only (the first to create DIR/<fault>), so a requeued
+or restarted job trains on undisturbed.
 
 The launchers run it in place of the trainer through MEGAFOX_TRAIN_CMD (e.g.
 `MEGAFOX_TRAIN_CMD="python -m megafox.testing.faults --kill-at-step 7 --" launch/local.sh stage1`),
@@ -16,6 +20,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 
 from megafox.signals import hold_stop_signals
@@ -35,6 +40,44 @@ class KillAtStep(Callback):
         if trainer.state.iteration + 1 == self.step:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _claim(once) -> bool:
+    """True for the first process ever to claim `once` (None: always)."""
+    if once is None:
+        return True
+    try:
+        os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+class RankFault(Callback):
+    """At the start of step `step` on rank `rank` (any rank if None): `kill` (SIGKILL: a segfault,
+    an OOM kill), `stop` (SIGSTOP: a hung GPU or driver call, to its peers) or `hang` (the main
+    thread blocks forever, the process otherwise alive: a deadlocked data worker or collective)."""
+
+    def __init__(self, what: str, step: int, rank=None, once=None):
+        self.what, self.step, self.rank, self.once = what, step, rank, once
+
+    def pre_step(self, trainer, batches) -> None:
+        if trainer.state.iteration + 1 != self.step or (self.rank is not None and _rank() != self.rank):
+            return
+        if not _claim(self.once):
+            return
+        # the wall-clock time, comparable with the launchers' log lines: how fast the job ends
+        print(f"[test fault] rank {_rank()}: {self.what} at step {self.step} ({time.strftime('%F %T')})", flush=True)
+        if self.what == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.what == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            threading.Event().wait()
 
 
 class CrashInSave(Callback):
@@ -116,17 +159,28 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(prog="python -m megafox.testing.faults")
-    parser.add_argument("--kill-at-step", type=int)
+    parser.add_argument("--kill-at-step")
     parser.add_argument("--crash-in-save", type=int)
     parser.add_argument("--nan-at-step", type=int)
     parser.add_argument("--step-sleep", type=float)
     parser.add_argument("--signal-at-step", type=int)
     parser.add_argument("--slow-rank", type=int, help="with --slow-seconds: the global rank to slow down")
     parser.add_argument("--slow-seconds", type=float, default=0.2)
+    parser.add_argument("--stop-at-step")
+    parser.add_argument("--hang-at-step")
+    parser.add_argument("--once")
     faults = parser.parse_args(argv[:split])
     callbacks = []
-    if faults.kill_at_step:
-        callbacks.append(KillAtStep(faults.kill_at_step))
+    for what in ("kill", "stop", "hang"):
+        spec = getattr(faults, f"{what}_at_step")
+        if not spec:
+            continue
+        step, _, rank = spec.partition("@")
+        if what == "kill" and not rank and not faults.once:
+            callbacks.append(KillAtStep(int(step)))
+        else:
+            once = os.path.join(faults.once, what) if faults.once else None
+            callbacks.append(RankFault(what, int(step), int(rank) if rank else None, once))
     if faults.crash_in_save:
         callbacks.append(CrashInSave(faults.crash_in_save))
     if faults.nan_at_step:

@@ -31,7 +31,9 @@ from megafox.records import (CheckpointRecord, StageDone, config_mapping, done_p
 _MODEL_SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "head_dim", "vocab_size", "tie_word_embeddings")
 # Config fields that never matter to a resume (where things are written, how they are logged).
-_IGNORED_PREFIXES = ("checkpoint.", "logging.", "debug.", "profile.", "data.cache_dir", "source", "overrides", "eval.")
+_IGNORED_PREFIXES = ("checkpoint.", "logging.", "debug.", "profile.", "data.cache_dir", "source", "overrides", "eval.",
+                     # how long to wait for a hang: nothing the run computes (new keys of issue 23)
+                     "watchdog.", "parallel.distributed_timeout_minutes", "parallel.rendezvous_timeout_seconds")
 
 
 def check_stage_order(config: TrainConfig, stage: str) -> Optional[str]:

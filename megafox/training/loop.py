@@ -31,6 +31,7 @@ from megafox.training.callbacks.stop import StopCallback
 from megafox.training.callbacks.validation import ValidationCallback
 from megafox.training.stage_inputs import build_stage_data, tokenizer_record
 from megafox.training.timers import PhaseTimers
+from megafox.watchdog import Watchdog, start_watchdog
 
 
 class TrainingHalted(RuntimeError):
@@ -77,6 +78,7 @@ class Trainer:
         self.extra_callbacks = list(callbacks)
         self.callbacks: List[Callback] = [self.stop]
         self.timers = PhaseTimers()  # where each step's time goes (metrics, profiler ranges)
+        self.watchdog: Optional[Watchdog] = None
 
     log = staticmethod(log)
 
@@ -94,7 +96,11 @@ class Trainer:
 
         cfg = self.config
         self.stop.install()  # before the slow parts, so an early signal is not lost
-        init_distributed(cfg.parallel, cfg.seed)
+        self.watchdog = start_watchdog(cfg)
+        env = init_distributed(cfg.parallel, cfg.seed)
+        if self.watchdog is not None and env.world_size > 1:
+            self.watchdog.connect(env.master_addr, env.master_port,
+                                  min(cfg.watchdog.peer_timeout_seconds / 2, 2 * cfg.watchdog.heartbeat_seconds))
         self.lock = lock_for_run(self.root)  # released when the process ends, however it ends
         self.data = build_stage_data(cfg, self.stage, self.stage_index, log)
         self.tokenizer = self.data.tokenizer
@@ -201,6 +207,8 @@ class Trainer:
         from megafox.training.step import train_step
 
         cfg, stage = self.config, self.stage
+        if self.watchdog is not None:
+            self.watchdog.step_begins(self.state.iteration + 1)
         with self.timers.phase("data"):
             batches = list(self.data.micro_batches(self.stage_samples, self.mbs, self.dp_rank, self.dp_size))
         if len(batches) != self.num_microbatches:

@@ -1,7 +1,7 @@
 """A stand-in for `megafox-train` that keeps its launcher contract and nothing else, so the SLURM
 scripts' plumbing (ranks, rendezvous, signals, requeue, .done files) is tested in seconds:
 arguments --config/--stage, checkpoint.dir from MEGAFOX_OVERRIDES, its own knobs from
-MEGAFOX_STUB ("steps=N step_seconds=S fail=<stage>"), resume from <dir>/<stage>.state, exit 75 after a save on
+MEGAFOX_STUB ("steps=N step_seconds=S fail=<stage> exit=<status>"), resume from <dir>/<stage>.state, exit 75 after a save on
 SIGUSR1/SIGTERM, <dir>/<stage>.done at the end, `stage <s> complete: iteration=<i> loss=<l>`.
 """
 import argparse
@@ -43,6 +43,9 @@ def main() -> int:
     if knobs.get("fail") == a.stage:
         say(f"megafox-train: error: failing {a.stage} on purpose")
         return 1
+    if "exit" in knobs:  # a trainer that ends with this status (e.g. 3 NaN halt, 6 watchdog)
+        say(f"megafox-train: error: exiting {knobs['exit']} on purpose")
+        return int(knobs["exit"])
     state = root / f"{a.stage}.state"
     it = int(state.read_text()) if state.exists() else 0
     say(f"stub trainer: stage={a.stage} rank0 of {world} master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} resume={it}")

@@ -21,6 +21,7 @@ from megafox import checkpoint as ckpt
 from megafox.records import CheckpointRecord, config_mapping
 from megafox.training.callbacks.base import Callback
 from megafox.training.timers import phase
+from megafox.watchdog import watched
 
 
 class CheckpointCallback(Callback):
@@ -46,10 +47,12 @@ class CheckpointCallback(Callback):
         else:
             self.finish_pending(trainer)
 
+    @watched("save")
     def finish_pending(self, trainer) -> None:
         if self.saver is not None:
             self._committed(trainer, self.saver.wait())
 
+    @watched("save")
     def save(self, trainer, stage_end: bool, wait: bool = True) -> Optional[Path]:
         """Save this iteration; with `wait` (or a synchronous saver) return once it is committed."""
         from megafox.training.step import params_gathered

@@ -23,6 +23,7 @@ import torch
 from megafox.eval.config import EvalConfig
 from megafox.training.callbacks.base import Callback
 from megafox.training.timers import phase
+from megafox.watchdog import watched
 
 
 class DownstreamEvalCallback(Callback):
@@ -74,6 +75,7 @@ class DownstreamEvalCallback(Callback):
             with phase(trainer, "eval"):
                 self.evaluate(trainer)
 
+    @watched("eval")
     def evaluate(self, trainer) -> Optional[Dict[str, float]]:
         """Scores on rank 0 (None elsewhere); every rank must call it at the same step."""
         from megafox.checkpoint import get_rng_state, set_rng_state

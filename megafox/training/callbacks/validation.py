@@ -10,6 +10,7 @@ import torch
 
 from megafox.training.callbacks.base import Callback
 from megafox.training.timers import phase
+from megafox.watchdog import watched
 
 
 class ValidationCallback(Callback):
@@ -20,6 +21,7 @@ class ValidationCallback(Callback):
                 self.validate(trainer)
 
     @staticmethod
+    @watched("eval")
     def validate(trainer) -> None:
         from megafox.training.step import train_step
 
