@@ -1,6 +1,11 @@
 """A checkpoint written by megafox before the records refactor (megafox-dist-v1, made here by that
 code itself, taken from git history) resumes under today's trainer, and both trainers follow the
-same trajectory bit for bit (issue 13: behaviour must not change)."""
+same trajectory bit for bit (issue 13: behaviour must not change).
+
+The runs use a 2,048-row vocabulary (the 2,000-piece tokenizer's ids all fit), which needs no
+padding at TP1: the old trainer put Megatron's padded rows into the softmax, today's leaves them
+out (issue 21), so with tiny.yaml's padded 2,000 the two trainers train different models by
+design. Without padding both compute the same softmax, and every other behaviour is compared."""
 import os
 import subprocess
 import sys
@@ -26,7 +31,7 @@ def _old_tree(tmp_path):
 
 
 def test_v1_checkpoint_resumes_and_trajectories_are_unchanged(tiny_data, tmp_path):
-    interval = ["checkpoint.interval=2"]
+    interval = ["checkpoint.interval=2", "model.vocab_size=2048"]  # no padded rows: see the docstring
     straight = tmp_path / "straight"
     rc, out = run_stage("stage1", straight, tiny_data, overrides=interval)
     assert rc == 0, out[-3000:]
