@@ -100,6 +100,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig,
             config=config,
             transformer_layer_spec=spec,
             vocab_size=model.padded_vocab_size(parallel.tp),
+            real_vocab_size=model.vocab_size,  # the padded rows are left out of every softmax
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -17,6 +17,10 @@ Two gradient strategies, same results:
 * no weights: the forward keeps only each token's log-sum-exp, and the backward recomputes each
   chunk's logits (4 matmuls per chunk). Exact for any incoming gradient.
 
+Padded vocabulary: with `vocab_size` (the real vocabulary) smaller than the rows the weight holds
+over the TP group, the padded rows' logits are -inf on whichever shard holds them, so the softmax
+is over the real vocabulary only (the exported model's) and those rows receive zero gradient.
+
 The returned per-token losses are fp32, as megatron-core's cross-entropy returns them. The
 softmax/gradient arithmetic of a chunk is `megafox.model.loss_kernels` (eager or compiled).
 
@@ -66,13 +70,15 @@ def chunk_size(chunk_tokens: int, vocab_local: int, budget_bytes: int = LOGITS_B
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                token_weights: Optional[torch.Tensor] = None, chunk_tokens: int = 1024,
-                               group: Optional[dist.ProcessGroup] = None, kernel: str = "eager") -> torch.Tensor:
+                               group: Optional[dist.ProcessGroup] = None, kernel: str = "eager",
+                               vocab_size: Optional[int] = None) -> torch.Tensor:
     """Per-token loss of logits = hidden @ weight.T against labels, vocab-parallel over `group`.
 
     hidden [N, H] (already gathered/copied into the TP region, see FoxGPTModel), weight
     [V_local, H] (this rank's vocab shard), labels [N] (global vocab ids), token_weights [N] or
-    None. `kernel`: eager | compiled (see megafox.model.loss_kernels). Returns [N] fp32 losses;
-    hidden and weight receive gradients.
+    None. `kernel`: eager | compiled (see megafox.model.loss_kernels). `vocab_size`: the real
+    vocabulary; global rows >= it are padding, left out of the softmax (None: every row is real).
+    Returns [N] fp32 losses; hidden and weight receive gradients.
     """
     if kernel not in loss_kernels.KERNELS:
         raise ValueError(f"loss_kernel: must be one of {', '.join(loss_kernels.KERNELS)}, got {kernel!r}")
@@ -85,12 +91,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if group is not None and dist.get_world_size(group) == 1:
         group = None
     chunk = chunk_size(chunk_tokens, weight.shape[0])
+    valid = _valid_columns(weight, group, vocab_size)
     if token_weights is not None:
         token_weights = token_weights.reshape(-1).to(torch.float32)
         # decided here: inside Function.forward grad mode is always off
         need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        return _PrecomputedGrad.apply(hidden, weight, labels, token_weights, chunk, group, need_grad, compiled)
-    return _RecomputedGrad.apply(hidden, weight, labels, chunk, group, compiled)
+        return _PrecomputedGrad.apply(hidden, weight, labels, token_weights, chunk, group, need_grad, compiled,
+                                      valid)
+    return _RecomputedGrad.apply(hidden, weight, labels, chunk, group, compiled, valid)
 
 
 def _weight_grad_sum(weight: torch.Tensor) -> Tuple[torch.Tensor, bool]:
@@ -122,6 +130,15 @@ def _vocab_start(weight: torch.Tensor, group) -> int:
     return 0 if group is None else dist.get_rank(group) * weight.shape[0]
 
 
+def _valid_columns(weight: torch.Tensor, group, vocab_size: Optional[int]) -> Optional[int]:
+    """How many leading rows of this shard are real vocabulary; None when all are (no masking).
+    Megatron pads the vocabulary at its end, so a shard's padded rows are always its last ones."""
+    if vocab_size is None:
+        return None
+    valid = min(max(vocab_size - _vocab_start(weight, group), 0), weight.shape[0])
+    return None if valid == weight.shape[0] else valid
+
+
 def _target_index(labels: torch.Tensor, vocab_start: int, vocab_local: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """This rank's column of each label, clamped, and a 0/1 float of whether this rank owns it."""
     local = labels - vocab_start
@@ -130,25 +147,26 @@ def _target_index(labels: torch.Tensor, vocab_start: int, vocab_local: int) -> T
 
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_start: int, group,
-                compiled: bool):
+                compiled: bool, valid: Optional[int]):
     """One chunk -> (source for loss_kernels.chunk_grad, loss [n], lse [n], target column, owned)."""
     idx, owned = _target_index(labels, vocab_start, weight.shape[0])
-    source, loss, lse = loss_kernels.chunk_loss(h, weight, idx, owned, group, compiled)
+    source, loss, lse = loss_kernels.chunk_loss(h, weight, idx, owned, group, compiled, valid)
     return source, loss, lse, idx, owned
 
 
 class _RecomputedGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk, group, compiled):
+    def forward(ctx, hidden, weight, labels, chunk, group, compiled, valid):
         vocab_start = _vocab_start(weight, group)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(losses)
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
-            source, losses[sl], lse[sl], _, _ = _chunk_loss(hidden[sl], weight, labels[sl], vocab_start, group, compiled)
+            source, losses[sl], lse[sl], _, _ = _chunk_loss(hidden[sl], weight, labels[sl], vocab_start, group, compiled,
+                                                          valid)
             del source
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk, ctx.vocab_start, ctx.compiled = chunk, vocab_start, compiled
+        ctx.chunk, ctx.vocab_start, ctx.compiled, ctx.valid = chunk, vocab_start, compiled, valid
         return losses
 
     @staticmethod
@@ -160,7 +178,7 @@ class _RecomputedGrad(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             sl = slice(start, start + ctx.chunk)
             h = hidden[sl]
-            source = loss_kernels.recomputed_source(h, weight, lse[sl], ctx.compiled)
+            source = loss_kernels.recomputed_source(h, weight, lse[sl], ctx.compiled, ctx.valid)
             idx, owned = _target_index(labels[sl], ctx.vocab_start, weight.shape[0])
             grad = loss_kernels.chunk_grad(source, lse[sl], idx, owned, grad_losses[sl], hidden.dtype, ctx.compiled)
             del source
@@ -171,12 +189,12 @@ class _RecomputedGrad(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (_zero_grad(weight.shape, weight.dtype, weight.device) if in_main_grad
                            else grad_weight.to(weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 class _PrecomputedGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, chunk, group, need_grad, compiled):
+    def forward(ctx, hidden, weight, labels, token_weights, chunk, group, need_grad, compiled, valid):
         vocab_start = _vocab_start(weight, group)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad and hidden.requires_grad else None
@@ -185,7 +203,7 @@ class _PrecomputedGrad(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
             h = hidden[sl]
-            source, losses[sl], lse, idx, owned = _chunk_loss(h, weight, labels[sl], vocab_start, group, compiled)
+            source, losses[sl], lse, idx, owned = _chunk_loss(h, weight, labels[sl], vocab_start, group, compiled, valid)
             if need_grad:
                 # per-token d loss_i / d logits: hidden's gradient stays exact for any incoming
                 # gradient; the weight's is the token_weights-weighted sum, rescaled in backward
@@ -229,4 +247,4 @@ class _PrecomputedGrad(torch.autograd.Function):
                 out_weight = _zero_grad(ctx.weight_shape, ctx.weight_dtype, g.device)
             else:
                 out_weight = grad_weight.mul_(c).to(ctx.weight_dtype)
-        return out_hidden, out_weight, None, None, None, None, None, None
+        return out_hidden, out_weight, None, None, None, None, None, None, None

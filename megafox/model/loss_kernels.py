@@ -9,10 +9,15 @@ compiled  the same maths as three `torch.compile`d functions (Triton kernels on 
 
 Vocab-parallel: the statistics are all-reduced over the TP group between the passes, as in
 megatron-core's `vocab_parallel_cross_entropy` (row max: MAX; sum of exp and target logit: SUM).
+
+`valid` is how many leading columns of this shard are real vocabulary (the rest are the rows
+Megatron pads the vocabulary with): the others are set to -inf as soon as the GEMM writes them, so
+they take no part in the softmax and their gradient (softmax - onehot) is exactly zero. None when
+the whole shard is real: nothing is touched.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,11 +26,11 @@ from megafox.config import LOSS_KERNELS as KERNELS  # noqa: F401  (the config va
 
 
 def chunk_loss(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, group,
-               compiled: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               compiled: bool, valid: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits h @ weight.T of one chunk -> (source for `chunk_grad`, loss [n] fp32, lse [n] fp32).
     The source is the fp32 softmax (eager) or the logits themselves (compiled). The GEMM is done
     here so that eager drops the low-precision logits as soon as their fp32 copy exists."""
-    logits = h @ weight.t()
+    logits = _mask_padding(h @ weight.t(), valid)
     row_max, target = (_compiled()["row_stats"] if compiled else _row_stats)(logits, idx, owned)
     if group is not None:
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
@@ -46,10 +51,11 @@ def chunk_loss(h: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, owned: 
     return source, lse - target, lse
 
 
-def recomputed_source(h: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, compiled: bool) -> torch.Tensor:
+def recomputed_source(h: torch.Tensor, weight: torch.Tensor, lse: torch.Tensor, compiled: bool,
+                      valid: Optional[int] = None) -> torch.Tensor:
     """`chunk_grad`'s source from the chunk's logits recomputed and the saved global lse (no
     communication)."""
-    logits = h @ weight.t()
+    logits = _mask_padding(h @ weight.t(), valid)
     if compiled:
         return logits
     source = logits.float()
@@ -68,8 +74,17 @@ def chunk_grad(source: torch.Tensor, lse: torch.Tensor, idx: torch.Tensor, owned
     return source.to(dtype)
 
 
+def _mask_padding(logits: torch.Tensor, valid: Optional[int]) -> torch.Tensor:
+    """-inf in the padded columns, in place (a slice fill: no copy of the chunk)."""
+    if valid is not None:
+        logits[:, valid:] = float("-inf")
+    return logits
+
+
 def _row_stats(logits, idx, owned):
-    return logits.amax(dim=1).float(), logits.gather(1, idx).squeeze(1).float() * owned
+    # where, not * owned: a rank that does not own the label may read a padded (-inf) column
+    target = torch.where(owned > 0, logits.gather(1, idx).squeeze(1).float(), 0.0)
+    return logits.amax(dim=1).float(), target
 
 
 def _sum_exp(logits, row_max):

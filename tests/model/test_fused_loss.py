@@ -58,6 +58,30 @@ def test_compiled_kernel_matches_cross_entropy(chunk, with_weights):
     torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+@pytest.mark.parametrize("chunk", [8, 4096])
+@pytest.mark.parametrize("with_weights", [False, True], ids=["recompute", "precompute"])
+def test_padded_rows_are_left_out_of_the_softmax(kernel, chunk, with_weights):
+    """A weight of 300 rows for a vocabulary of 270 (Megatron's padding): the losses and the
+    gradients are those of a 270-way softmax (the exported model's), the padded rows' gradient is
+    exactly zero. With the padding in the softmax the losses differ by far more than the tolerance."""
+    real = 270
+    hidden, weight, labels, mask = _problem()
+    labels = labels % real
+    grad_losses = 0.7 * mask
+    ref_losses = F.cross_entropy(hidden @ weight[:real].t(), labels, reduction="none")
+    ref_h, ref_w = torch.autograd.grad(ref_losses, (hidden, weight), grad_losses)
+    padded_losses = F.cross_entropy(hidden @ weight.t(), labels, reduction="none")
+    assert (padded_losses - ref_losses).abs().max() > 1e-2  # the test can fail
+    losses = fused_linear_cross_entropy(hidden, weight, labels, mask if with_weights else None, chunk,
+                                        kernel=kernel, vocab_size=real)
+    h, w = torch.autograd.grad(losses, (hidden, weight), grad_losses)
+    torch.testing.assert_close(losses, ref_losses.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(w[real:]) == 0
+
+
 def test_unknown_loss_kernel_is_refused():
     hidden, weight, labels, _ = _problem()
     with pytest.raises(ValueError, match="loss_kernel: must be one of eager, compiled"):
@@ -149,9 +173,16 @@ def inputs(tmp_path_factory):
 @pytest.mark.multirank
 @pytest.mark.parametrize("nproc", [1, 2], ids=["tp1", "tp2"])
 def test_model_fused_loss_matches_unfused(inputs, nproc):
+    """fox1-tiny's 1000-token vocabulary is padded to 1024 rows (at TP2 the second shard holds 488
+    real rows and the 24 padded ones): the unfused (megatron-core's vocab-parallel cross-entropy)
+    and both fused losses equal transformers' on the 1000-row model, and no padded row gets a
+    gradient."""
     out = run_distributed("tests/model/fused_bodies.py:grads", nproc, {"tensor_model_parallel_size": nproc}, inputs)
     assert out["loss_shape"] == (BATCH, SEQ)
     assert out["grad_scale"] > 1e-3
+    assert set(out["hf_loss_diff"]) == {"unfused", "recompute", "precompute"}
+    assert max(out["hf_loss_diff"].values()) < 1e-5, out["hf_loss_diff"]
+    assert out["padded_grad"] == 0.0
     for variant in ("recompute", "precompute"):
         assert out[variant]["loss_diff"] < 1e-5, (variant, out)
         assert out[variant]["grad_diff"] < 1e-5 * max(1.0, out["grad_scale"]), (variant, out)
@@ -161,12 +192,17 @@ def test_model_fused_loss_matches_unfused(inputs, nproc):
 def test_vocab_parallel_head_matches_full_reference():
     # the model-level SP case cannot run: megatron-core's torch norm (native/local spec without
     # apex/TE) refuses sequence parallelism, so the head is checked on its own, with and without SP
+    # vocabularies of 64 rows in two shards of 32: no padding; 50 real (padding inside the second
+    # shard); 30 real (the second shard is all padding, and the first shard's padding too)
+    reals = (None, 50, 30)
     results = run_distributed("tests/model/fused_bodies.py:heads", 2, {"tensor_model_parallel_size": 2},
-                              {"kernels": ("eager", "compiled")})
-    assert set(results) == {(sp, m, k) for sp in (False, True) for m in (False, True) for k in ("eager", "compiled")}
+                              {"kernels": ("eager", "compiled"), "reals": reals})
+    assert set(results) == {(sp, m, k, r) for sp in (False, True) for m in (False, True) for k in ("eager", "compiled")
+                            for r in reals}
     for key, out in results.items():
         assert out["shape"] == (2, 12)
-        assert max(out["diff"]) < 1e-5, (key, out)
+        assert max(out["diff"][:3]) < 1e-5, (key, out)
+        assert out["diff"][3] == 0.0, (key, out)  # the padded rows' gradient
 
 
 @pytest.mark.multirank

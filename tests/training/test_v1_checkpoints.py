@@ -1,6 +1,11 @@
 """A checkpoint written by megafox before the records refactor (megafox-dist-v1, made here by that
 code itself, taken from git history) resumes under today's trainer, and both trainers follow the
-same trajectory bit for bit (issue 13: behaviour must not change)."""
+same trajectory bit for bit (issue 13: behaviour must not change).
+
+The runs use a 2,048-row vocabulary (the 2,000-piece tokenizer's ids all fit), which needs no
+padding at TP1: the old trainer put Megatron's padded rows into the softmax, today's leaves them
+out (issue 21), so with tiny.yaml's padded 2,000 the two trainers train different models by
+design. Without padding both compute the same softmax, and every other behaviour is compared."""
 import os
 import subprocess
 import sys
@@ -25,9 +30,12 @@ def _old_tree(tmp_path):
     return old
 
 
-def test_v1_checkpoint_resumes_and_trajectories_are_unchanged(reference, tiny_data, tmp_path):
-    """`reference` (conftest.py): today's trainer on the same stage uninterrupted."""
-    interval = ["checkpoint.interval=2"]
+def test_v1_checkpoint_resumes_and_trajectories_are_unchanged(tiny_data, tmp_path):
+    # its own uninterrupted run, not the shared `reference`: that one trains tiny.yaml's padded vocabulary
+    interval = ["checkpoint.interval=2", "model.vocab_size=2048"]  # no padded rows: see the docstring
+    straight = tmp_path / "straight"
+    rc, out = run_stage("stage1", straight, tiny_data, overrides=interval)
+    assert rc == 0, out[-3000:]
 
     old, root = _old_tree(tmp_path), tmp_path / "ckpt"
     env = dict(os.environ, CONFIG=str(old / "configs" / "train" / "tiny.yaml"), NPROC="2",
@@ -57,6 +65,6 @@ def test_v1_checkpoint_resumes_and_trajectories_are_unchanged(reference, tiny_da
     assert f"resumed from {root / 'iter_0000004'}" in out
     assert "saved before checkpoints recorded their config; only the model shape is checked" in out
     resumed = losses(root, "stage1")  # steps 5..8 re-run by today's trainer replace the old run's 5
-    expected = losses(reference, "stage1")
+    expected = losses(straight, "stage1")
     assert {it: old_losses[it] for it in range(1, 5)} == {it: expected[it] for it in range(1, 5)}
     assert resumed == expected
