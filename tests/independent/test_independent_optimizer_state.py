@@ -78,52 +78,23 @@ def test_saved_state_is_a_real_adam_state(runs):
         assert saved["state"]["exp_avg_sq"][name].min() >= 0 and saved["state"]["exp_avg_sq"][name].max() > 0, name
 
 
-def test_same_layout_dp2_distributed_optimizer(runs):
-    a = runs["A"]
-    assert_state_equal(a["reloaded"], a["saved"], "DP2 -> DP2")
-    assert_step_equal(a["after_reload"], a["after_save"], "DP2 step 3 after resume")
+# (run, layout, saved at step or None, the step re-run after its own resume)
+SAME_LAYOUT = [("A", "DP2", None, 3), ("B", "TP2", 3, 4), ("D", "PP2", 4, 5), ("E", "PP2+VPP2", 5, 6)]
+# (saved by, loaded by, the loader's layout, the first step it trains)
+LAYOUT_CHANGES = [("A", "B", "TP2", 3), ("B", "C", "TP1", 4), ("B", "D", "PP2", 4), ("D", "E", "PP2+VPP2", 5)]
 
 
-def test_dp2_to_tp2(runs):
-    a, b = runs["A"], runs["B"]
-    assert_state_equal(b["loaded"], a["saved"], "DP2 -> TP2")
-    assert_step_equal(b["steps"][0], a["after_save"], "TP2 step 3 after resume", CROSS_LAYOUT_TOL)
+@pytest.mark.parametrize("run,layout,saved_at,step", SAME_LAYOUT, ids=[row[1] for row in SAME_LAYOUT])
+def test_same_layout_resume(runs, run, layout, saved_at, step):
+    r = runs[run]
+    if saved_at is not None:
+        assert r["saved"]["state"]["steps"] == [float(saved_at)]
+    assert_state_equal(r["reloaded"], r["saved"], f"{layout} -> {layout}")
+    assert_step_equal(r["after_reload"], r["after_save"], f"{layout} step {step} after resume")
 
 
-def test_same_layout_tp2(runs):
-    b = runs["B"]
-    assert b["saved"]["state"]["steps"] == [3.0]
-    assert_state_equal(b["reloaded"], b["saved"], "TP2 -> TP2")
-    assert_step_equal(b["after_reload"], b["after_save"], "TP2 step 4 after resume")
-
-
-def test_tp2_to_tp1(runs):
-    b, c = runs["B"], runs["C"]
-    assert_state_equal(c["loaded"], b["saved"], "TP2 -> TP1")
-    assert_step_equal(c["steps"][0], b["after_save"], "TP1 step 4 after resume", CROSS_LAYOUT_TOL)
-
-
-def test_tp2_to_pp2(runs):
-    b, d = runs["B"], runs["D"]
-    assert_state_equal(d["loaded"], b["saved"], "TP2 -> PP2")
-    assert_step_equal(d["steps"][0], b["after_save"], "PP2 step 4 after resume", CROSS_LAYOUT_TOL)
-
-
-def test_same_layout_pp2(runs):
-    d = runs["D"]
-    assert d["saved"]["state"]["steps"] == [4.0]
-    assert_state_equal(d["reloaded"], d["saved"], "PP2 -> PP2")
-    assert_step_equal(d["after_reload"], d["after_save"], "PP2 step 5 after resume")
-
-
-def test_pp2_to_pp2_vpp2(runs):
-    d, e = runs["D"], runs["E"]
-    assert_state_equal(e["loaded"], d["saved"], "PP2 -> PP2+VPP2")
-    assert_step_equal(e["steps"][0], d["after_save"], "PP2+VPP2 step 5 after resume", CROSS_LAYOUT_TOL)
-
-
-def test_same_layout_pp2_vpp2(runs):
-    e = runs["E"]
-    assert e["saved"]["state"]["steps"] == [5.0]
-    assert_state_equal(e["reloaded"], e["saved"], "PP2+VPP2 -> PP2+VPP2")
-    assert_step_equal(e["after_reload"], e["after_save"], "PP2+VPP2 step 6 after resume")
+@pytest.mark.parametrize("src,dst,layout,step", LAYOUT_CHANGES, ids=[f"{a}-{b}" for a, b, *_ in LAYOUT_CHANGES])
+def test_layout_change_resume(runs, src, dst, layout, step):
+    saved, loaded = runs[src], runs[dst]
+    assert_state_equal(loaded["loaded"], saved["saved"], f"{src} -> {layout}")
+    assert_step_equal(loaded["steps"][0], saved["after_save"], f"{layout} step {step} after resume", CROSS_LAYOUT_TOL)

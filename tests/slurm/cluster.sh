@@ -184,7 +184,9 @@ stop() {
     wait_for 30 sh -c '[ -z "$(squeue -h 2>/dev/null)" ]' || log "jobs still listed, stopping anyway"
   fi
   local n
-  for n in "${NODES[@]}"; do stop_pid "slurmd $n" "$BASE/slurmd.$n.pid"; done
+  # the nodes at once: each may take its full grace period, and CI waits for the sum otherwise
+  for n in "${NODES[@]}"; do stop_pid "slurmd $n" "$BASE/slurmd.$n.pid" & done
+  wait
   stop_pid slurmctld "$BASE/slurmctld.pid"
   stop_pid munged "$BASE/munged.pid"
   log "down"
