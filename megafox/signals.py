@@ -1,6 +1,6 @@
 """Process-level facts every floor shares: the stop signals and the exit statuses.
 
-Exit statuses of `megafox-train` (README's table; launch/ scripts act on them):
+Exit statuses of `megafox-train` (docs/failures.md; launch/ scripts act on them):
     0   the stage finished (or was already finished)
     1   any other failure
     2   bad configuration or usage (the message names the file and field)

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", help="a named task set: fox1 (the Fox-1 report's table)")
     p.add_argument("--tasks", help="comma-separated lm_eval tasks or task YAML files, each name[:shots]")
     p.add_argument("--output", default="eval_results", help="directory for the results JSON / markdown")
-    p.add_argument("--data-dir", help="staged datasets: <DIR>/<HF dataset id>/ per task (README 'Evaluation'); "
+    p.add_argument("--data-dir", help="staged datasets: <DIR>/<HF dataset id>/ per task (docs/evaluation.md); "
                                       "default: the local HF datasets cache")
     p.add_argument("--include-path", action="append", default=[], help="extra directory of lm_eval task YAMLs")
     p.add_argument("--limit", type=int, help="at most this many documents per task (a quick look; not comparable)")

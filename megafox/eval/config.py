@@ -4,7 +4,7 @@ lives in megafox.config with every other section; this module names it for the e
     eval:
       interval: 1000              # steps between evaluations; 0 = off
       tasks: [arc_easy:0, hellaswag:0, piqa]   # lm_eval task names ("name:shots") or task YAML paths
-      data_dir: /data/lm_eval     # staged datasets (see README "Evaluation"); null = the HF datasets cache
+      data_dir: /data/lm_eval     # staged datasets (see docs/evaluation.md); null = the HF datasets cache
       limit: 500                  # documents per task (null = all)
       batch_size: 16              # sequences per forward, per model replica
 

@@ -267,7 +267,7 @@ def _load_one(tm, spec: TaskSpec, r: Dict[str, Any], override: Dict[str, Any]) -
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         where = override.get("dataset_path") or "the HF datasets cache"
         raise TaskDataError(f"task {name}: could not load its data from {where} ({type(exc).__name__}: "
-                            f"{detail[:300]}); stage it as README 'Evaluation' shows and pass --data-dir") from None
+                            f"{detail[:300]}); stage it as docs/evaluation.md shows and pass --data-dir") from None
     if kind == "group":
         objects = [built["groups"][name]]
     elif kind == "tag":
