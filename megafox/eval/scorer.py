@@ -351,9 +351,7 @@ class CollectiveScorer:
         logits = logits.float().contiguous()
         shard = logits.shape[-1]
         start = self.tp_rank * shard
-        padding = torch.arange(start, start + shard, device=logits.device) >= self.vocab_size
-        if bool(padding.any()):
-            logits.masked_fill_(padding, float("-inf"))
+        # the padded vocabulary rows are already -inf: FoxGPTModel masks them at its output layer
         greedy = self._vocab_parallel_argmax(logits, start)
         # megatron-core's vocab-parallel cross-entropy = -log_softmax(target) over the TP shards
         # (it works in place on `logits`, which is not needed afterwards)
