@@ -223,7 +223,7 @@ def _emit(spec, out):
 
 # ----------------------------------------------------------------------------- driver
 def launch(spec: dict, nproc: int, timeout: float) -> List[dict]:
-    from megafox.testing.distributed import free_port
+    from megafox.runtime.dist import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = dict(spec, result=str(Path(tmp) / "result.json"))

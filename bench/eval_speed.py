@@ -202,7 +202,7 @@ def _child(system: str, work: Path, args) -> dict:
     cmd = [__file__, "--workdir", str(work), "--_system", system,
            *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("workdir", "_system")]]
     if system == "megafox" and args.tp > 1:
-        from megafox.testing.distributed import free_port
+        from megafox.runtime.dist import free_port
 
         cmd = ["-m", "torch.distributed.run", "--nproc-per-node", str(args.tp), "--master-addr", "127.0.0.1",
                "--master-port", str(free_port())] + cmd

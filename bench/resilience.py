@@ -61,7 +61,7 @@ def exchange_ms(world: int, rounds: int = 20) -> float:
     """Rank 0's heartbeat round trip with `world` ranks' beats in a real TCPStore."""
     from torch.distributed import TCPStore
 
-    from megafox.testing.distributed import free_port
+    from megafox.runtime.dist import free_port
 
     port = free_port()
     server = TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)
@@ -85,7 +85,7 @@ def loop_ab(seconds: float, heartbeat: float) -> dict:
     import torch
     from torch.distributed import TCPStore
 
-    from megafox.testing.distributed import free_port
+    from megafox.runtime.dist import free_port
 
     torch.set_num_threads(1)
     a = torch.randn(256, 256)
@@ -134,7 +134,7 @@ def _tiny_data(work: Path) -> Path:
 
 
 def _launch(stage, ckpt, data, overrides, train_cmd=None):
-    from megafox.testing.distributed import free_port
+    from megafox.runtime.dist import free_port
 
     env = dict(os.environ, MEGAFOX_CONFIG=str(REPO / "configs/train/tiny.yaml"), MEGAFOX_NPROC="2",
                MEGAFOX_MASTER_PORT=str(free_port()), MEGAFOX_PYTHON=sys.executable, PYTHONUNBUFFERED="1",

@@ -6,6 +6,8 @@ import sys
 import warnings
 from typing import Callable, List, Optional
 
+from megafox.runtime.dist import free_port
+
 # Exit codes: 2 = bad input (not a checkpoint, missing shards, shape mismatch, unsupported model);
 # 1 = the tool ran but --verify found the two models disagree.
 EXIT_BAD_INPUT = 2
@@ -75,14 +77,6 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ToolError(f"--max-shard-size: must be > 0, got {text!r}")
     return size
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_single_process():

@@ -9,7 +9,6 @@ import contextlib
 import errno
 import fcntl
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,8 @@ import sys
 import tempfile
 from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
+from megafox.runtime.fs import _UMASK, unlink_quiet
+
 log = logging.getLogger("data_prep")
 
 # Input formats.  "auto" picks by file name.
@@ -27,8 +28,6 @@ _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst",
 _TEXT_SUFFIXES = (".txt",)
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class DataPrepError(Exception):
@@ -88,53 +87,14 @@ def expand_inputs(patterns: Sequence[str], what: str = "--input") -> List[str]:
     return out
 
 
-def sha256_file(path: str, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(bufsize)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def file_stat(path: str) -> dict:
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except OSError as e:  # name the file the user asked for, not the temporary
-        _unlink_quiet(tmp)
-        raise OSError(e.errno, e.strerror, path) from None
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def read_json(path: str):
     with open(path, "r", encoding="utf-8") as f:
         return json.load(f)
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def tmp_name(path: str) -> str:
@@ -279,7 +239,7 @@ def _acquire(path: str, prefix: str):
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                _unlink_quiet(path)
+                unlink_quiet(path)
                 log.warning("%s: the filesystem does not support locks (%s); only temporaries of dead "
                             "local processes are cleaned", path, os_error_reason(e))
                 return None

@@ -26,7 +26,8 @@ from megafox.config import ConfigError
 from megafox.eval.suites import parse_task, suite as suite_specs
 from megafox.eval.tasks import load_tasks, offline_environment, require_lm_eval, task_manager
 
-from .common import DataPrepError, atomic_write_bytes, file_stat
+from .common import DataPrepError, file_stat
+from megafox.runtime.fs import atomic_write_bytes
 from .minhash import ngram_hashes, ngrams_many, word_hashes
 
 INDEX_VERSION = 1

@@ -40,8 +40,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .common import DataPrepError, atomic_write_bytes, atomic_write_json, detect_format, expand_inputs, file_stat, \
-    log, read_json
+from megafox.runtime.fs import atomic_write_bytes, atomic_write_json
+
+from .common import DataPrepError, detect_format, expand_inputs, file_stat, log, read_json
 from .decontaminate import BenchmarkIndex, load_or_build
 from .minhash import MinHasher, band_keys, exact_hash, lsh_params, ngrams_many, word_hashes_many
 from .preprocess import _W, Codec, ShardWriter, array_slice, encode_texts, group_pieces, plan_pieces, spill_result

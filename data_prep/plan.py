@@ -23,7 +23,8 @@ import sysconfig
 from typing import Dict, List, Optional
 
 from . import dedup
-from .common import FORMATS, DataPrepError, atomic_write_json, expand_inputs, run_main, setup_logging
+from .common import FORMATS, DataPrepError, expand_inputs, run_main, setup_logging
+from megafox.runtime.fs import atomic_write_json
 
 STAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 

@@ -28,9 +28,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-from .common import (FORMATS, DataPrepError, atomic_write_json, check_output_dir, detect_format, expand_inputs,
-                     file_stat, human_bytes, log, os_error_reason, output_lock, read_json, run_main, setup_logging,
-                     tmp_name)
+from megafox.runtime.fs import atomic_write_json
+
+from .common import (FORMATS, DataPrepError, check_output_dir, detect_format, expand_inputs, file_stat,
+                     human_bytes, log, os_error_reason, output_lock, read_json, run_main, setup_logging, tmp_name)
 from .indexed import choose_dtype, dtype_name, merge_prefixes, write_idx
 from .readers import FileReader, parse_chunk, INVALID_UTF8, EMPTY
 from .tokenizer import load_tokenizer, tokenizer_info

@@ -239,7 +239,7 @@ class _FileSha:
         self.path = path
 
     def hexdigest(self) -> str:
-        from .common import sha256_file
+        from megafox.runtime.fs import sha256_file
 
         return sha256_file(self.path)
 

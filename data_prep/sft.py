@@ -59,8 +59,10 @@ import numpy as np
 
 from . import preprocess as pre
 from .chat_template import ChatRenderer, ChatTemplate, check_template, load_chat_template
-from .common import (DataPrepError, atomic_write_json, detect_format, expand_inputs,
-                     human_bytes, read_json, run_main, setup_logging, tmp_name)
+from megafox.runtime.fs import atomic_write_json
+
+from .common import (DataPrepError, detect_format, expand_inputs, human_bytes, read_json, run_main, setup_logging,
+                     tmp_name)
 from .indexed import choose_dtype, dtype_name, merge_prefixes, write_idx
 from .sft_readers import ChatFileReader, parse_records, to_conversation
 from .sft_tokenize import OVERLONG, ChatTokenizer, ConversationEncoder, Rejected

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .common import DataPrepError, sha256_file
+from .common import DataPrepError
+from megafox.runtime.fs import sha256_file
 
 
 def load_tokenizer(path: str):

@@ -23,7 +23,8 @@ import sys
 import tempfile
 import time
 
-from .common import FORMATS, DataPrepError, atomic_write_json, detect_format, expand_inputs, log, run_main, setup_logging
+from .common import FORMATS, DataPrepError, detect_format, expand_inputs, log, run_main, setup_logging
+from megafox.runtime.fs import atomic_write_json
 from .readers import iter_documents
 
 FOX1_VOCAB = 256000

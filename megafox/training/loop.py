@@ -21,6 +21,7 @@ from megafox import checkpoint as ckpt
 from megafox.config import ConfigError, TrainConfig
 from megafox.records import RunState
 from megafox.run_lock import lock_for_run
+from megafox.runtime.dist import is_rank0
 from megafox.signals import EXIT_OK, EXIT_REQUEUE
 from megafox.training import curriculum
 from megafox.training.callbacks.base import Callback
@@ -52,12 +53,8 @@ class StepReport:
     skipped: bool
 
 
-def _rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
 def log(message: str) -> None:
-    if _rank0():
+    if is_rank0():
         print(message, flush=True)
 
 
@@ -188,7 +185,7 @@ class Trainer:
                 return EXIT_REQUEUE
             if ran or not self.resumed_at_stage_end:  # else: died between the final save and .done
                 self.checkpointing.save(self, stage_end=True)
-            if _rank0():
+            if is_rank0():
                 curriculum.finish_stage(self.config, stage, self.state, self.data)
             self.call("on_stage_end")
             log(f"stage {stage.name} complete: iteration={self.state.iteration} loss={self.state.last_loss:.6f}")

@@ -6,13 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from megafox.config import ConfigError, StageConfig, TrainConfig
+from megafox.runtime.dist import is_rank0
 from megafox.training import curriculum
-
-
-def _rank0() -> bool:
-    import torch
-
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def build_stage_data(config: TrainConfig, stage: StageConfig, stage_index: int, log):
@@ -45,7 +40,7 @@ def _pretraining_data(config: TrainConfig, stage: StageConfig, stage_index: int,
         return stage_data_from_config(config, stage.name, excluded_documents=excluded)
     data = stage_data_from_config(config, stage.name,
                                   previous_stages=curriculum.previous_stage_specs(config, stage_index))
-    if stage_index > 0 and _rank0():
+    if stage_index > 0 and is_rank0():
         save_document_set(data.excluded_documents, record_dir(config.checkpoint.dir, config.stages[stage_index - 1].name))
     return data
 

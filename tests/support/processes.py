@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from megafox.testing.distributed import free_port  # noqa: F401  (one definition: run_distributed uses it too)
+from megafox.runtime.dist import free_port  # noqa: F401  (re-exported for the tests: one definition)
 
 REPO = Path(__file__).resolve().parents[2]
 # set by torchrun in a multi-rank test body; a command started from there is not one of its ranks

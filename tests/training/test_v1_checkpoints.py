@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.training.harness import REPO, SMALL, kill_session, latest, losses, run_stage, track
-from megafox.testing.distributed import free_port
+from megafox.runtime.dist import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 V1_COMMIT = "a1dc436"  # the last commit before records, callbacks and the build: section

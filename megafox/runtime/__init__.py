@@ -1,0 +1,1 @@
+"""Process-level helpers shared by every package: files, ranks, ports, CLI errors."""
