@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sysconfig
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional
 
 from .loader import ConfigError, Wording, check_keys, check_types, from_dict, keys_of, load_yaml
@@ -142,6 +142,8 @@ class PlanTokenizer:
 
 @dataclass(kw_only=True)
 class PreprocessSettings:
+    """`preprocess:`, for every stage (workers 0: all cores; shards null: one per input file)."""
+
     workers: int = field(default=0, metadata={"check": lambda v, where: _optional_count(v, where) or 0})
     append_eod: bool = field(default=True, metadata={"check": _flag})
     dtype: TokenDtype = field(default="auto", metadata={"check": _choice(("auto", "uint16", "int32"),
@@ -152,6 +154,8 @@ class PreprocessSettings:
 
 @dataclass(kw_only=True)
 class PlanSource:
+    """One input of a stage: files (globs), its share of the stage's tokens, how to read it."""
+
     name: str = field(metadata={"required": "", "check": _simple_name})
     globs: List[str] = field(metadata={"required": "", "check": globs})
     # an sft source without a weight takes its share by conversation count (each conversation
@@ -164,8 +168,10 @@ class PlanSource:
 
 @dataclass(kw_only=True)
 class PlanStage:
+    """One curriculum stage: its token budget and sources -> one output set and one blend.json."""
+
     token_budget: int = field(metadata={"required": " (tokens to train on in this stage)", "check": _count})
-    sources: List[PlanSource] = field(metadata={"check": lambda v, where: v})  # read one by one (read_plan)
+    sources: List[PlanSource]  # read one by one (_read_stage)
     description: Any = None
     kind: PlanKind = field(default="pretrain", metadata={"check": _KIND})
     # kind: sft only; checked by data_prep (the chat template is data_prep's)
@@ -184,6 +190,8 @@ class PlanStage:
 
 @dataclass(kw_only=True)
 class DataPlan:
+    """A whole plan file (keyword-only: the YAML's order, defaults and required keys mixed)."""
+
     output_dir: str = "data"  # absolute once read
     tokenizer: PlanTokenizer
     preprocess: PreprocessSettings = field(default_factory=PreprocessSettings)
@@ -195,17 +203,11 @@ class DataPlan:
     def as_dict(self) -> Dict[str, Any]:
         """The plain mapping data_prep's stages run on (and whose dedup settings blend.json records)."""
         tok = self.tokenizer
-        if tok.train is None:
-            tokenizer: Dict[str, Any] = {"model": tok.model}
-        else:
-            tokenizer = {"train": {f.name: getattr(tok.train, f.name) for f in fields(tok.train)}, "model": tok.model}
-        p = self.preprocess
+        tokenizer = {"model": tok.model} if tok.train is None else {"train": asdict(tok.train), "model": tok.model}
         return {
             "path": self.path, "output_dir": self.output_dir, "tokenizer": tokenizer,
-            "preprocess": {f.name: getattr(p, f.name) for f in fields(p)},
-            "stages": {name: {"token_budget": st.token_budget,
-                              "sources": [{"name": s.name, "globs": s.globs, "weight": s.weight, "json_key": s.json_key,
-                                           "format": s.format, "where": s.where} for s in st.sources],
+            "preprocess": asdict(self.preprocess),
+            "stages": {name: {"token_budget": st.token_budget, "sources": [asdict(s) for s in st.sources],
                               "kind": st.kind, "dedup": st.dedup, "decontaminate": st.decontaminate}
                        for name, st in self.stages.items()},
         }
