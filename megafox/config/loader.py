@@ -71,8 +71,8 @@ def check_keys(data: Dict[str, Any], allowed, where: str, wording: Wording = CON
 def from_dict(cls, data: Dict[str, Any], where: str, wording: Wording = CONFIG_WORDING):
     """Build dataclass `cls` from a mapping, rejecting unknown keys by name.
 
-    A field without a default whose metadata has `required` (a message) is reported as
-    `<where>.<field>: required<message>` when absent."""
+    An absent field whose metadata has `required` (the message's tail) is reported as
+    `<where>.<field>: required<tail>`; other absent fields without a default name themselves too."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
