@@ -17,191 +17,40 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import sysconfig
 from typing import Dict, List, Optional
 
 from . import dedup
-from .common import FORMATS, DataPrepError, expand_inputs, run_main, setup_logging
+from .common import DataPrepError, expand_inputs, run_main, setup_logging
+from .sft import stage_settings
+from megafox.config import ConfigError
+from megafox.config.data_plan import expand_vars, read_plan
 from megafox.runtime.fs import atomic_write_json
-
-STAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class PlanError(DataPrepError):
     pass
 
 
-def _expand(s: str) -> str:
-    env = dict(os.environ)
-    env.setdefault("PYTHON_STDLIB", sysconfig.get_paths()["stdlib"])
-    return os.path.expanduser(re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), m.group(0)), s))
-
-
-def _num(v, where: str, positive: bool = True, integer: bool = False):
-    if isinstance(v, str):
-        try:
-            v = float(v)
-        except ValueError:
-            raise PlanError(f"{where}: must be a number, got {v!r}") from None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise PlanError(f"{where}: must be a number, got {v!r}")
-    if positive and not v > 0:
-        raise PlanError(f"{where}: must be > 0, got {v!r}")
-    if integer:
-        if float(v) != int(v):
-            raise PlanError(f"{where}: must be a whole number, got {v!r}")
-        v = int(v)
-    return v
-
-
-def _globs(v, where: str) -> List[str]:
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
-        raise PlanError(f"{where}: must be a glob or a non-empty list of globs")
-    return [_expand(x) for x in v]
-
-
-def _check_keys(d: dict, allowed, where: str) -> None:
-    extra = sorted(set(d) - set(allowed))
-    if extra:
-        raise PlanError(f"{where}: unknown field(s) {', '.join(extra)} (allowed: {', '.join(allowed)})")
-
-
 def load_plan(path: str, output_dir: Optional[str] = None) -> dict:
-    """Parse and validate a plan; errors name the file and the field."""
-    import yaml
-
-    if not os.path.isfile(path):
-        raise PlanError(f"{path}: plan file not found")
+    """Parse and validate a plan (megafox.config.data_plan, plus the sections data_prep owns: the
+    stages' dedup / decontaminate settings, the sft stages' chat template); errors name the file
+    and the field."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise PlanError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    P = path
-    if not isinstance(raw, dict):
-        raise PlanError(f"{P}: expected a mapping at the top level")
-    _check_keys(raw, ("output_dir", "tokenizer", "preprocess", "stages", "name", "description"), P)
-    out_dir = os.path.abspath(_expand(output_dir or str(raw.get("output_dir") or "data")))
-    plan: Dict = {"path": os.path.abspath(path), "output_dir": out_dir}
-
-    tok = raw.get("tokenizer")
-    if not isinstance(tok, dict):
-        raise PlanError(f"{P}: tokenizer: required, with either 'model' or 'train'")
-    _check_keys(tok, ("model", "train"), f"{P}: tokenizer")
-    if ("model" in tok) == ("train" in tok):
-        raise PlanError(f"{P}: tokenizer: give exactly one of 'model' (existing .model) or 'train'")
-    if "model" in tok:
-        if not isinstance(tok["model"], str) or not tok["model"]:
-            raise PlanError(f"{P}: tokenizer.model: must be a path to a SentencePiece .model")
-        plan["tokenizer"] = {"model": os.path.abspath(_expand(tok["model"]))}
-    else:
-        t = tok["train"]
-        W = f"{P}: tokenizer.train"
-        if not isinstance(t, dict):
-            raise PlanError(f"{W}: must be a mapping with inputs, vocab_size, output")
-        _check_keys(t, ("inputs", "vocab_size", "output", "json_key", "format", "sample_mb", "seed"), W)
-        if "inputs" not in t:
-            raise PlanError(f"{W}.inputs: required")
-        fmt = t.get("format", "auto")
-        if fmt not in FORMATS:
-            raise PlanError(f"{W}.format: must be one of {', '.join(FORMATS)}")
-        plan["tokenizer"] = {"train": {
-            "inputs": _globs(t["inputs"], f"{W}.inputs"),
-            "vocab_size": _num(t.get("vocab_size", 256000), f"{W}.vocab_size", integer=True),
-            "output": os.path.abspath(_expand(str(t.get("output") or os.path.join(out_dir, "tokenizer")))),
-            "json_key": str(t.get("json_key", "text")),
-            "format": fmt,
-            "sample_mb": _num(t.get("sample_mb", 2000), f"{W}.sample_mb"),
-            "seed": int(t.get("seed", 0)),
-        }}
-        plan["tokenizer"]["model"] = os.path.join(plan["tokenizer"]["train"]["output"], "tokenizer.model")
-
-    pp = raw.get("preprocess") or {}
-    if not isinstance(pp, dict):
-        raise PlanError(f"{P}: preprocess: must be a mapping")
-    _check_keys(pp, ("workers", "append_eod", "dtype", "shards", "chunk_mb"), f"{P}: preprocess")
-    if pp.get("dtype", "auto") not in ("auto", "uint16", "int32"):
-        raise PlanError(f"{P}: preprocess.dtype: must be auto, uint16 or int32")
-    if not isinstance(pp.get("append_eod", True), bool):
-        raise PlanError(f"{P}: preprocess.append_eod: must be true or false")
-    plan["preprocess"] = {
-        "workers": int(_num(pp["workers"], f"{P}: preprocess.workers", integer=True)) if pp.get("workers") else 0,
-        "append_eod": pp.get("append_eod", True),
-        "dtype": pp.get("dtype", "auto"),
-        "shards": _num(pp["shards"], f"{P}: preprocess.shards", integer=True) if pp.get("shards") else None,
-        "chunk_mb": _num(pp.get("chunk_mb", 1), f"{P}: preprocess.chunk_mb"),
-    }
-
-    stages = raw.get("stages")
-    if not isinstance(stages, dict) or not stages:
-        raise PlanError(f"{P}: stages: required, a mapping such as stage1: {{token_budget, sources}}")
-    plan["stages"] = {}
-    for sname, st in stages.items():
-        W = f"{P}: stages.{sname}"
-        if not isinstance(sname, str) or not STAGE_RE.match(sname):
-            raise PlanError(f"{W}: stage names must be simple names (letters, digits, _ . -)")
-        if not isinstance(st, dict):
-            raise PlanError(f"{W}: must be a mapping with token_budget and sources")
-        _check_keys(st, ("token_budget", "sources", "description", "kind", "chat_template", "seq_length",
-                         "overlong", "dedup", "decontaminate"), W)
-        kind = st.get("kind", "pretrain")
-        if kind not in ("pretrain", "sft"):
-            raise PlanError(f"{W}.kind: must be pretrain (documents) or sft (chat records), got {kind!r}")
-        if kind != "sft":
-            for k in ("chat_template", "seq_length", "overlong"):
-                if k in st:
-                    raise PlanError(f"{W}.{k}: only for kind: sft stages")
-        elif st.get("dedup") or st.get("decontaminate"):
-            raise PlanError(f"{W}: dedup / decontaminate are for pretraining stages (documents), not kind: sft")
-        if "token_budget" not in st:
-            raise PlanError(f"{W}.token_budget: required (tokens to train on in this stage)")
-        budget = _num(st["token_budget"], f"{W}.token_budget", integer=True)
-        srcs = st.get("sources")
-        if not isinstance(srcs, list) or not srcs:
-            raise PlanError(f"{W}.sources: required, a non-empty list")
-        names = set()
-        out_srcs = []
-        for i, s in enumerate(srcs):
-            SW = f"{W}.sources[{i}]"
-            if not isinstance(s, dict):
-                raise PlanError(f"{SW}: must be a mapping with name, globs, weight")
-            _check_keys(s, ("name", "globs", "weight", "json_key", "format"), SW)
-            # an sft source without a weight takes its share by conversation count (each conversation
-            # once per epoch); pretraining sources always name theirs
-            for req in ("name", "globs") + (() if kind == "sft" else ("weight",)):
-                if req not in s:
-                    raise PlanError(f"{SW}.{req}: required")
-            name = s["name"]
-            if not isinstance(name, str) or not STAGE_RE.match(name):
-                raise PlanError(f"{SW}.name: must be a simple name (letters, digits, _ . -), got {name!r}")
-            if name in names:
-                raise PlanError(f"{SW}.name: duplicate source name {name!r} in stage {sname}")
-            names.add(name)
-            fmt = s.get("format", "auto")
-            if fmt not in FORMATS:
-                raise PlanError(f"{SW}.format: must be one of {', '.join(FORMATS)}")
-            jk = s.get("json_key", "text")
-            if not isinstance(jk, str) or not jk:
-                raise PlanError(f"{SW}.json_key: must be a non-empty string")
-            out_srcs.append({"name": name, "globs": _globs(s["globs"], f"{SW}.globs"),
-                             "weight": _num(s["weight"], f"{SW}.weight") if "weight" in s else None,
-                             "json_key": jk, "format": fmt,
-                             "where": SW})
-        plan["stages"][sname] = {"token_budget": budget, "sources": out_srcs, "kind": kind,
-                                 "dedup": dedup.dedup_settings(st.get("dedup"), f"{W}.dedup", PlanError),
-                                 "decontaminate": dedup.decontam_settings(st.get("decontaminate"), f"{W}.decontaminate",
-                                                                          PlanError, _expand)}
-        if kind == "sft":
-            from .sft import stage_settings
-
+        typed = read_plan(path, output_dir)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
+    plan = typed.as_dict()
+    for sname, stage in typed.stages.items():
+        W = f"{path}: stages.{sname}"
+        st = plan["stages"][sname]
+        st["dedup"] = dedup.dedup_settings(stage.dedup, f"{W}.dedup", PlanError)
+        st["decontaminate"] = dedup.decontam_settings(stage.decontaminate, f"{W}.decontaminate", PlanError, expand_vars)
+        if stage.kind == "sft":
             try:
-                plan["stages"][sname]["sft"] = stage_settings(st, out_srcs, f"stages.{sname}")
+                st["sft"] = stage_settings(stage.sft_fields(), st["sources"], f"stages.{sname}")
             except DataPrepError as e:
-                raise PlanError(f"{P}: {e}") from None
+                raise PlanError(f"{path}: {e}") from None
     return plan
 
 

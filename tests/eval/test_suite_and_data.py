@@ -65,7 +65,7 @@ def test_task_list_syntax():
 
 
 def test_eval_config_validation():
-    from megafox.eval.config import EvalConfig
+    from megafox.config import EvalConfig
 
     assert EvalConfig().validate().interval == 0
     for bad, field in [(dict(interval=-1), "eval.interval"), (dict(interval=10), "eval.tasks"),

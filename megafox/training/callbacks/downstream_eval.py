@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from megafox.eval.config import EvalConfig
+from megafox.config import EvalConfig
 from megafox.training.callbacks.base import Callback
 from megafox.training.timers import phase
 from megafox.watchdog import watched
