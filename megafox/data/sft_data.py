@@ -1,8 +1,8 @@
 """Supervised fine-tuning data: chat conversations packed into fixed-length sequences.
 
-The API matches `megafox.data.stage_data.StageData` (the trainer calls
+`SFTData` is the trainer's `megafox.data.batches.Batches` (as pretraining's `StageData`:
 `micro_batches(consumed_samples, micro_batch_size, dp_rank, dp_size)`, `valid_micro_batches(...)`,
-`num_samples`, `tokenizer`, `check_vocab`), over an SFT blend.json written by data_prep:
+`pipeline_shape`, `num_samples`, `tokenizer`, `check_vocab`), over an SFT blend.json written by data_prep:
 
     {"kind": "sft", "stage": "sft", "tokenizer": "...", "seq_length": 8192, "chat_template": "...",
      "datasets": [{"prefix": "chat", "mask_prefix": "chat.mask", "weight": 1.0,
@@ -79,16 +79,17 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megafox.data.batches import Batches
 from megafox.data.blend import Blend, DataError, read_blend
 from megafox.data.index_cache import load_index_array, rank0_first
 from megafox.data.packing import DEFAULT_WINDOW, PackPlan, pack, permute_sequences
 from megafox.data.tokenizer import TokenizerError, load_tokenizer
-from megafox.data.sample_plan import rank_micro_batches
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +136,6 @@ def _positive_int(name: str, value, low: int = 1) -> int:
 
 
 def _open_mask(mask_prefix: str, lengths: np.ndarray, where: str):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     for ext in (".idx", ".bin"):
         if not os.path.isfile(mask_prefix + ext):
             raise DataError(f"{where}.mask_prefix: {mask_prefix}{ext} does not exist")
@@ -204,7 +203,7 @@ def _epoch_shares(weights: Sequence[float], total: int) -> np.ndarray:
     return counts
 
 
-class SFTData:
+class SFTData(Batches):
     def __init__(self, blend_path: str, seq_length: int, global_batch_size: int, seed: int = 1234,
                  epochs: int = 1, valid_fraction: float = 0.01, cache_dir: Optional[str] = None,
                  pack_window: int = DEFAULT_WINDOW):
@@ -227,8 +226,6 @@ class SFTData:
             raise DataError(f"{blend.path}: field 'tokenizer': {exc}") from None
         self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else self.tokenizer.eos_id
         self.cache_dir = os.path.abspath(cache_dir or os.path.join(os.path.dirname(blend.path), ".cache"))
-
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self._tokens, self._masks = [], []
         for d in self.datasets:
@@ -412,39 +409,12 @@ class SFTData:
                 "sample_index": torch.from_numpy(ids.astype(np.int64))}
 
     # ------------------------------------------------------------------------------ batches
-    def micro_batches(self, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                      dp_size: int) -> Iterator[Dict[str, torch.Tensor]]:
-        """This DP rank's micro-batches of the global batch starting at sample `consumed_samples`."""
-        ids = self._plan(consumed_samples, micro_batch_size, dp_rank, dp_size)
-        if consumed_samples + self.global_batch_size > self.num_samples:
-            raise DataError(
-                f"stage {self.stage}: samples [{consumed_samples}, {consumed_samples + self.global_batch_size}) are "
-                f"past its end: {self.blend_path} gives {self.num_samples} samples over {self.epochs} epoch(s) "
-                f"at seq_length {self.seq_length}; raise epochs or train fewer steps")
-        return (self._collate(chunk, valid=False) for chunk in ids)
-
-    def valid_micro_batches(self, start_sample: int, micro_batch_size: int, dp_rank: int,
-                            dp_size: int) -> Iterator[Dict[str, torch.Tensor]]:
-        """`micro_batches` over the held-out conversations; nothing once [start, start + global batch)
-        passes their end."""
-        ids = self._plan(start_sample, micro_batch_size, dp_rank, dp_size)
-        if self._valid is None or start_sample + self.global_batch_size > self.num_valid_samples:
-            return iter(())
-        return (self._collate(chunk, valid=True) for chunk in ids)
+    def _samples_source(self) -> str:
+        return (f"{self.blend_path} gives {self.num_samples} samples over {self.epochs} epoch(s) at seq_length "
+                f"{self.seq_length}; raise epochs or train fewer steps")
 
     def pipeline_shape(self, micro_batch_size: int) -> Tuple[int, int]:
         """(seq_length, micro_batch_size) to give train_step: packed micro-batches run as ONE
         sequence of micro_batch_size x seq_length tokens (megatron's THD format), and that is the
         shape pipeline stages exchange."""
         return self.seq_length * micro_batch_size, 1
-
-    def _plan(self, start: int, mbs: int, dp_rank: int, dp_size: int) -> List[np.ndarray]:
-        return rank_micro_batches(start, self.global_batch_size, mbs, dp_rank, dp_size)
-
-    # ------------------------------------------------------------------------------ checks
-    def check_vocab(self, model_vocab_size: int) -> None:
-        """Raise DataError when the blend's tokenizer has ids the model's embedding cannot hold."""
-        if self.tokenizer.vocab_size > model_vocab_size:
-            raise DataError(f"model.vocab_size: {model_vocab_size} is smaller than the vocabulary "
-                            f"({self.tokenizer.vocab_size}) of tokenizer {self.tokenizer.path} used by "
-                            f"{self.blend_path}")

@@ -6,7 +6,8 @@ budget) read at one sequence length.  `StageData` builds it with `BlendedMegatro
 document/sample/shuffle indices under `cache_dir`.  The stage's samples form ONE global order:
 sample id k (0 <= k < num_samples) is the k-th sample of the stage; the training loop only keeps
 `consumed_samples`, and `micro_batches(consumed_samples, mbs, dp_rank, dp_size)` hands this DP rank
-its share of ids [consumed_samples, consumed_samples + global_batch_size).
+its share of ids [consumed_samples, consumed_samples + global_batch_size) (`megafox.data.batches`:
+the protocol and sampler layout StageData shares with SFT's `SFTData`).
 
 What is guaranteed
 ------------------
@@ -65,16 +66,17 @@ import hashlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from megafox.data.batches import Batches
 from megafox.data.blend import Blend, DataError, read_blend
-from megafox.data.documents_read import DocumentSet, documents_read_by, idx_fingerprint, stage_entry
+from megafox.data.documents_read import (DocumentSet, documents_read_by, idx_fingerprint, record_dir, stage_entry,
+                                         write_documents_read)
 from megafox.data.index_cache import NoBarrierBuilder, SafeCacheBlendedDataset, SafeCacheGPTDataset, rank0_first
 from megafox.data.tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
-from megafox.data.sample_plan import rank_micro_batches
 
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset
@@ -264,7 +266,7 @@ def _load_stage_tokenizer(blend: Blend) -> SentencePieceTokenizer:
         raise DataError(f"{blend.path}: field 'tokenizer': {exc}") from None
 
 
-class StageData:
+class StageData(Batches):
     def __init__(self, blend_path: str, seq_length: int, global_batch_size: int, seed: int = 1234,
                  cache_dir: Optional[str] = None, valid_fraction: float = 0.01,
                  previous_stages: Sequence = (), token_budget: Optional[int] = None,
@@ -326,30 +328,12 @@ class StageData:
         return blend.token_budget
 
     # ------------------------------------------------------------------------------ batches
-    def micro_batches(self, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                      dp_size: int) -> Iterator[Dict[str, torch.Tensor]]:
-        """This DP rank's micro-batches of the global batch starting at stage sample `consumed_samples`."""
-        ids = self._plan(consumed_samples, micro_batch_size, dp_rank, dp_size)
-        if consumed_samples + self.global_batch_size > self.num_samples:
-            raise DataError(
-                f"stage {self.stage}: samples [{consumed_samples}, {consumed_samples + self.global_batch_size}) are "
-                f"past its end: {self.blend_path} gives {self.num_samples} samples (token_budget "
-                f"{self.token_budget} / seq_length {self.seq_length}); raise its token_budget or train fewer steps")
-        return (self._collate(self._stage.train, chunk) for chunk in ids)
+    def _samples_source(self) -> str:
+        return (f"{self.blend_path} gives {self.num_samples} samples (token_budget {self.token_budget} / seq_length "
+                f"{self.seq_length}); raise its token_budget or train fewer steps")
 
-    def valid_micro_batches(self, start_sample: int, micro_batch_size: int, dp_rank: int,
-                            dp_size: int) -> Iterator[Dict[str, torch.Tensor]]:
-        """`micro_batches` over the held-out split; nothing when [start, start + global batch) passes its end."""
-        ids = self._plan(start_sample, micro_batch_size, dp_rank, dp_size)
-        if self._stage.valid is None or start_sample + self.global_batch_size > self.num_valid_samples:
-            return iter(())
-        return (self._collate(self._stage.valid, chunk) for chunk in ids)
-
-    def _plan(self, start: int, mbs: int, dp_rank: int, dp_size: int) -> List[np.ndarray]:
-        return rank_micro_batches(start, self.global_batch_size, mbs, dp_rank, dp_size)
-
-    @staticmethod
-    def _collate(dataset, ids: np.ndarray) -> Dict[str, torch.Tensor]:
+    def _collate(self, ids: np.ndarray, valid: bool) -> Dict[str, torch.Tensor]:
+        dataset = self._stage.valid if valid else self._stage.train
         items = [dataset[int(i)] for i in ids]
         return {"tokens": torch.stack([it["tokens"] for it in items]).long(),
                 "labels": torch.stack([it["labels"] for it in items]).long(),
@@ -365,15 +349,15 @@ class StageData:
     def valid_dataset(self):
         return self._stage.valid
 
-    # ------------------------------------------------------------------------------ checks
-    def check_vocab(self, model_vocab_size: int) -> None:
-        """Raise DataError when the blend's tokenizer has ids the model's embedding cannot hold."""
-        if self.tokenizer.vocab_size > model_vocab_size:
-            raise DataError(f"model.vocab_size: {model_vocab_size} is smaller than the vocabulary "
-                            f"({self.tokenizer.vocab_size}) of tokenizer {self.tokenizer.path} used by "
-                            f"{self.blend_path}")
-
+    # ------------------------------------------------------------------------------ documents read
     def documents_read(self, num_samples: int) -> DocumentSet:
         """{prefix: sorted document ids} that this stage's first `num_samples` training samples read
         (only this stage's; `documents_read.write_documents_read` adds the earlier stages')."""
         return self._stage.documents_read(num_samples)
+
+    def record_reads(self, checkpoint_dir, stage_name: str, consumed_samples: int) -> Optional[str]:
+        """The documents this stage read, with every earlier stage's, recorded once at its end so
+        later stages never recompute them (`documents_read.write_documents_read`)."""
+        directory = record_dir(checkpoint_dir, stage_name)
+        write_documents_read(self, consumed_samples, directory)
+        return directory.name

@@ -30,7 +30,7 @@ from megafox.training.callbacks.profiler import ProfilerCallback
 from megafox.training.callbacks.sample_log import SampleLogCallback
 from megafox.training.callbacks.stop import StopCallback
 from megafox.training.callbacks.validation import ValidationCallback
-from megafox.training.stage_inputs import build_stage_data, tokenizer_record
+from megafox.training.stage_inputs import build_stage_data
 from megafox.training.timers import PhaseTimers
 from megafox.watchdog import Watchdog, start_watchdog
 
@@ -106,8 +106,7 @@ class Trainer:
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.gbs, self.mbs = self.stage.global_batch_size, cfg.mbs(self.stage)
         # what the pipeline schedule sees of a micro-batch: packed SFT rows run as one long sequence
-        self.schedule_shape = (self.data.pipeline_shape(self.mbs) if self.stage.kind == "sft"
-                               else (self.stage.seq_length, self.mbs))
+        self.schedule_shape = self.data.pipeline_shape(self.mbs)
         self.num_microbatches = self._num_microbatches(cfg.parallel.pp, cfg.parallel.vpp)
         self.is_sample_logger = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
         curriculum.resume(self)
@@ -138,7 +137,7 @@ class Trainer:
 
     @property
     def tokenizer_record(self) -> dict:
-        return tokenizer_record(self.tokenizer, self.data)
+        return self.data.tokenizer_record()
 
     def optimizer_step(self) -> int:
         """Adam's step count (the same in every param group); 0 before the first step."""
