@@ -5,9 +5,11 @@ Kept free of torch / megatron imports so that the preprocessing CLI starts fast.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import fcntl
+import functools
 import glob
 import json
 import logging
@@ -26,8 +28,6 @@ log = logging.getLogger("data_prep")
 FORMATS = ("auto", "jsonl", "parquet", "text")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
 _TEXT_SUFFIXES = (".txt",)
-
-
 
 
 class DataPrepError(Exception):
@@ -285,6 +285,23 @@ def run_main(fn, argv=None, interrupted: str = INTERRUPTED) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(interrupted + "\n")
         return 130
+
+
+def command_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `python -m MODULE`, described by the first paragraph of its docstring `doc`."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def cli_main(body):
+    """Decorator: a data_prep command's body(argv) -> its main(argv): logging set up, then run_main's
+    one-line errors and exit statuses."""
+    @functools.wraps(body)
+    def main(argv=None) -> int:
+        setup_logging()
+        return run_main(body, argv)
+
+    return main
 
 
 def human_bytes(n: float) -> str:

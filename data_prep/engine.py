@@ -1,17 +1,19 @@
-"""Tokenize documents into Megatron's indexed format (PREFIX.bin + PREFIX.idx + PREFIX.manifest.json).
+"""The preprocessing engine: input files -> shards -> one Megatron indexed dataset + manifest.
 
-    python -m data_prep.preprocess --input GLOB [GLOB ...] --tokenizer MODEL --output-prefix PREFIX
-        [--json-key text] [--workers N] [--append-eod | --no-append-eod] [--dtype auto|uint16|int32]
-        [--format auto|jsonl|parquet|text] [--shards K] [--keep-shards]
-        [--array-index I --array-count N]   # one deterministic slice of the shards (SLURM array task)
-        [--merge]                           # merge finished shards into PREFIX (the finalize job)
-
-Work is split into shards: one per input file by default, or K contiguous groups of files
-(balanced by size) with --shards K; with K larger than the number of files, big plain .jsonl
-files are cut into byte ranges at line boundaries, so even one huge file spreads over K array tasks.  Each shard is written under PREFIX.shards/ to temporary
-names and renamed when complete; a rerun skips shards that are complete and whose inputs,
-tokenizer and options are unchanged.  The final PREFIX.bin/.idx is the concatenation of the
-shards in input order, so it is byte-identical whatever --workers, --shards or array split.
+One engine for every kind of record; a codec says what a record becomes (data_prep/text_codec.py:
+pretraining documents -> token ids; data_prep/chat_codec.py: chat records -> token ids + loss
+masks). The engine owns everything else, the same for both:
+  - the split: one shard per input file, or K contiguous groups balanced by size, big plain .jsonl
+    files cut into byte ranges at line boundaries when K exceeds the files; a deterministic slice of
+    the shards per SLURM array task;
+  - the parallel loop: the main process reads chunks, pool workers encode them, results are written
+    in input order (so the output is byte-identical for any worker count, shard count or array
+    split); workers hand bulk data back through spill files, not the pipe;
+  - temp-file hygiene: every file is written under a hidden temporary name and renamed when
+    complete; a shard's record (.json), written last, marks it complete, and a rerun skips complete
+    shards whose inputs, tokenizer and settings are unchanged; an interrupted run leaves no temporary;
+  - the merge: under the output's lock (which also clears what a killed merge left), the shards'
+    datasets are concatenated in input order, then the manifest, written last, marks it complete.
 """
 
 from __future__ import annotations
@@ -19,34 +21,77 @@ from __future__ import annotations
 import argparse
 import collections
 import glob as globmod
+import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional
+from dataclasses import KW_ONLY, dataclass
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megafox.runtime.fs import atomic_write_json
 
-from .common import (FORMATS, DataPrepError, check_output_dir, detect_format, expand_inputs, file_stat,
-                     human_bytes, log, os_error_reason, output_lock, read_json, run_main, setup_logging, tmp_name)
+from .common import (DataPrepError, check_output_dir, detect_format, file_stat, log, os_error_reason, output_lock,
+                     read_json, tmp_name)
 from .indexed import choose_dtype, dtype_name, merge_prefixes, write_idx
-from .readers import FileReader, parse_chunk, INVALID_UTF8, EMPTY
+from .readers import FileReader
 from .tokenizer import load_tokenizer, tokenizer_info
 
-MANIFEST_VERSION = 1
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 20  # skipped-record samples (file:line) kept in a shard record
 DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+@dataclass
+class RunOptions:
+    """What every preprocessing run takes; a codec's options add their own fields."""
+    inputs: List[str]
+    tokenizer: str
+    output_prefix: str
+    _: KW_ONLY
+    workers: int = 1
+    dtype: str = "auto"
+    fmt: str = "auto"
+    shards: Optional[int] = None
+    array_index: Optional[int] = None
+    array_count: Optional[int] = None
+    keep_shards: bool = False
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    progress: str = "auto"
+    log_interval: float = 30.0
+    quiet: bool = False
+
+    def __post_init__(self):
+        self.output_prefix = os.path.abspath(self.output_prefix)
+        self.workers = max(1, int(self.workers))
+
+
+class Layout(NamedTuple):
+    """The files of one output beside PREFIX.bin/.idx (token ids) and PREFIX.manifest.json."""
+    datasets: Tuple[Tuple[str, str], ...] = ()  # more indexed datasets, one element per token: (suffix, dtype)
+    side_files: Tuple[str, ...] = ()  # text files written per shard, concatenated in shard order
+
+
+class Codec(NamedTuple):
+    """What the parallel loop runs for one kind of record."""
+    init: Callable  # init(*init_args) in each pool worker (in this process when there is no pool)
+    init_args: tuple
+    encode: Callable  # chunk -> result, in this process
+    encode_spill: Callable  # chunk -> result, in a pool worker (bulk data through spill_result)
+    reader: Callable  # (piece, fmt, chunk_bytes) -> FileReader
+    writer: Callable  # (shard, dtype) -> ShardWriter; a result starts (tokens, lengths, skips, text bytes)
+
 
 # ---------------------------------------------------------------------------------------
 # Worker side
 
-_W: Dict[str, object] = {}
+_SPILL: Dict[str, object] = {"dir": None, "n": 0}
 
 
-def _pool_worker_init(init: Callable, *args) -> None:
+def _pool_worker_init(spill_dir: str, init: Callable, *args) -> None:
     """Ctrl-C reaches the whole process group: workers ignore it and the parent, which owns the
     output, stops them (otherwise every worker prints its own KeyboardInterrupt traceback).
     SIGTERM is how the parent's pool.terminate() stops a worker: a worker inherits the signal mask of
@@ -55,78 +100,30 @@ def _pool_worker_init(init: Callable, *args) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    _SPILL.update(dir=spill_dir, n=0)
     init(*args)
 
 
-def _worker_init(model_path: str, json_key: str, eos: Optional[int], dtype: str,
-                 spill_dir: Optional[str] = None) -> None:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor()
-    sp.Load(model_path)
-    _W.update(sp=sp, key=json_key, eos=eos, dtype=np.dtype(dtype), spill=spill_dir, spilled=0)
-
-
-def _encode_spill(chunk: tuple):
-    """Pool workers write a chunk's token bytes to a spill file of its own and send back only
-    (path, size): no token data crosses the pipe. The main process copies and deletes it, so
-    spill space stays at the chunks in flight, not a second copy of the output."""
-    return spill_result(_encode_chunk(chunk))
+def spill_result(result: tuple, bulk: Sequence[int] = (0,)) -> tuple:
+    """A pool worker's result with its bulk elements (token bytes, masks) moved to spill files of
+    their own, (path, size) in their place: no token data crosses the pipe. The main process copies
+    and deletes them (write_payload), so spill space stays at the chunks in flight."""
+    out = list(result)
+    for i in bulk:
+        _SPILL["n"] += 1
+        path = os.path.join(_SPILL["dir"], f".worker{os.getpid()}-{_SPILL['n']}.spill.tmp")
+        with open(path, "wb") as f:
+            f.write(out[i])
+        out[i] = (path, len(out[i]))
+    return tuple(out)
 
 
-def spill_result(result: tuple) -> tuple:
-    """A worker's result with its token bytes (the first element) moved to a spill file."""
-    tok = result[0]
-    _W["spilled"] += 1
-    path = os.path.join(_W["spill"], f".worker{os.getpid()}-{_W['spilled']}.spill.tmp")
-    with open(path, "wb") as f:
-        f.write(tok)
-    return ((path, len(tok)),) + tuple(result[1:])
-
-
-def _encode_chunk(chunk: tuple):
-    """chunk -> (token bytes, int32 lengths bytes, skips, text bytes).  Only bytes cross processes."""
-    return encode_texts(*parse_chunk(chunk, _W["key"]))
-
-
-def encode_texts(texts: List[str], lines: List[int], skips: list):
-    """Parsed documents -> _encode_chunk's result (also data_prep.dedup's, after it drops some)."""
-    sp = _W["sp"]
-    nbytes_text = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-    try:
-        arrs = sp.encode(texts, return_type="numpy", num_threads=1) if texts else []
-    except Exception:  # e.g. lone surrogates from JSON escapes: isolate the bad documents
-        arrs, kept = [], []
-        for t, ln in zip(texts, lines):
-            try:
-                arrs.append(sp.encode([t], return_type="numpy", num_threads=1)[0])
-                kept.append(ln)
-            except Exception:
-                skips.append((INVALID_UTF8, ln))
-        lines = kept
-        skips.sort(key=lambda s: s[1])
-    eos = _W["eos"]
-    if any(len(a) == 0 for a in arrs):  # nothing to train on (possible only without eos)
-        skips.extend((EMPTY, ln) for a, ln in zip(arrs, lines) if len(a) == 0)
-        skips.sort(key=lambda s: s[1])
-        arrs = [a for a in arrs if len(a)]
-    n = len(arrs)
-    lengths = np.fromiter((len(a) for a in arrs), dtype=np.int32, count=n)
-    if eos is not None and n:
-        lengths += 1
-        e = np.array([eos], dtype=np.int32)
-        parts = []
-        for a in arrs:
-            parts.append(a)
-            parts.append(e)
-    else:
-        parts = arrs
-    flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    return flat.astype(_W["dtype"], copy=False).tobytes(), lengths.tobytes(), skips, nbytes_text
-
-
-def _copy_spill(ref: tuple, out) -> None:
-    path, n = ref
+def write_payload(payload, out) -> None:
+    """Append a result's bulk element to `out`: bytes, or a spill file (path, size), which is removed."""
+    if not isinstance(payload, tuple):
+        out.write(payload)
+        return
+    path, n = payload
     fd = os.open(path, os.O_RDONLY)
     try:
         out.flush()
@@ -146,11 +143,9 @@ def _copy_spill(ref: tuple, out) -> None:
     os.unlink(path)
 
 
-def _spill_dir(opts: "Options") -> str:
+def _spill_dir(output_prefix: str) -> str:
     """A private directory for this run's worker spill files; stale ones of dead local runs are removed."""
-    import socket
-
-    base = opts.output_prefix + ".shards"
+    base = output_prefix + ".shards"
     host = socket.gethostname().replace("-", "_")
     for d in globmod.glob(os.path.join(globmod.escape(base), f".spill-{globmod.escape(host)}-*")):
         try:
@@ -165,16 +160,16 @@ def _spill_dir(opts: "Options") -> str:
     return d
 
 
+def _close_spills(spill_dir: Optional[str]) -> None:
+    if spill_dir:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+
 def _final_name(e: OSError, final: str) -> str:
     """The file to name in an error: e's own, unless it is one of our hidden temporaries (a user
     knows the final name, and the temporary is gone by the time they read the message)."""
     name = e.filename if isinstance(e.filename, str) else None
     return name if name and not os.path.basename(name).startswith(".") else final
-
-
-def _close_spills(spill_dir: Optional[str]) -> None:
-    if spill_dir:
-        shutil.rmtree(spill_dir, ignore_errors=True)
 
 
 class _Done:
@@ -204,7 +199,7 @@ class Progress:
         self.t0 = self.t_last = time.monotonic()
         self.bar = None
         if mode == "bar":
-            from tqdm import tqdm
+            from tqdm import tqdm  # late: only on a terminal, and batch jobs start faster without it
 
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label, dynamic_ncols=True,
                             smoothing=0.1)
@@ -238,30 +233,6 @@ class Progress:
 
 # ---------------------------------------------------------------------------------------
 # Shards
-
-
-class Options:
-    def __init__(self, inputs, tokenizer, output_prefix, json_key="text", workers=1, append_eod=True,
-                 dtype="auto", fmt="auto", shards=None, array_index=None, array_count=None,
-                 keep_shards=False, chunk_bytes=DEFAULT_CHUNK_BYTES, progress="auto", log_interval=30.0,
-                 quiet=False, drop_filter=None):
-        self.inputs = inputs
-        self.tokenizer = tokenizer
-        self.output_prefix = os.path.abspath(output_prefix)
-        self.json_key = json_key
-        self.workers = max(1, int(workers))
-        self.append_eod = append_eod
-        self.dtype = dtype
-        self.fmt = fmt
-        self.shards = shards
-        self.array_index = array_index
-        self.array_count = array_count
-        self.keep_shards = keep_shards
-        self.chunk_bytes = chunk_bytes
-        self.progress = progress
-        self.log_interval = log_interval
-        self.quiet = quiet
-        self.drop_filter = drop_filter  # data_prep.dedup.DropFilter: documents the stage's dedup removes
 
 
 class Piece(NamedTuple):
@@ -324,17 +295,27 @@ def array_slice(n: int, index: int, count: int) -> range:
     return range(index * n // count, (index + 1) * n // count)
 
 
+def datasets_complete(prefix: str, record: dict, layout: Layout) -> bool:
+    """PREFIX's indexed datasets all exist, their .bin the size `record` (a shard's record or a
+    manifest: "tokens", "dtype") gives."""
+    want = [(prefix, record["dtype"])] + [(prefix + sfx, dt) for sfx, dt in layout.datasets]
+    return all(os.path.exists(p + ".idx") and os.path.exists(p + ".bin")
+               and os.path.getsize(p + ".bin") == record["tokens"] * np.dtype(dt).itemsize for p, dt in want)
+
+
 class Shard:
-    def __init__(self, index: int, pieces: List[Piece], opts: Options, sig_common: dict, fmts: Dict[str, str]):
+    def __init__(self, index: int, pieces: List[Piece], output_prefix: str, sig_common: dict,
+                 fmts: Dict[str, str], layout: Layout = Layout()):
         self.index = index
         self.pieces = pieces
-        self.prefix = os.path.join(opts.output_prefix + ".shards", f"shard-{index:05d}")
+        self.prefix = os.path.join(output_prefix + ".shards", f"shard-{index:05d}")
         files = []
         for p in pieces:
             st = file_stat(p.path)
             files.append([p.path, st["size"], st["mtime_ns"]] + ([p.start, p.end] if p.is_range else []))
         self.signature = dict(sig_common, files=files)
         self.fmts = fmts
+        self.layout = layout
 
     def meta_path(self) -> str:
         return self.prefix + ".json"
@@ -346,9 +327,8 @@ class Shard:
             return False
         if meta.get("signature") != self.signature:
             return False
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        return (os.path.exists(self.prefix + ".idx") and os.path.exists(self.prefix + ".bin")
-                and os.path.getsize(self.prefix + ".bin") == meta["tokens"] * itemsize)
+        return (datasets_complete(self.prefix, meta, self.layout)
+                and all(os.path.exists(self.prefix + sfx) for sfx in self.layout.side_files))
 
     def clean_stale(self) -> None:
         d, b = os.path.split(self.prefix)
@@ -359,15 +339,46 @@ class Shard:
                 pass
 
 
+class IndexedWriter:
+    """One indexed dataset being written: .bin streamed to a temporary, .idx written at the end."""
+
+    def __init__(self, prefix: str, dtype):
+        self.prefix, self.dtype = prefix, dtype
+        self.bin_tmp, self.idx_tmp = tmp_name(prefix + ".bin"), tmp_name(prefix + ".idx")
+        self.f = open(self.bin_tmp, "wb")
+
+    def write(self, payload) -> None:
+        write_payload(payload, self.f)
+
+    def finish(self, lengths: np.ndarray) -> None:
+        self.f.close()
+        write_idx(self.idx_tmp, lengths, self.dtype)
+        os.replace(self.idx_tmp, self.prefix + ".idx")  # a .bin under its final name always
+        os.replace(self.bin_tmp, self.prefix + ".bin")  # has its matching .idx
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            for p in (self.bin_tmp, self.idx_tmp):
+                if os.path.exists(p):
+                    os.unlink(p)
+
+
 class ShardWriter:
+    """Writes one shard: the token dataset, the layout's other datasets and side files, then the
+    shard's record. add() takes a result (tokens, int32 lengths, [(skip reason, line)], text bytes);
+    a codec's writer adds what its longer results carry."""
+
     def __init__(self, shard: Shard, dtype):
         self.shard = shard
         self.dtype = dtype
         os.makedirs(os.path.dirname(shard.prefix), exist_ok=True)
         shard.clean_stale()
-        self.bin_tmp = tmp_name(shard.prefix + ".bin")
-        self.idx_tmp = tmp_name(shard.prefix + ".idx")
-        self.f = open(self.bin_tmp, "wb")
+        self.tokens_out = IndexedWriter(shard.prefix, dtype)
+        self.datasets = [IndexedWriter(shard.prefix + sfx, dt) for sfx, dt in shard.layout.datasets]
+        self.side_tmp = {sfx: tmp_name(shard.prefix + sfx) for sfx in shard.layout.side_files}
+        self.side = {sfx: open(p, "w", encoding="utf-8") for sfx, p in self.side_tmp.items()}
         self.lengths: List[np.ndarray] = []
         self.skipped: collections.Counter = collections.Counter()
         self.examples: List[dict] = []
@@ -386,10 +397,7 @@ class ShardWriter:
 
     def add(self, piece: Piece, result) -> tuple:
         tok, lens, skips, nbytes = result
-        if isinstance(tok, tuple):  # (spill file, size) written by a pool worker
-            _copy_spill(tok, self.f)
-        else:
-            self.f.write(tok)
+        self.tokens_out.write(tok)
         lengths = np.frombuffer(lens, dtype=np.int32)
         self.lengths.append(lengths)
         n, t = len(lengths), int(lengths.sum(dtype=np.int64))
@@ -408,12 +416,13 @@ class ShardWriter:
         self.inputs.append(entry)
 
     def finish(self) -> dict:
-        self.f.close()
+        for sfx, f in self.side.items():
+            f.close()
+            os.replace(self.side_tmp[sfx], self.shard.prefix + sfx)
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
-        write_idx(self.idx_tmp, lengths, self.dtype)
-        os.replace(self.idx_tmp, self.shard.prefix + ".idx")  # a .bin under its final name always
-        os.replace(self.bin_tmp, self.shard.prefix + ".bin")  # has its matching .idx
-
+        for w in self.datasets:
+            w.finish(lengths)
+        self.tokens_out.finish(lengths)
         meta = {
             "signature": self.shard.signature,
             "dtype": dtype_name(self.dtype),
@@ -430,311 +439,275 @@ class ShardWriter:
         return meta
 
     def extra_meta(self) -> dict:
-        """More fields for the shard's record (a subclass's own counts)."""
+        """More fields for the shard's record (a codec's own counts)."""
         return {}
 
     def abort(self) -> None:
         try:
-            self.f.close()
-        finally:
-            for p in (self.bin_tmp, self.idx_tmp):
+            for f in self.side.values():
+                f.close()
+            for p in self.side_tmp.values():
                 if os.path.exists(p):
                     os.unlink(p)
+            for w in self.datasets:
+                w.abort()
+        finally:
+            self.tokens_out.abort()
 
 
 # ---------------------------------------------------------------------------------------
-# Driver
+# A run
 
 
-def _setup(opts: Options):
-    sp = load_tokenizer(opts.tokenizer)
-    tok = tokenizer_info(sp, opts.tokenizer)
-    dtype = choose_dtype(opts.dtype, tok["vocab_size"])
-    eos = None
-    if opts.append_eod:
-        eos = tok["eos_id"]
-        if eos is None or eos < 0:
-            raise DataPrepError(f"tokenizer {tok['path']} has no eos id; use --no-append-eod")
-    fmts = {f: detect_format(f, opts.fmt) for f in opts.inputs}
-    sig_common = {"tokenizer_sha256": tok["sha256"], "json_key": opts.json_key,
-                  "append_eod": bool(opts.append_eod), "dtype": dtype_name(dtype), "format": opts.fmt}
-    if opts.drop_filter is not None:  # other removals: the shards are tokenized again
-        sig_common["removed"] = opts.drop_filter.digest
-    groups = group_pieces(plan_pieces(opts.inputs, fmts, opts.shards), opts.shards)
-    shards = [Shard(i, g, opts, sig_common, fmts) for i, g in enumerate(groups)]
-    return sp, tok, dtype, eos, shards, sig_common
+class Run:
+    """One output prefix made from its inputs. A codec's run (a subclass) says how records are
+    checked, encoded and counted; run() does the rest."""
 
+    noun = "documents"  # what the messages count
+    layout = Layout()
 
-class Codec(NamedTuple):
-    """What _process runs: the plain-text codec below, or another one (data_prep.sft: chat records ->
-    tokens + loss masks) that reuses the same parallel, ordered, resumable machinery."""
-    init: Callable  # init(*init_args[, spill_dir]) in each worker (and here when there is no pool)
-    init_args: tuple
-    encode: Callable  # chunk -> result, in this process
-    encode_spill: Callable  # chunk -> result, in a pool worker (bulk data through spill files)
-    reader: Callable  # (piece, fmt, chunk_bytes) -> FileReader
-    writer: Callable  # (shard, dtype) -> ShardWriter
+    def __init__(self, opts: RunOptions):
+        self.opts = opts
 
+    # -- what a codec says ---------------------------------------------------------------
+    def prepare(self, sp, tok: dict, dtype) -> None:
+        """Check the codec's settings against the tokenizer (DataPrepError naming what is wrong)."""
 
-def _text_codec(opts: Options, tok: dict, dtype, eos) -> Codec:
-    codec = Codec(_worker_init, (tok["path"], opts.json_key, eos, dtype_name(dtype)), _encode_chunk, _encode_spill,
-                  lambda piece, fmt, chunk_bytes: FileReader(piece.path, fmt, opts.json_key, chunk_bytes,
-                                                             piece.start, piece.end),
-                  ShardWriter)
-    return opts.drop_filter.codec(codec) if opts.drop_filter is not None else codec
+    def check_input(self, path: str, fmt: str) -> None:
+        """Refuse an input file whose format the codec cannot read."""
 
+    def signature(self) -> dict:
+        """What the output depends on besides the inputs: a shard whose record differs is redone."""
+        raise NotImplementedError
 
-def _process(shards: List[Shard], opts: Options, tok: dict, dtype, eos, label: str,
-             codec: Optional[Codec] = None) -> dict:
-    codec = codec or _text_codec(opts, tok, dtype, eos)
-    pending = [s for s in shards if not s.is_complete()]
-    done_before = len(shards) - len(pending)
-    if done_before and not opts.quiet:
-        log.info("%s: %d of %d shards already complete, skipping them", label, done_before, len(shards))
-    total = sum(p.size() for s in pending for p in s.pieces)
-    stats = {"documents": 0, "tokens": 0, "bytes": total, "shards_done": 0}
-    if not pending:
-        return stats
-    mode = "none" if opts.quiet else opts.progress
-    prog = Progress(total, os.path.basename(label), mode, opts.log_interval)
-    pool = None
-    spill_dir = None
-    nworkers = opts.workers
-    if nworkers > 1:
-        import multiprocessing as mp
+    def codec(self) -> Codec:
+        raise NotImplementedError
 
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    def manifest(self, metas: List[dict], elapsed: float) -> dict:
+        raise NotImplementedError
+
+    def print_summary(self, man: dict) -> None:
+        raise NotImplementedError
+
+    # -- the engine ----------------------------------------------------------------------
+    def setup(self) -> None:
+        opts = self.opts
+        sp = load_tokenizer(opts.tokenizer)
+        self.tok = tokenizer_info(sp, opts.tokenizer)
+        self.dtype = choose_dtype(opts.dtype, self.tok["vocab_size"])
+        self.prepare(sp, self.tok, self.dtype)
+        fmts = {}
+        for f in opts.inputs:
+            fmts[f] = detect_format(f, opts.fmt)
+            self.check_input(f, fmts[f])
+        sig_common = self.signature()
+        groups = group_pieces(plan_pieces(opts.inputs, fmts, opts.shards), opts.shards)
+        self.shards = [Shard(i, g, opts.output_prefix, sig_common, fmts, self.layout) for i, g in enumerate(groups)]
+        self.sig = dict(sig_common, shards=[s.signature["files"] for s in self.shards])
+
+    def run(self, merge_only: bool = False) -> dict:
+        """Run (a slice of) the preprocessing; returns the manifest (or an array task's stats)."""
+        t0 = time.monotonic()
+        opts = self.opts
+        check_output_dir(opts.output_prefix)
+        self.setup()
+        label = opts.output_prefix
+        # also for array tasks: a resubmitted job must not redo sources merged by an earlier one
+        man = self.up_to_date()
+        if man is not None:
+            if not opts.quiet:
+                print(f"{label}: up to date ({man['documents']} {self.noun}, {man['tokens']} tokens)", flush=True)
+            return man
+        if opts.array_count is not None:
+            if opts.array_index is None or not (0 <= opts.array_index < opts.array_count):
+                raise DataPrepError(f"--array-index must be in [0, {opts.array_count})")
+            mine = [self.shards[i] for i in array_slice(len(self.shards), opts.array_index, opts.array_count)]
+            stats = self.process(mine) if mine and not merge_only else {}
+            el = time.monotonic() - t0
+            if not opts.quiet:
+                print(f"{label}: array task {opts.array_index}/{opts.array_count}: {len(mine)} of {len(self.shards)} "
+                      f"shards, {stats.get('documents', 0)} {self.noun}, {stats.get('tokens', 0)} tokens, {el:.1f}s",
+                      flush=True)
+            return dict(stats, shards=[s.index for s in mine], elapsed_s=el)
+        if not merge_only:
+            self.process(self.shards)
+        man = self.finalize(t0)
+        if not opts.quiet:
+            self.print_summary(man)
+        return man
+
+    def up_to_date(self) -> Optional[dict]:
+        """The manifest of a finished output made from these inputs and settings, else None."""
         try:
-            spill_dir = _spill_dir(opts)
-        except OSError as e:
-            raise DataPrepError(f"{e.filename or opts.output_prefix + '.shards'}: {os_error_reason(e)}") from None
-        pool = ctx.Pool(nworkers, initializer=_pool_worker_init,
-                        initargs=(codec.init,) + codec.init_args + (spill_dir,))
-    else:
-        codec.init(*codec.init_args)
+            man = read_json(self.opts.output_prefix + ".manifest.json")
+        except (OSError, ValueError):
+            return None
+        if man.get("signature") != self.sig:
+            return None
+        return man if datasets_complete(self.opts.output_prefix, man, self.layout) else None
 
-    def produce():
-        for sh in pending:
-            yield ("begin", sh, None, None)
-            for piece in sh.pieces:
-                reader = codec.reader(piece, sh.fmts[piece.path], opts.chunk_bytes)
-                reader.progress_cb = prog.add_bytes
-                for ch in reader.chunks():
-                    # skipped records of a range are reported by line counted from its first line
-                    where = piece._replace(start=reader.range_start) if piece.is_range else piece
-                    yield ("chunk", sh, where, ch)
-                yield ("file_end", sh, piece, reader)
-            yield ("end", sh, None, None)
+    def process(self, shards: List[Shard]) -> dict:
+        """Write the shards not complete yet: chunks encoded in parallel, written in input order."""
+        opts, dtype, label = self.opts, self.dtype, self.opts.output_prefix
+        codec = self.codec()
+        pending = [s for s in shards if not s.is_complete()]
+        done_before = len(shards) - len(pending)
+        if done_before and not opts.quiet:
+            log.info("%s: %d of %d shards already complete, skipping them", label, done_before, len(shards))
+        total = sum(p.size() for s in pending for p in s.pieces)
+        stats = {"documents": 0, "tokens": 0, "bytes": total, "shards_done": 0}
+        if not pending:
+            return stats
+        mode = "none" if opts.quiet else opts.progress
+        prog = Progress(total, os.path.basename(label), mode, opts.log_interval)
+        pool = None
+        spill_dir = None
+        nworkers = opts.workers
+        if nworkers > 1:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            try:
+                spill_dir = _spill_dir(opts.output_prefix)
+            except OSError as e:
+                raise DataPrepError(f"{e.filename or opts.output_prefix + '.shards'}: {os_error_reason(e)}") from None
+            pool = ctx.Pool(nworkers, initializer=_pool_worker_init,
+                            initargs=(spill_dir, codec.init) + codec.init_args)
+        else:
+            codec.init(*codec.init_args)
 
-    writers: Dict[int, ShardWriter] = {}
-    window: collections.deque = collections.deque()
-    max_inflight = 3 * nworkers if pool else 1
+        def produce():
+            for sh in pending:
+                yield ("begin", sh, None, None)
+                for piece in sh.pieces:
+                    reader = codec.reader(piece, sh.fmts[piece.path], opts.chunk_bytes)
+                    reader.progress_cb = prog.add_bytes
+                    for ch in reader.chunks():
+                        # skipped records of a range are reported by line counted from its first line
+                        where = piece._replace(start=reader.range_start) if piece.is_range else piece
+                        yield ("chunk", sh, where, ch)
+                    yield ("file_end", sh, piece, reader)
+                yield ("end", sh, None, None)
 
-    def handle(item, res) -> None:
+        writers: Dict[int, ShardWriter] = {}
+        window: collections.deque = collections.deque()
+        max_inflight = 3 * nworkers if pool else 1
+
+        def handle(item, res) -> None:
+            try:
+                _handle(item, res)
+            except OSError as e:  # readers turn their own errors into DataPrepError: this is the write side
+                sh = item[1]
+                raise DataPrepError(f"{_final_name(e, sh.prefix + '.bin')}: {os_error_reason(e)} while writing "
+                                    f"shard {sh.index} (finished shards are kept; rerun to continue)") from None
+
+        def _handle(item, res) -> None:
+            kind, sh, path, payload = item
+            if kind == "begin":
+                writers[sh.index] = codec.writer(sh, dtype)
+            elif kind == "chunk":
+                w = writers[sh.index]
+                if payload[0] == "skip":
+                    w.skip(payload[1], path, payload[2], payload[3])
+                else:
+                    n, t = w.add(path, res.get())
+                    prog.add(n, t)
+            elif kind == "file_end":
+                writers[sh.index].file_done(path, payload)
+            elif kind == "end":
+                meta = writers[sh.index].finish()  # stays abortable until its record is written
+                del writers[sh.index]
+                stats["documents"] += meta["documents"]
+                stats["tokens"] += meta["tokens"]
+                stats["shards_done"] += 1
+
         try:
-            _handle(item, res)
-        except OSError as e:  # readers turn their own errors into DataPrepError: this is the write side
-            sh = item[1]
-            raise DataPrepError(f"{_final_name(e, sh.prefix + '.bin')}: {os_error_reason(e)} while writing shard "
-                                f"{sh.index} (finished shards are kept; rerun to continue)") from None
-
-    def _handle(item, res) -> None:
-        kind, sh, path, payload = item
-        if kind == "begin":
-            writers[sh.index] = codec.writer(sh, dtype)
-        elif kind == "chunk":
-            w = writers[sh.index]
-            if payload[0] == "skip":
-                w.skip(payload[1], path, payload[2], payload[3])
-            else:
-                n, t = w.add(path, res.get())
-                prog.add(n, t)
-        elif kind == "file_end":
-            writers[sh.index].file_done(path, payload)
-        elif kind == "end":
-            meta = writers[sh.index].finish()  # stays abortable until its record is written
-            del writers[sh.index]
-            stats["documents"] += meta["documents"]
-            stats["tokens"] += meta["tokens"]
-            stats["shards_done"] += 1
-
-    try:
-        for item in produce():
-            res = None
-            if item[0] == "chunk" and item[3][0] != "skip":
-                res = pool.apply_async(codec.encode_spill, (item[3],)) if pool else _Done(codec.encode(item[3]))
-            window.append((item, res))
-            while window and (len(window) > max_inflight or window[0][1] is None or window[0][1].ready()):
+            for item in produce():
+                res = None
+                if item[0] == "chunk" and item[3][0] != "skip":
+                    res = pool.apply_async(codec.encode_spill, (item[3],)) if pool else _Done(codec.encode(item[3]))
+                window.append((item, res))
+                while window and (len(window) > max_inflight or window[0][1] is None or window[0][1].ready()):
+                    handle(*window.popleft())
+            while window:
                 handle(*window.popleft())
-        while window:
-            handle(*window.popleft())
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        for sh in pending:  # a Ctrl-C can land between a writer's open() and its entry in `writers`
-            sh.clean_stale()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            for sh in pending:  # a Ctrl-C can land between a writer's open() and its entry in `writers`
+                sh.clean_stale()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+            _close_spills(spill_dir)
+            raise
+        finally:
+            prog.close()
         if pool is not None:
-            pool.terminate()
+            pool.close()
             pool.join()
         _close_spills(spill_dir)
-        raise
-    finally:
-        prog.close()
-    if pool is not None:
-        pool.close()
-        pool.join()
-    _close_spills(spill_dir)
-    return stats
+        return stats
 
-
-def _manifest(shards: List[Shard], opts: Options, tok: dict, dtype, elapsed: float, sig: dict) -> dict:
-    metas = [read_json(s.meta_path()) for s in shards]
-    skipped: collections.Counter = collections.Counter()
-    examples: List[dict] = []
-    for m in metas:
-        skipped.update(m["skipped"])
-        examples.extend(m["skipped_examples"][: MAX_EXAMPLES - len(examples)])
-    docs = sum(m["documents"] for m in metas)
-    tokens = sum(m["tokens"] for m in metas)
-    removed: collections.Counter = collections.Counter()  # by the stage's dedup / decontamination
-    for m in metas:
-        removed.update(m.get("removed", {}))
-    extra = {"removed": dict(sorted(removed.items()))} if any("removed" in m for m in metas) else {}
-    return {
-        "version": MANIFEST_VERSION,
-        "prefix": opts.output_prefix,
-        "inputs": [i for m in metas for i in m["inputs"]],
-        "tokenizer": tok,
-        "dtype": dtype_name(dtype),
-        "json_key": opts.json_key,
-        "append_eod": bool(opts.append_eod),
-        "documents": docs,
-        "tokens": tokens,
-        "text_bytes": sum(m.get("text_bytes", 0) for m in metas),
-        "skipped": dict(sorted(skipped.items())),
-        "skipped_total": int(sum(skipped.values())),
-        "skipped_examples": examples,
-        "shards": len(shards),
-        "shard_prefixes": [s.prefix for s in shards] if opts.keep_shards else [],
-        "elapsed_s": round(elapsed, 3),
-        "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
-        "signature": sig,
-        **extra,
-    }
-
-
-def _finalize(shards: List[Shard], opts: Options, tok: dict, dtype, t0: float, sig: dict) -> dict:
-    missing = [s.index for s in shards if not s.is_complete()]
-    if missing:
-        raise DataPrepError(f"{opts.output_prefix}: {len(missing)} of {len(shards)} shards are not finished "
-                            f"(e.g. shard {missing[0]} under {opts.output_prefix}.shards/); rerun them first")
-    man = _manifest(shards, opts, tok, dtype, time.monotonic() - t0, sig)
-    out = opts.output_prefix
-    # the lock also clears what a finalize killed earlier left (.PREFIX.bin.tmp<pid>, manifest temporaries)
-    with output_lock(out, (".bin", ".idx", ".manifest.json")):
-        try:
-            if len(shards) == 1 and not opts.keep_shards:
-                os.replace(shards[0].prefix + ".bin", out + ".bin")
-                os.replace(shards[0].prefix + ".idx", out + ".idx")
-            else:
-                merge_prefixes([s.prefix for s in shards], out, dtype)
-            man["elapsed_s"] = round(time.monotonic() - t0, 3)
-            man["tokens_per_s"] = round(man["tokens"] / man["elapsed_s"], 1) if man["elapsed_s"] > 0 else None
-            atomic_write_json(out + ".manifest.json", man)  # last: marks the output complete
-        except OSError as e:
-            raise DataPrepError(f"{_final_name(e, out + '.manifest.json')}: {os_error_reason(e)} "
-                                f"(the shards under {out}.shards/ are kept; rerun to finish)") from None
-    if not opts.keep_shards:
-        shutil.rmtree(opts.output_prefix + ".shards", ignore_errors=True)
-    return man
-
-
-def _overall_signature(shards: List[Shard], sig_common: dict) -> dict:
-    return dict(sig_common, shards=[s.signature["files"] for s in shards])
-
-
-def _up_to_date(opts: Options, sig: dict) -> Optional[dict]:
-    p = opts.output_prefix + ".manifest.json"
-    try:
-        man = read_json(p)
-    except (OSError, ValueError):
-        return None
-    if man.get("signature") != sig:
-        return None
-    itemsize = np.dtype(man["dtype"]).itemsize
-    b = opts.output_prefix + ".bin"
-    if not (os.path.exists(b) and os.path.exists(opts.output_prefix + ".idx")
-            and os.path.getsize(b) == man["tokens"] * itemsize):
-        return None
-    return man
-
-
-def preprocess(opts: Options, merge_only: bool = False) -> dict:
-    """Run (a slice of) the preprocessing; returns the manifest (or the slice's stats)."""
-    t0 = time.monotonic()
-    check_output_dir(opts.output_prefix)
-    sp, tok, dtype, eos, shards, sig_common = _setup(opts)
-    del sp
-    sig = _overall_signature(shards, sig_common)
-    label = opts.output_prefix
-    array = opts.array_count is not None
-    # also for array tasks: a resubmitted job must not redo sources merged by an earlier one
-    man = _up_to_date(opts, sig)
-    if man is not None:
-        if not opts.quiet:
-            print(f"{label}: up to date ({man['documents']} documents, {man['tokens']} tokens)", flush=True)
+    def finalize(self, t0: float) -> dict:
+        """Merge the finished shards into PREFIX (datasets, side files, then the manifest)."""
+        shards, opts, out = self.shards, self.opts, self.opts.output_prefix
+        missing = [s.index for s in shards if not s.is_complete()]
+        if missing:
+            raise DataPrepError(f"{out}: {len(missing)} of {len(shards)} shards are not finished "
+                                f"(e.g. shard {missing[0]} under {out}.shards/); rerun them first")
+        man = self.manifest([read_json(s.meta_path()) for s in shards], time.monotonic() - t0)
+        datasets = self.layout.datasets + (("", self.dtype),)  # the tokens last: their .bin marks the data there
+        finals = [sfx + ext for sfx, _ in datasets for ext in (".bin", ".idx")]
+        # the lock also clears what a finalize killed earlier left (.PREFIX.bin.tmp<pid>, manifest temporaries)
+        with output_lock(out, finals + list(self.layout.side_files) + [".manifest.json"]):
+            try:
+                for sfx, dt in datasets:
+                    if len(shards) == 1 and not opts.keep_shards:
+                        os.replace(shards[0].prefix + sfx + ".idx", out + sfx + ".idx")
+                        os.replace(shards[0].prefix + sfx + ".bin", out + sfx + ".bin")
+                    else:
+                        merge_prefixes([s.prefix + sfx for s in shards], out + sfx, dt)
+                for sfx in self.layout.side_files:
+                    _concatenate([s.prefix + sfx for s in shards], out + sfx)
+                man["elapsed_s"] = round(time.monotonic() - t0, 3)
+                man["tokens_per_s"] = round(man["tokens"] / man["elapsed_s"], 1) if man["elapsed_s"] > 0 else None
+                atomic_write_json(out + ".manifest.json", man)  # last: marks the output complete
+            except OSError as e:
+                raise DataPrepError(f"{_final_name(e, out + '.manifest.json')}: {os_error_reason(e)} "
+                                    f"(the shards under {out}.shards/ are kept; rerun to finish)") from None
+        if not opts.keep_shards:
+            shutil.rmtree(out + ".shards", ignore_errors=True)
         return man
-    if array:
-        if opts.array_index is None or not (0 <= opts.array_index < opts.array_count):
-            raise DataPrepError(f"--array-index must be in [0, {opts.array_count})")
-        mine = [shards[i] for i in array_slice(len(shards), opts.array_index, opts.array_count)]
-        stats = _process(mine, opts, tok, dtype, eos, label) if mine and not merge_only else {}
-        el = time.monotonic() - t0
-        if not opts.quiet:
-            print(f"{label}: array task {opts.array_index}/{opts.array_count}: {len(mine)} of {len(shards)} shards, "
-                  f"{stats.get('documents', 0)} documents, {stats.get('tokens', 0)} tokens, {el:.1f}s", flush=True)
-        return dict(stats, shards=[s.index for s in mine], elapsed_s=el)
-    if not merge_only:
-        _process(shards, opts, tok, dtype, eos, label)
-    man = _finalize(shards, opts, tok, dtype, t0, sig)
-    if not opts.quiet:
-        print_summary(man)
-    return man
 
 
-def print_summary(man: dict) -> None:
-    sk = man["skipped"]
-    sk_s = ", ".join(f"{k}={v}" for k, v in sk.items()) if sk else "none"
-    print(f"{man['prefix']}: {man['documents']:,} documents, {man['tokens']:,} tokens ({man['dtype']}), "
-          f"{human_bytes(man['text_bytes'])} text, skipped {man['skipped_total']} ({sk_s}), "
-          f"{man['elapsed_s']:.1f}s, {man['tokens_per_s'] or 0:,.0f} tokens/s", flush=True)
-    for ex in man["skipped_examples"][:5]:
-        where = f"{ex['file']}:{ex['line']}"
-        if ex.get("from_byte"):
-            where = f"{ex['file']}: line {ex['line']} of the lines from byte {ex['from_byte']}"
-        sys.stderr.write(f"  skipped {ex['reason']} at {where}\n")
-    if man["skipped_total"] > 5:
-        sys.stderr.write(f"  (all skip counts in {man['prefix']}.manifest.json)\n")
+def _concatenate(parts: List[str], final: str) -> None:
+    tmp = tmp_name(final)
+    try:
+        with open(tmp, "wb") as f:
+            for p in parts:
+                with open(p, "rb") as part:
+                    shutil.copyfileobj(part, f, 1 << 20)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------------------
-# CLI
+# The flags every preprocessing command shares
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep.preprocess", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="GLOB",
-                   help=".jsonl, .jsonl.gz, .jsonl.zst, .parquet or .txt files (globs allowed, repeatable)")
-    p.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model file (or a dir with tokenizer.model)")
-    p.add_argument("--output-prefix", required=True, metavar="PREFIX")
-    p.add_argument("--json-key", default="text")
+def add_run_arguments(p: argparse.ArgumentParser, input_help: str, required: bool = True) -> None:
+    """--input, --tokenizer, --output-prefix (a command's own flags follow, then add_engine_arguments')."""
+    p.add_argument("--input", nargs="+", action="extend", required=required, metavar="GLOB", help=input_help)
+    p.add_argument("--tokenizer", required=required, metavar="MODEL",
+                   help="SentencePiece .model file (or a dir with tokenizer.model)")
+    p.add_argument("--output-prefix", required=required, metavar="PREFIX")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, formats: Sequence[str], format_help: Optional[str]) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
-                   help="append the tokenizer's eos id to every document (default: on)")
     p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "int32"])
-    p.add_argument("--format", default="auto", choices=FORMATS,
-                   help="input format (auto: by file name; text: one document per file)")
+    p.add_argument("--format", default="auto", choices=formats, help=format_help)
     p.add_argument("--shards", type=int, default=None, metavar="K",
                    help="group the inputs into K shards (default: one shard per input file); with K > files, "
                         "large plain .jsonl files are cut into byte ranges at line boundaries")
@@ -747,35 +720,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", default="auto", choices=["auto", "bar", "log", "none"])
     p.add_argument("--log-interval", type=float, default=30.0, help="seconds between log lines when not a TTY")
     p.add_argument("--quiet", action="store_true")
-    return p
 
 
-def options_from_args(a) -> Options:
+def run_options(a: argparse.Namespace) -> dict:
+    """add_engine_arguments' flags, checked, as RunOptions keywords."""
     if (a.array_index is None) != (a.array_count is None) and not a.merge:
         raise DataPrepError("--array-index and --array-count go together")
     if a.array_count is not None and a.array_count < 1:
         raise DataPrepError("--array-count must be >= 1")
     if a.shards is not None and a.shards < 1:
         raise DataPrepError("--shards must be >= 1")
-    inputs = expand_inputs(a.input)
-    return Options(inputs, a.tokenizer, a.output_prefix, json_key=a.json_key, workers=a.workers,
-                   append_eod=a.append_eod, dtype=a.dtype, fmt=a.format, shards=a.shards,
-                   array_index=a.array_index, array_count=None if a.merge else a.array_count,
-                   keep_shards=a.keep_shards, chunk_bytes=max(1024, int(a.chunk_mb * (1 << 20))),
-                   progress=a.progress, log_interval=a.log_interval, quiet=a.quiet)
-
-
-def _main(argv=None) -> int:
-    setup_logging()
-    a = build_parser().parse_args(argv)
-    opts = options_from_args(a)
-    preprocess(opts, merge_only=a.merge)
-    return 0
-
-
-def main(argv=None) -> int:
-    return run_main(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return dict(workers=a.workers, dtype=a.dtype, fmt=a.format, shards=a.shards, array_index=a.array_index,
+                array_count=None if a.merge else a.array_count, keep_shards=a.keep_shards,
+                chunk_bytes=max(1024, int(a.chunk_mb * (1 << 20))), progress=a.progress,
+                log_interval=a.log_interval, quiet=a.quiet)

@@ -15,7 +15,6 @@ Python's standard library directory.  Relative paths are relative to the current
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -23,7 +22,7 @@ import sysconfig
 from typing import Dict, List, Optional
 
 from . import dedup
-from .common import FORMATS, DataPrepError, expand_inputs, run_main, setup_logging
+from .common import FORMATS, DataPrepError, cli_main, command_parser, expand_inputs
 from megafox.runtime.fs import atomic_write_json
 
 STAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -312,10 +311,9 @@ def run_plan(plan: dict, stages: Optional[List[str]] = None, workers: int = 0, a
     return blends
 
 
-def _main(argv=None) -> int:
-    setup_logging()
-    p = argparse.ArgumentParser(prog="python -m data_prep.plan", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli_main
+def main(argv=None) -> int:
+    p = command_parser("data_prep.plan", __doc__)
     p.add_argument("--plan", required=True, help="YAML data plan (configs/data/*.yaml)")
     p.add_argument("--output-dir", default=None, help="override the plan's output_dir")
     p.add_argument("--stage", action="append", default=None, help="only these stages (repeatable)")
@@ -346,10 +344,6 @@ def _main(argv=None) -> int:
         return 0
     run_plan(plan, a.stage, a.workers, a.array_index, a.array_count, a.finalize, a.quiet, a.dedup_merge)
     return 0
-
-
-def main(argv=None) -> int:
-    return run_main(_main, argv)
 
 
 if __name__ == "__main__":
