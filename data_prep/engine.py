@@ -199,7 +199,7 @@ class Progress:
         self.t0 = self.t_last = time.monotonic()
         self.bar = None
         if mode == "bar":
-            from tqdm import tqdm  # late: only on a terminal, and batch jobs start faster without it
+            from tqdm import tqdm  # late: only a terminal shows a bar; batch jobs skip its import
 
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label, dynamic_ncols=True,
                             smoothing=0.1)
