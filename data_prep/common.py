@@ -1,4 +1,4 @@
-"""Shared helpers for data_prep: errors, input discovery, hashing, atomic files, logging.
+"""Shared helpers for data_prep: errors, input discovery, temporaries and output locks, logging, the CLI frame.
 
 Kept free of torch / megatron imports so that the preprocessing CLI starts fast.
 """
@@ -18,9 +18,9 @@ import re
 import socket
 import sys
 import tempfile
-from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
-from megafox.runtime.fs import _UMASK, unlink_quiet
+from megafox.runtime.fs import unlink_quiet
 
 log = logging.getLogger("data_prep")
 
@@ -226,7 +226,7 @@ def output_lock(prefix: str, suffixes: Sequence[str] = (".bin", ".idx")) -> Iter
 
 def _acquire(path: str, prefix: str):
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the kernel applies the umask
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -310,14 +310,3 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000.0
     return f"{n:.1f} TB"
-
-
-def chunked(seq: Iterable, n: int):
-    buf = []
-    for x in seq:
-        buf.append(x)
-        if len(buf) >= n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
