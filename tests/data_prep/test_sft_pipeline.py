@@ -3,14 +3,14 @@ boundaries that megatron-core reads, a blend.json the trainer's reader accepts, 
 apply_chat_template's; byte-identical for any worker count / shard split / array split; resumable."""
 import json
 import os
-import subprocess
 
 import numpy as np
 
 from data_prep import sft_offline_chat as chat
 from data_prep.sft_readers import parse_records, to_conversation
+from tests.data_prep.dp_helpers import lock_held_elsewhere
 from tests.data_prep.dp_sft_helpers import export_hf, reference_mask, sft
-from tests.support.processes import REPO, clean_env, python_command, run_module
+from tests.support.processes import REPO, run_module
 
 TINY_SFT = os.path.join(REPO, "configs", "data", "tiny_sft.yaml")
 EXTS = (".bin", ".idx", ".mask.bin", ".mask.idx")
@@ -165,19 +165,11 @@ def test_merge_holds_the_output_lock_and_clears_a_killed_merges_temporaries(tmp_
     _run(files, tokenizer, tmp_path / "ref", "--workers", 1)
     out = tmp_path / "o" / "chat"
     _run(files, tokenizer, out, "--workers", 1, "--array-index", 0, "--array-count", 1)
-    holder = subprocess.Popen(
-        python_command("-c", "import sys, time\nfrom data_prep.common import output_lock\n"
-                       "with output_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n", out),
-        env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out) as holder:
         r = _run(files, tokenizer, out, "--merge", check=False)
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert f"error: {out}: another process (pid {holder.pid} on " in r.stderr and "is writing it now" in r.stderr
         assert not os.path.exists(str(out) + ".bin") and not os.path.exists(str(out) + ".mask.bin")
-    finally:
-        holder.kill()
-        holder.wait()
     stale = [out.parent / f".chat.mask.bin.tmp{holder.pid}", out.parent / f".chat.rejects.jsonl.tmp{holder.pid}"]
     for f in stale:
         f.write_bytes(b"partial")
