@@ -1,13 +1,15 @@
-"""Shared helpers for data_prep: errors, input discovery, hashing, atomic files, logging.
+"""Shared helpers for data_prep: errors, input discovery, temporaries and output locks, logging, the CLI frame.
 
 Kept free of torch / megatron imports so that the preprocessing CLI starts fast.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import fcntl
+import functools
 import glob
 import json
 import logging
@@ -16,9 +18,9 @@ import re
 import socket
 import sys
 import tempfile
-from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
-from megafox.runtime.fs import _UMASK, unlink_quiet
+from megafox.runtime.fs import unlink_quiet
 
 log = logging.getLogger("data_prep")
 
@@ -26,8 +28,6 @@ log = logging.getLogger("data_prep")
 FORMATS = ("auto", "jsonl", "parquet", "text")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
 _TEXT_SUFFIXES = (".txt",)
-
-
 
 
 class DataPrepError(Exception):
@@ -226,7 +226,7 @@ def output_lock(prefix: str, suffixes: Sequence[str] = (".bin", ".idx")) -> Iter
 
 def _acquire(path: str, prefix: str):
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the kernel applies the umask
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -287,20 +287,26 @@ def run_main(fn, argv=None, interrupted: str = INTERRUPTED) -> int:
         return 130
 
 
+def command_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `python -m MODULE`, described by the first paragraph of its docstring `doc`."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def cli_main(body):
+    """Decorator: a data_prep command's body(argv) -> its main(argv): logging set up, then run_main's
+    one-line errors and exit statuses."""
+    @functools.wraps(body)
+    def main(argv=None) -> int:
+        setup_logging()
+        return run_main(body, argv)
+
+    return main
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000.0
     return f"{n:.1f} TB"
-
-
-def chunked(seq: Iterable, n: int):
-    buf = []
-    for x in seq:
-        buf.append(x)
-        if len(buf) >= n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf

@@ -45,8 +45,9 @@ from megafox.runtime.fs import atomic_write_bytes, atomic_write_json
 from .common import DataPrepError, detect_format, expand_inputs, file_stat, log, read_json
 from .decontaminate import BenchmarkIndex, load_or_build
 from .minhash import MinHasher, band_keys, exact_hash, lsh_params, ngrams_many, word_hashes_many
-from .preprocess import _W, Codec, ShardWriter, array_slice, encode_texts, group_pieces, plan_pieces, spill_result
+from .engine import Codec, ShardWriter, array_slice, group_pieces, plan_pieces, spill_result
 from .readers import FileReader, parse_chunk
+from .text_codec import WORKER as _W, encode_texts
 
 EXACT, NEAR, CONTAMINATED, REPORTED = 1, 2, 3, 4
 REASONS = {EXACT: "exact_duplicate", NEAR: "near_duplicate", CONTAMINATED: "contaminated",

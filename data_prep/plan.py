@@ -15,13 +15,12 @@ Python's standard library directory.  Relative paths are relative to the current
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Dict, List, Optional
 
 from . import dedup
-from .common import DataPrepError, expand_inputs, run_main, setup_logging
+from .common import DataPrepError, cli_main, command_parser, expand_inputs
 from .sft import stage_settings
 from megafox.config import ConfigError
 from megafox.config.data_plan import expand_vars, read_plan
@@ -161,10 +160,9 @@ def run_plan(plan: dict, stages: Optional[List[str]] = None, workers: int = 0, a
     return blends
 
 
-def _main(argv=None) -> int:
-    setup_logging()
-    p = argparse.ArgumentParser(prog="python -m data_prep.plan", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli_main
+def main(argv=None) -> int:
+    p = command_parser("data_prep.plan", __doc__)
     p.add_argument("--plan", required=True, help="YAML data plan (configs/data/*.yaml)")
     p.add_argument("--output-dir", default=None, help="override the plan's output_dir")
     p.add_argument("--stage", action="append", default=None, help="only these stages (repeatable)")
@@ -195,10 +193,6 @@ def _main(argv=None) -> int:
         return 0
     run_plan(plan, a.stage, a.workers, a.array_index, a.array_count, a.finalize, a.quiet, a.dedup_merge)
     return 0
-
-
-def main(argv=None) -> int:
-    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import os
 import zlib
 from typing import Iterator, List, Optional, Tuple
 
+from megafox.runtime.fs import sha256_file
+
 from .common import DataPrepError
 
 READ_BLOCK = 1 << 20
@@ -117,7 +119,7 @@ class FileReader:
             new = lambda: zlib.decompressobj(zlib.MAX_WBITS | 16)  # noqa: E731
             exc: tuple = (zlib.error,)
         elif name.endswith(".zst"):
-            import zstandard
+            import zstandard  # late: only .zst inputs need it (tens of ms at every start otherwise)
 
             dctx = zstandard.ZstdDecompressor()
             new = dctx.decompressobj  # noqa: E731
@@ -200,29 +202,40 @@ class FileReader:
         elif carry:
             yield ("lines", carry, line)
 
+    # -- parquet: the record columns, by row groups of PARQUET_BATCH rows
+    PARQUET_BATCH = 4096
+
+    def _parquet_columns(self, names: List[str]) -> List[str]:
+        """The columns to read (none: the file holds no record)."""
+        return [self.json_key] if self.json_key in names else []
+
+    def _parquet_chunk(self, batch) -> tuple:
+        """A batch of rows -> (chunk kind, values): the text column's values."""
+        return "list", batch.column(0).to_pylist()
+
     def _parquet_chunks(self) -> Iterator[tuple]:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # late: ~0.5 s to import, and most inputs are JSONL
 
         self.sha = _FileSha(self.path)
+        size = os.path.getsize(self.path)
         try:
             pf = pq.ParquetFile(self.path)
         except Exception:
+            self._tick(size)
             yield ("skip", CORRUPT, 0, 1)
             return
-        size = os.path.getsize(self.path)
         nrows = pf.metadata.num_rows
-        names = pf.schema_arrow.names
-        if self.json_key not in names:
+        columns = self._parquet_columns(pf.schema_arrow.names)
+        if not columns:
             self._tick(size)
             if nrows:
                 yield ("skip", MISSING_KEY, 1, nrows)
             return
-        row = 1
-        done = 0
+        row, done = 1, 0
         try:
-            for batch in pf.iter_batches(batch_size=4096, columns=[self.json_key]):
-                vals = batch.column(0).to_pylist()
-                yield ("list", vals, row)
+            for batch in pf.iter_batches(batch_size=self.PARQUET_BATCH, columns=columns):
+                kind, vals = self._parquet_chunk(batch)
+                yield (kind, vals, row)
                 row += len(vals)
                 step = int(size * row / max(nrows, 1)) - done
                 done += step
@@ -239,13 +252,43 @@ class _FileSha:
         self.path = path
 
     def hexdigest(self) -> str:
-        from megafox.runtime.fs import sha256_file
-
         return sha256_file(self.path)
 
 
 # ---------------------------------------------------------------------------------------
 # Worker side: chunk -> (list of texts, skips)
+
+
+def json_objects(block: bytes, first: int, skips: List[Tuple[str, int]]) -> Iterator[Tuple[int, dict]]:
+    """(line, object) for each JSON object line of a block of complete lines numbered from `first`;
+    each other line but a blank one goes to `skips` as (reason, line), in line order."""
+    try:
+        lines = block.decode("utf-8").split("\n")
+        decoded = True
+    except UnicodeDecodeError:
+        lines = block.split(b"\n")
+        decoded = False
+    if lines and not lines[-1]:
+        lines.pop()
+    loads = json.loads
+    for i, ln in enumerate(lines):
+        if not decoded:
+            try:
+                ln = ln.decode("utf-8")
+            except UnicodeDecodeError:
+                skips.append((INVALID_UTF8, first + i))
+                continue
+        if not ln or ln.isspace():
+            continue  # blank line: not a record
+        try:
+            obj = loads(ln)
+        except ValueError:
+            skips.append((MALFORMED_JSON, first + i))
+            continue
+        if not isinstance(obj, dict):
+            skips.append((NOT_OBJECT, first + i))
+            continue
+        yield first + i, obj
 
 
 def parse_chunk(chunk: tuple, json_key: str) -> Tuple[List[str], List[int], List[Tuple[str, int]]]:
@@ -254,68 +297,33 @@ def parse_chunk(chunk: tuple, json_key: str) -> Tuple[List[str], List[int], List
     texts: List[str] = []
     good: List[int] = []
     skips: List[Tuple[str, int]] = []
+
+    def document(t, line: int) -> None:
+        if not isinstance(t, str):
+            skips.append((NOT_STRING, line))
+        elif not t or t.isspace():
+            skips.append((EMPTY, line))
+        else:
+            texts.append(t)
+            good.append(line)
+
     if kind == "lines":
         _, block, first = chunk
-        try:
-            lines = block.decode("utf-8").split("\n")
-            decoded = True
-        except UnicodeDecodeError:
-            lines = block.split(b"\n")
-            decoded = False
-        if lines and not lines[-1]:
-            lines.pop()
-        loads = json.loads
-        for i, ln in enumerate(lines):
-            if not decoded:
-                try:
-                    ln = ln.decode("utf-8")
-                except UnicodeDecodeError:
-                    skips.append((INVALID_UTF8, first + i))
-                    continue
-            if not ln or ln.isspace():
-                continue  # blank line: not a record
-            try:
-                obj = loads(ln)
-            except ValueError:
-                skips.append((MALFORMED_JSON, first + i))
-                continue
-            if not isinstance(obj, dict):
-                skips.append((NOT_OBJECT, first + i))
-                continue
-            if json_key not in obj:
-                skips.append((MISSING_KEY, first + i))
-                continue
-            t = obj[json_key]
-            if not isinstance(t, str):
-                skips.append((NOT_STRING, first + i))
-                continue
-            if not t or t.isspace():
-                skips.append((EMPTY, first + i))
-                continue
-            texts.append(t)
-            good.append(first + i)
+        for line, obj in json_objects(block, first, skips):
+            if json_key in obj:
+                document(obj[json_key], line)
+            else:
+                skips.append((MISSING_KEY, line))
     elif kind == "list":
         _, vals, first = chunk
         for i, t in enumerate(vals):
-            if not isinstance(t, str):
-                skips.append((NOT_STRING, first + i))
-            elif not t or t.isspace():
-                skips.append((EMPTY, first + i))
-            else:
-                texts.append(t)
-                good.append(first + i)
+            document(t, first + i)
     elif kind == "text":
         _, data, first = chunk
         try:
-            t = data.decode("utf-8")
+            document(data.decode("utf-8"), first)
         except UnicodeDecodeError:
             skips.append((INVALID_UTF8, first))
-        else:
-            if not t or t.isspace():
-                skips.append((EMPTY, first))
-            else:
-                texts.append(t)
-                good.append(first)
     else:
         raise ValueError(f"unknown chunk kind {kind!r}")
     return texts, good, skips

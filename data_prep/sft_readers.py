@@ -12,11 +12,9 @@ empty. Anything else is counted under a reason below, never fatal.
 """
 from __future__ import annotations
 
-import json
-import os
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
-from .readers import CORRUPT, INVALID_UTF8, MALFORMED_JSON, MISSING_KEY, NOT_OBJECT, FileReader
+from .readers import INVALID_UTF8, MISSING_KEY, FileReader, json_objects
 
 # Reject reasons (manifest keys) decided here; the reader's own ones are reused as they are.
 MALFORMED_RECORD = "malformed_record"  # the fields exist but have the wrong shape or type
@@ -35,41 +33,16 @@ COLUMNS = ("messages", "conversations", "instruction", "input", "output", "syste
 class ChatFileReader(FileReader):
     """FileReader whose parquet chunks are whole records ("rows", [dict, ...], first_row)."""
 
+    PARQUET_BATCH = 1024
+
     def __init__(self, path: str, fmt: str, chunk_bytes: int, start: int = 0, end: Optional[int] = None):
         super().__init__(path, fmt, "messages", chunk_bytes, start, end)
 
-    def _parquet_chunks(self) -> Iterator[tuple]:
-        import pyarrow.parquet as pq
+    def _parquet_columns(self, names: List[str]) -> List[str]:
+        return [c for c in COLUMNS if c in names]
 
-        from .readers import _FileSha
-
-        self.sha = _FileSha(self.path)
-        size = os.path.getsize(self.path)
-        try:
-            pf = pq.ParquetFile(self.path)
-        except Exception:
-            self._tick(size)
-            yield ("skip", CORRUPT, 0, 1)
-            return
-        nrows = pf.metadata.num_rows
-        columns = [c for c in COLUMNS if c in pf.schema_arrow.names]
-        if not columns:
-            self._tick(size)
-            if nrows:
-                yield ("skip", MISSING_KEY, 1, nrows)
-            return
-        row, done = 1, 0
-        try:
-            for batch in pf.iter_batches(batch_size=1024, columns=columns):
-                rows = batch.to_pylist()
-                yield ("rows", rows, row)
-                row += len(rows)
-                step = int(size * row / max(nrows, 1)) - done
-                done += step
-                self._tick(step)
-        except Exception:
-            yield ("skip", CORRUPT, row, max(nrows - row + 1, 1))
-        self._tick(size - done)
+    def _parquet_chunk(self, batch) -> tuple:
+        return "rows", batch.to_pylist()
 
 
 def parse_records(chunk: tuple) -> Tuple[List[Tuple[int, dict]], List[Tuple[str, int]]]:
@@ -81,69 +54,28 @@ def parse_records(chunk: tuple) -> Tuple[List[Tuple[int, dict]], List[Tuple[str,
     if kind != "lines":
         raise ValueError(f"unknown chunk kind {kind!r}")
     _, block, first = chunk
-    records: List[Tuple[int, dict]] = []
     skips: List[Tuple[str, int]] = []
-    try:
-        lines = block.decode("utf-8").split("\n")
-        decoded = True
-    except UnicodeDecodeError:
-        lines = block.split(b"\n")
-        decoded = False
-    if lines and not lines[-1]:
-        lines.pop()
-    for i, ln in enumerate(lines):
-        if not decoded:
-            try:
-                ln = ln.decode("utf-8")
-            except UnicodeDecodeError:
-                skips.append((INVALID_UTF8, first + i))
-                continue
-        if not ln or ln.isspace():
-            continue  # a blank line is not a record
-        try:
-            obj = json.loads(ln)
-        except ValueError:
-            skips.append((MALFORMED_JSON, first + i))
-            continue
-        if not isinstance(obj, dict):
-            skips.append((NOT_OBJECT, first + i))
-            continue
-        records.append((first + i, obj))
-    return records, skips
+    return list(json_objects(block, first, skips)), skips
 
 
 def _is_text(v) -> bool:
     return isinstance(v, str)
 
 
+# the list forms: (form, field, role key, content key, role names)
+_TURN_FORMS = (("messages", "messages", "role", "content", {r: r for r in ROLES}),
+               ("sharegpt", "conversations", "from", "value", SHAREGPT_ROLES))
+
+
 def to_conversation(obj: dict) -> Tuple[Optional[List[dict]], str, Optional[str]]:
     """(messages, form, None) for a valid record, or (None, form, reason)."""
-    if obj.get("messages") is not None:
-        form = "messages"
-        raw = obj["messages"]
-        if not isinstance(raw, list) or not raw:
-            return None, form, MALFORMED_RECORD
-        msgs = []
-        for m in raw:
-            if not isinstance(m, dict) or not _is_text(m.get("role")) or not _is_text(m.get("content")):
-                return None, form, MALFORMED_RECORD
-            if m["role"] not in ROLES:
-                return None, form, UNKNOWN_ROLE
-            msgs.append({"role": m["role"], "content": m["content"]})
-    elif obj.get("conversations") is not None:
-        form = "sharegpt"
-        raw = obj["conversations"]
-        if not isinstance(raw, list) or not raw:
-            return None, form, MALFORMED_RECORD
-        msgs = []
-        for m in raw:
-            if not isinstance(m, dict) or not _is_text(m.get("from")) or not _is_text(m.get("value")):
-                return None, form, MALFORMED_RECORD
-            role = SHAREGPT_ROLES.get(m["from"])
-            if role is None:
-                return None, form, UNKNOWN_ROLE
-            msgs.append({"role": role, "content": m["value"]})
-    elif "instruction" in obj or "output" in obj:
+    for form, field, role_key, content_key, roles in _TURN_FORMS:
+        if obj.get(field) is not None:
+            msgs, reason = _turns(obj[field], role_key, content_key, roles)
+            break
+    else:
+        if "instruction" not in obj and "output" not in obj:
+            return None, "unknown", MISSING_KEY
         form = "alpaca"
         ins, inp, out, sys_ = obj.get("instruction"), obj.get("input"), obj.get("output"), obj.get("system")
         if not _is_text(ins) or not _is_text(out) or not (inp is None or _is_text(inp)) \
@@ -152,10 +84,25 @@ def to_conversation(obj: dict) -> Tuple[Optional[List[dict]], str, Optional[str]
         user = ins if not inp or not inp.strip() else f"{ins}\n\n{inp}"
         msgs = ([{"role": "system", "content": sys_}] if sys_ and sys_.strip() else []) + [
             {"role": "user", "content": user}, {"role": "assistant", "content": out}]
-    else:
-        return None, "unknown", MISSING_KEY
-    reason = check_conversation(msgs)
+        reason = None
+    if reason is None:
+        reason = check_conversation(msgs)
     return (None, form, reason) if reason else (msgs, form, None)
+
+
+def _turns(raw, role_key: str, content_key: str, roles: dict) -> Tuple[Optional[List[dict]], Optional[str]]:
+    """A list form's turns -> ([{role, content}], None), or (None, reason)."""
+    if not isinstance(raw, list) or not raw:
+        return None, MALFORMED_RECORD
+    msgs = []
+    for m in raw:
+        if not isinstance(m, dict) or not _is_text(m.get(role_key)) or not _is_text(m.get(content_key)):
+            return None, MALFORMED_RECORD
+        role = roles.get(m[role_key])
+        if role is None:
+            return None, UNKNOWN_ROLE
+        msgs.append({"role": role, "content": m[content_key]})
+    return msgs, None
 
 
 def check_conversation(msgs: List[dict]) -> Optional[str]:

@@ -59,6 +59,7 @@ class ChatTokenizer:
     """SentencePiece encoding of rendered chats, cut at added tokens as the HF tokenizer does."""
 
     def __init__(self, sp):
+        # late: protobuf (30-130 ms to import) is not needed by plan validation or --show
         from sentencepiece import sentencepiece_model_pb2
 
         self.sp = sp

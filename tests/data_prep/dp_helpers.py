@@ -1,10 +1,12 @@
-"""data_prep's preprocessing CLI as a user runs it, its inputs (JSONL, gzipped JSONL) and the
-byte-for-byte comparison of two outputs."""
+"""data_prep's preprocessing CLI as a user runs it, its inputs (JSONL, gzipped JSONL), the
+byte-for-byte comparison of two outputs, and another writer holding an output's lock."""
+import contextlib
 import gzip
 import json
 import os
+import subprocess
 
-from tests.support.processes import run_module
+from tests.support.processes import REPO, clean_env, python_command, run_module
 
 # the stdlib packages the session corpus is read from
 SLICE = ["email/*.py", "json/*.py", "http/*.py", "html/*.py", "urllib/*.py"]
@@ -37,3 +39,20 @@ def write_jsonl(path, docs, key="text", opener=open):
 
 def write_jsonl_gz(path, docs, key="text"):
     return write_jsonl(path, docs, key, opener=gzip.open)
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(prefix):
+    """Another process holding PREFIX's writer lock (data_prep.common.output_lock) while the block
+    runs; yields its Popen (killed at the end, which releases the lock)."""
+    holder = subprocess.Popen(
+        python_command("-c", "import sys, time\nfrom data_prep.common import output_lock\n"
+                       "with output_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n",
+                       prefix),
+        env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from tests.data_prep.dp_helpers import pp, same_files, write_jsonl, write_jsonl_gz
+from tests.data_prep.dp_helpers import lock_held_elsewhere, pp, same_files, write_jsonl, write_jsonl_gz
 from tests.support.processes import REPO, clean_env, python_command, run_command
 
 
@@ -251,12 +251,7 @@ def test_sigkill_during_merge_then_rerun_identical(tmp_path, corpus, tokenizer):
 def test_merge_refuses_while_another_writer_holds_the_lock(tmp_path, corpus, tokenizer):
     out = tmp_path / "o" / "ds"
     files = _shards_then_ref(tmp_path, corpus, tokenizer, out)
-    holder = subprocess.Popen(
-        python_command("-c", "import sys, time\nfrom data_prep.common import output_lock\n"
-                       "with output_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n", out),
-        env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out) as holder:
         (out.parent / f".ds.bin.tmp{holder.pid}").write_bytes(b"in progress")
         r = pp(files, tokenizer, out, "--merge", check=False)
         assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -264,9 +259,6 @@ def test_merge_refuses_while_another_writer_holds_the_lock(tmp_path, corpus, tok
         assert "is writing it now" in r.stderr.strip().splitlines()[-1]
         assert (out.parent / f".ds.bin.tmp{holder.pid}").read_bytes() == b"in progress"
         assert not os.path.exists(str(out) + ".bin")
-    finally:
-        holder.kill()
-        holder.wait()
     pp(files, tokenizer, out, "--merge")  # the holder died: its lock went with it
     assert same_files(tmp_path / "ref", out) and _leftovers(out.parent) == []
 

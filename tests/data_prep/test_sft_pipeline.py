@@ -8,6 +8,7 @@ import numpy as np
 
 from data_prep import sft_offline_chat as chat
 from data_prep.sft_readers import parse_records, to_conversation
+from tests.data_prep.dp_helpers import lock_held_elsewhere
 from tests.data_prep.dp_sft_helpers import export_hf, reference_mask, sft
 from tests.support.processes import REPO, run_module
 
@@ -155,6 +156,27 @@ def test_resume_skips_finished_shards_and_redoes_changed_settings(tmp_path, toke
     sft("--input", *files, "--tokenizer", tokenizer, "--output-prefix", tmp_path / "ref256", "--chat-template",
         "fox1", "--seq-length", 256, "--progress", "none", "--workers", 1)
     assert same(tmp_path / "ref256", out) and not same(tmp_path / "ref", out)
+
+
+def test_merge_holds_the_output_lock_and_clears_a_killed_merges_temporaries(tmp_path, tokenizer):
+    """The engine's merge, as for pretraining: refused while another writer holds .PREFIX.lock;
+    once it is gone, the temporaries its killed merge left (mask, rejects) are removed."""
+    files = [f for f in chat.write_all(str(tmp_path / "raw")) if f.endswith((".zst", ".gz"))]  # the small ones
+    _run(files, tokenizer, tmp_path / "ref", "--workers", 1)
+    out = tmp_path / "o" / "chat"
+    _run(files, tokenizer, out, "--workers", 1, "--array-index", 0, "--array-count", 1)
+    with lock_held_elsewhere(out) as holder:
+        r = _run(files, tokenizer, out, "--merge", check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert f"error: {out}: another process (pid {holder.pid} on " in r.stderr and "is writing it now" in r.stderr
+        assert not os.path.exists(str(out) + ".bin") and not os.path.exists(str(out) + ".mask.bin")
+    stale = [out.parent / f".chat.mask.bin.tmp{holder.pid}", out.parent / f".chat.rejects.jsonl.tmp{holder.pid}"]
+    for f in stale:
+        f.write_bytes(b"partial")
+    r = _run(files, tokenizer, out, "--merge")
+    assert "removed 2 temporary file(s) of an interrupted run" in r.stderr
+    assert same(tmp_path / "ref", out, EXTS + (".rejects.jsonl",))
+    assert not [f for f in os.listdir(out.parent) if f.startswith(".")] and not os.path.exists(str(out) + ".shards")
 
 
 def test_show_marks_the_trained_tokens(tmp_path, tokenizer):
