@@ -17,7 +17,7 @@ import os
 import re
 import sysconfig
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 from .loader import ConfigError, Wording, check_keys, check_types, from_dict, keys_of, load_yaml
 
@@ -182,10 +182,14 @@ class PlanStage:
     dedup: Any = None
     decontaminate: Any = None
 
+    # the sft keys the YAML gave, also when given as null (data_prep tells `chat_template: null`
+    # from an absent one)
+    sft_given: Tuple[str, ...] = field(default=(), metadata={"derived": True})
+
     SFT_ONLY = ("chat_template", "seq_length", "overlong")
 
     def sft_fields(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in self.SFT_ONLY if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in self.sft_given}
 
 
 @dataclass(kw_only=True)
@@ -250,6 +254,7 @@ def _read_stage(sname, st, P: str) -> PlanStage:
         raise ConfigError(f"{W}: dedup / decontaminate are for pretraining stages (documents), not kind: sft")
     srcs = st.get("sources")
     stage = check_types(from_dict(PlanStage, {**st, "sources": []}, W, PLAN_WORDING), W)
+    stage.sft_given = tuple(k for k in PlanStage.SFT_ONLY if k in st)
     if not isinstance(srcs, list) or not srcs:
         raise ConfigError(f"{W}.sources: required, a non-empty list")
     names = set()
