@@ -110,10 +110,11 @@ def worker(spec: dict) -> None:
     from megafox import checkpoint as ckpt
     from megafox.config import BuildConfig, ModelConfig, OptimizerConfig, ParallelConfig
     from megafox.info import parameter_count
-    from megafox.parallel import init_distributed
+    from megafox.parallel.process_groups import init_distributed
     from megafox.records import CheckpointRecord, RunState
     from megafox.training.stack import build_training_stack
-    from megafox.training.step import params_gathered, train_step
+    from megafox.parallel.parallelize import params_gathered
+    from megafox.training.step import train_step
     from megatron.core import parallel_state as ps
 
     parallel = ParallelConfig(tensor_model_parallel_size=spec.get("tp", 1))

@@ -167,7 +167,7 @@ def run_one(system: str, work: Path, args) -> dict:
         from megafox.eval.cli import single_process_rendezvous
         from megafox.eval.lm import MegafoxLM
         from megafox.eval.scorer import CollectiveScorer
-        from megafox.parallel import destroy_distributed, init_distributed
+        from megafox.parallel.process_groups import destroy_distributed, init_distributed
 
         parallel = ParallelConfig(tensor_model_parallel_size=args.tp, use_distributed_optimizer=False)
         single_process_rendezvous()

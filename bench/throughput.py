@@ -82,7 +82,7 @@ def _batch(m, seq, mbs, seed=0):
 
 def _init_megatron():
     from megafox.config import ParallelConfig
-    from megafox.parallel import init_distributed
+    from megafox.parallel.process_groups import init_distributed
 
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

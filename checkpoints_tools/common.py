@@ -82,7 +82,7 @@ def parse_size(text: str) -> int:
 def init_single_process():
     """One-rank megatron-core parallel state (gloo, CPU shim when there is no GPU), TP1/PP1."""
     from megafox.config import ParallelConfig
-    from megafox.parallel import init_distributed
+    from megafox.parallel.process_groups import init_distributed
 
     if "RANK" not in os.environ:
         # A single process even inside a multi-task SLURM step (whose variables would

@@ -74,7 +74,7 @@ def _report_status(status: int) -> None:
 
 def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
     from megafox.checkpoint import CheckpointSaveError, NoUsableCheckpoint
-    from megafox.parallel import RendezvousFailed
+    from megafox.parallel.process_groups import RendezvousFailed
     from megafox.records import CheckpointError
     from megafox.run_lock import RunLocked
     from megafox.training.curriculum import check_stage_order
@@ -134,7 +134,7 @@ def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
 
 def _shutdown() -> None:
     try:
-        from megafox.parallel import destroy_distributed
+        from megafox.parallel.process_groups import destroy_distributed
 
         destroy_distributed()
     except Exception:  # tearing down after a failure must not hide the exit status

@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional
 from torch.distributed import TCPStore
 
 from megafox.config import WatchdogConfig
-from megafox.parallel import dist_env_from_environ
+from megafox.parallel.process_groups import dist_env_from_environ
 from megafox.signals import EXIT_HUNG
 
 PHASES = ("startup", "step", "save", "eval")

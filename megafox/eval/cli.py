@@ -126,7 +126,7 @@ def _run_checkpoint(args, specs, version: str) -> int:
     from megafox.eval.checkpoint_model import load_checkpoint_model, load_tokenizer_for, model_config
     from megafox.eval.lm import MegafoxLM
     from megafox.eval.scorer import CollectiveScorer, serve_while
-    from megafox.parallel import destroy_distributed, init_distributed
+    from megafox.parallel.process_groups import destroy_distributed, init_distributed
 
     iteration = args.iteration if args.iteration == "latest" else _int(args.iteration, "--iteration")
     meta = read_metadata(args.checkpoint, iteration)  # every rank: fails alike on a bad path

@@ -27,6 +27,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -172,6 +173,4 @@ def _check_varlen(dropout_p: float) -> None:
 
 
 def _tp_world_size() -> int:
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_world_size()

@@ -1,7 +1,11 @@
 """Build a megatron-core `GPTModel` for a Fox-1 `ModelConfig` and a parallel layout.
 
-Requires megatron-core's parallel_state to be initialized (see `megafox.parallel`). With
-virtual pipeline parallelism it returns one model chunk per virtual stage.
+Requires megatron-core's parallel_state to be initialized (`megafox.parallel.process_groups`).
+megatron-core's GPTModel takes its part of the layout at construction (TP-sharded linear layers,
+this pipeline stage's layers, the embedding on the first stage and the LM head on the last), so
+with virtual pipeline parallelism this returns one model chunk per virtual stage. The rest of
+the parallelism (bf16, DDP, the distributed optimizer) is applied from outside:
+`megafox.parallel.parallelize`.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megafox.config import BuildConfig, ConfigError, ModelConfig, ParallelConfig
+from megafox.model.compile import compile_decoder_layers
+from megafox.model.gpt import FoxGPTModel
 from megafox.model.specs import layer_spec, resolve_impl
 
 
@@ -89,8 +95,6 @@ def build_model(model: ModelConfig, parallel: ParallelConfig,
     """One GPTModel per virtual pipeline stage held by this rank (a list of one without VPP).
     Every chunk shares one TransformerConfig (`chunks[0].config`): DDP and Float16Module take it
     from there rather than building a second one."""
-    from megafox.model.gpt import FoxGPTModel
-
     config = transformer_config(model, parallel, build)
     spec = layer_spec(model.transformer_impl, packed_attention=build.packed_attention)
     vpp = parallel.virtual_pipeline_model_parallel_size
@@ -114,8 +118,6 @@ def build_model(model: ModelConfig, parallel: ParallelConfig,
             loss_kernel=build.loss_kernel,
         ))
     if build.compile_layers:
-        from megafox.model.compile import compile_decoder_layers
-
         for chunk in chunks:
             compile_decoder_layers(chunk)
     return chunks

@@ -48,7 +48,7 @@ def _main(spec_file: str) -> None:
 
     warnings.filterwarnings("ignore")
     from megafox.config import ParallelConfig
-    from megafox.parallel import destroy_distributed, init_distributed
+    from megafox.parallel.process_groups import destroy_distributed, init_distributed
 
     spec = json.loads(Path(spec_file).read_text())
     init_distributed(ParallelConfig(**spec["layout"]))

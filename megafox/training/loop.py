@@ -87,7 +87,7 @@ class Trainer:
     def setup(self) -> None:
         from megatron.core import parallel_state as ps
 
-        from megafox.parallel import init_distributed
+        from megafox.parallel.process_groups import init_distributed
         from megafox.training.callbacks.metrics import Metrics
         from megafox.training.stack import build_training_stack
 

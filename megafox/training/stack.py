@@ -1,11 +1,11 @@
 """One function builds what a training step needs: model chunks, DDP, optimizer, LR scheduler.
 
-torchtitan's parallelize step and OLMo-core's TrainModule are the anchors: the trainer, the
+torchtitan's train set-up and OLMo-core's TrainModule are the anchors: the trainer, the
 throughput benchmark and the tests all build through `build_training_stack`, so they train the
 same thing. The order is fixed by megatron-core: build the chunks (one TransformerConfig shared
-by all of them), put initial weights in (`load_weights`, e.g. mapped HF weights in tests),
-Float16Module for bf16, move to the GPU, wrap in DDP (which moves the weights into its
-contiguous buffers), hook the schedule's grad sync, then the optimizer over the DDP chunks.
+by all of them), put initial weights in (`load_weights`, e.g. mapped HF weights in tests), apply
+the parallelism (`megafox.parallel.parallelize`: bf16, device, DDP, the schedule's grad sync),
+then the optimizer over the DDP chunks and the LR schedule over the optimizer.
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megafox.config import BuildConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
+from megafox.model.build import build_model, uses_bf16
+from megafox.parallel.parallelize import build_optimizer, parallelize_model
+from megafox.training.schedule import build_scheduler
 
 
 @dataclass
@@ -36,23 +39,11 @@ def build_training_stack(model: ModelConfig, parallel: ParallelConfig, build: Bu
     `load_weights(chunks)` runs on the bare chunks before any wrapping. `run` (the whole training
     config) adds the run's LR schedule, counted in tokens over its curriculum.
     """
-    from megatron.core.transformer.module import Float16Module
-
-    from megafox.model.build import build_model, uses_bf16
-    from megafox.training.schedule import build_scheduler
-    from megafox.training.step import build_optimizer, configure_schedule_hooks, wrap_ddp
-
     chunks = build_model(model, parallel, build)
     config = chunks[0].config
     if load_weights is not None:
         load_weights(chunks)
-    bf16 = uses_bf16(build)
-    if bf16:
-        chunks = [Float16Module(config, c) for c in chunks]
-    if torch.cuda.is_available():
-        chunks = [c.cuda() for c in chunks]
-    ddp = wrap_ddp(chunks, config, parallel)
-    configure_schedule_hooks(ddp)
-    opt = build_optimizer(ddp, optimizer, parallel, bf16=bf16)
+    ddp = parallelize_model(chunks, parallel, build)
+    opt = build_optimizer(ddp, optimizer, parallel, bf16=uses_bf16(build))
     scheduler = build_scheduler(opt, run) if run is not None else None
     return TrainingStack(model=ddp, optimizer=opt, config=config, build=build, scheduler=scheduler)

@@ -15,7 +15,8 @@ from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
 from megafox.records import CheckpointRecord, RunState
 from megafox.testing.layout import current_parallel
 from megafox.training.stack import build_training_stack
-from megafox.training.step import params_gathered, train_step
+from megafox.parallel.parallelize import params_gathered
+from megafox.training.step import train_step
 
 SEQ, GLOBAL_BATCH, MICRO = 16, 8, 2
 

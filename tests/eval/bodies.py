@@ -11,7 +11,8 @@ from megafox.config import EvalConfig
 from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.callbacks.downstream_eval import DownstreamEvalCallback
 from megafox.training.stack import build_training_stack
-from megafox.training.step import params_gathered, train_step
+from megafox.parallel.parallelize import params_gathered
+from megafox.training.step import train_step
 
 SEQ, MICRO = 32, 1
 

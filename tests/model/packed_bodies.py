@@ -4,14 +4,16 @@ SFTData) so the model tests do not lean on the loader they are meant to serve.""
 import torch
 from megatron.core import parallel_state as ps
 
+from megafox.config import OptimizerConfig as OptimizerSettings
 from megafox.config import fox1_tiny
+from megafox.data.sft_data import SFTData
 from megafox.model.attention import packed_seq_params
 from megafox.model.build import build_model, transformer_config
 from megafox.model.hf_mapping import RankKey, hf_to_megatron, load_rank_state
+from megafox.parallel.parallelize import build_optimizer, configure_schedule_hooks, params_gathered, wrap_ddp
 from megafox.testing.hf_reference import hf_llama
 from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
-from megafox.training.step import (OptimizerSettings, build_optimizer, configure_schedule_hooks, forward_step,
-                                   params_gathered, train_step, wrap_ddp)
+from megafox.training.step import forward_step, train_step
 
 PAD = 3
 
@@ -146,8 +148,6 @@ def single_rank_checks(lengths, rows, seq):
 
 def sft_one_step(hf_path, blend, cache_dir, seq, global_batch_size, micro_batch_size):
     """One optimizer step on SFTData's first global batch at the current TP/PP/DP layout."""
-    from megafox.data.sft_data import SFTData
-
     data = SFTData(blend, seq, global_batch_size, seed=5, epochs=1, valid_fraction=0.0, cache_dir=cache_dir)
     model = fox1_tiny()
     model.transformer_impl = "native"

@@ -2,6 +2,7 @@
 import pytest
 
 from megafox.config import ConfigError, ParallelConfig, fox1_1p6b, fox1_tiny, load_yaml, model_from_dict, validate_seq_length
+from megafox.info import memory_per_gpu
 from tests.support.processes import run_module
 
 
@@ -82,8 +83,6 @@ def test_info_cli_prints_exact_count_and_rejects_bad_layout():
 
 
 def test_memory_estimate_counts_one_loss_chunk_with_the_fused_loss():
-    from megafox.info import memory_per_gpu
-
     model = fox1_1p6b()
     fused = memory_per_gpu(model, 8192, fused_loss=True).logits
     unfused = memory_per_gpu(model, 8192, fused_loss=False).logits

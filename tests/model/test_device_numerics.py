@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from megafox.config import fox1_tiny
 from megafox.model import fused_loss
+from megafox.model.attention import SDPAttention
 from megafox.model.fused_loss import fused_linear_cross_entropy
 from megafox.testing.distributed import run_distributed
 from megafox.testing.hf_reference import hf_state
@@ -100,8 +101,6 @@ def test_native_attention_at_fox1_shapes_runs_on_a_fused_kernel():
 
     from megatron.core.transformer.enums import AttnMaskType
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from megafox.model.attention import SDPAttention
 
     config = SimpleNamespace(context_parallel_size=1, num_attention_heads=16, num_query_groups=4,
                              kv_channels=128, attention_dropout=0.0)

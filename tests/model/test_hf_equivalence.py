@@ -2,7 +2,13 @@
 import pytest
 import torch
 
+from megafox.config import fox1_1p6b, fox1_tiny
+from megafox.info import parameter_count
+from megafox.model.hf_adapter import (LOCAL_LAYER, MCORE_EMBEDDING, MCORE_LAYER_PREFIX, TE_LAYER, local_to_te_names,
+                                      megatron_global_shapes, megatron_layer_shapes)
+from megafox.model.hf_mapping import Layout, hf_config_dict, hf_to_megatron, megatron_to_hf
 from megafox.testing.distributed import run_distributed
+from megafox.testing.hf_reference import hf_state
 
 
 @pytest.mark.parametrize("impl", ["local", "native"])
@@ -28,10 +34,6 @@ def test_untied_head_equals_transformers():
 def test_fox1_1p6b_on_meta_has_hf_parameter_count():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megafox.config import fox1_1p6b
-    from megafox.info import parameter_count
-    from megafox.model.hf_mapping import hf_config_dict
-
     cfg = {k: v for k, v in hf_config_dict(fox1_1p6b()).items() if k not in ("architectures", "model_type", "torch_dtype")}
     with torch.device("meta"):
         hf = LlamaForCausalLM(LlamaConfig(**cfg))
@@ -46,11 +48,6 @@ def test_fox1_1p6b_on_meta_has_hf_parameter_count():
 def test_te_names_round_trip_and_differ_only_in_the_norms(layout):
     """hf -> megatron with TE names -> hf is the identity, and the TE-named rank dicts are the
     local-named ones with exactly the two fused norms renamed (same tensors)."""
-    from megafox.config import fox1_tiny
-    from megafox.model.hf_adapter import local_to_te_names
-    from megafox.model.hf_mapping import Layout, hf_to_megatron, megatron_to_hf
-    from megafox.testing.hf_reference import hf_state
-
     model, lay = fox1_tiny(), Layout(*layout)
     hf = hf_state(model, seed=3)
     te = hf_to_megatron(hf, model, lay, te_names=True)
@@ -80,8 +77,6 @@ def test_adapter_te_names_are_megatron_cores_saving_map():
     the adapter's TE names."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megafox.model.hf_adapter import LOCAL_LAYER, TE_LAYER
-
     keys_map = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.sharded_state_dict_keys_map
     mapped = []
     for name in LOCAL_LAYER.all():
@@ -96,10 +91,6 @@ def test_adapter_te_names_are_megatron_cores_saving_map():
 def test_adapter_names_and_shapes_are_what_megatron_core_builds_and_saves(untied):
     """At TP2: the module's parameter names are the adapter's local names; every ShardedTensor
     megatron-core saves has the adapter's TE name, global (stacked, padded) shape and per-rank shape."""
-    from megafox.config import fox1_tiny
-    from megafox.model.hf_adapter import (LOCAL_LAYER, MCORE_EMBEDDING, MCORE_LAYER_PREFIX, megatron_global_shapes,
-                                          megatron_layer_shapes)
-
     out = run_distributed("tests/model/bodies.py:sharded_names_and_shapes", 2, {"tensor_model_parallel_size": 2},
                           {"untied": untied})
     model = fox1_tiny()

@@ -8,8 +8,11 @@ import types
 import pytest
 import torch
 
-from megafox.config import ConfigError
+from megafox.config import ConfigError, fox1_tiny
+from megafox.model.attention import SDPAttention, packed_seq_params
+from megafox.model.specs import layer_spec, require_packed_support
 from megafox.testing.distributed import run_distributed
+from megafox.testing.hf_reference import hf_state
 from tests.support.compare import assert_same_step
 from tests.support.indexed import synthetic_conversations, write_sft_blend, write_sft_dataset
 from tests.support.text import stdlib_texts
@@ -62,8 +65,6 @@ def _attention(kernel, heads=4, groups=2, dim=16):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megafox.model.attention import SDPAttention
-
     config = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
                                num_query_groups=groups, kv_channels=dim, attention_dropout=0.0,
                                use_cpu_initialization=True)
@@ -92,8 +93,6 @@ def _reference(q, k, v, lengths, scale):
 
 @pytest.mark.parametrize("kernel", ["segments", "mask"])
 def test_packed_kernels_equal_per_segment_softmax_attention(kernel):
-    from megafox.model.attention import packed_seq_params
-
     lengths = [5, 1, 12, 7, 3]  # a one-token segment too
     cu = torch.tensor([0, 5, 6, 18, 25, 28], dtype=torch.int32)
     attention = _attention(kernel)
@@ -110,8 +109,6 @@ def test_packed_kernels_equal_per_segment_softmax_attention(kernel):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen runs flash attention: CUDA only")
 def test_varlen_kernel_matches_segments_on_gpu():
-    from megafox.model.attention import packed_seq_params
-
     lengths = [100, 3, 700, 221]
     cu = torch.tensor([0, 100, 103, 803, 1024], dtype=torch.int32)
     q, k, v = _qkv(lengths, heads=16, groups=4, dim=128, dtype=torch.bfloat16, device="cuda")
@@ -131,8 +128,6 @@ def test_varlen_kernel_is_refused_where_it_cannot_run(monkeypatch):
 
 
 def test_local_spec_refuses_packed_sequences_at_config_time():
-    from megafox.model.specs import layer_spec, require_packed_support
-
     with pytest.raises(ConfigError, match="model.transformer_impl: 'local'"):
         require_packed_support("local")
     require_packed_support("native")
@@ -145,9 +140,6 @@ def test_local_spec_refuses_packed_sequences_at_config_time():
 # --------------------------------------------------------------------------------- layouts
 @pytest.fixture(scope="module")
 def sft_inputs(tmp_path_factory):
-    from megafox.config import fox1_tiny
-    from megafox.testing.hf_reference import hf_state
-
     root = tmp_path_factory.mktemp("sft_layouts")
     tok = str(train_sentencepiece(root / "tok", stdlib_texts(["json/*.py"]), 1000))
     convs, masks = synthetic_conversations(60, 3, 40, 1000, seed=8)

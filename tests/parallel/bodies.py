@@ -7,7 +7,8 @@ from megatron.core import parallel_state as ps
 from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
 from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.stack import build_training_stack
-from megafox.training.step import params_gathered, train_step
+from megafox.parallel.parallelize import params_gathered
+from megafox.training.step import train_step
 
 
 def one_step(hf_path, batch_path, micro_batch_size, impl="native", use_distributed_optimizer=True,

@@ -13,7 +13,7 @@ import pytest
 from torch.distributed import TCPStore
 
 from megafox.config import ConfigError, WatchdogConfig, load_train_config
-from megafox.parallel import DistEnv, RendezvousFailed, rendezvous_store
+from megafox.parallel.process_groups import DistEnv, RendezvousFailed, rendezvous_store
 from megafox.signals import EXIT_RENDEZVOUS
 from megafox.watchdog import Watchdog, watched
 from tests.support.processes import REPO, clean_env, free_port, run_module

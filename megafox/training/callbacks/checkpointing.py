@@ -55,7 +55,7 @@ class CheckpointCallback(Callback):
     @watched("save")
     def save(self, trainer, stage_end: bool, wait: bool = True) -> Optional[Path]:
         """Save this iteration; with `wait` (or a synchronous saver) return once it is committed."""
-        from megafox.training.step import params_gathered
+        from megafox.parallel.parallelize import params_gathered
 
         self.finish_pending(trainer)
         cfg = trainer.config

@@ -80,7 +80,7 @@ class DownstreamEvalCallback(Callback):
         """Scores on rank 0 (None elsewhere); every rank must call it at the same step."""
         from megafox.checkpoint import get_rng_state, set_rng_state
         from megafox.eval.scorer import serve_while
-        from megafox.training.step import params_gathered
+        from megafox.parallel.parallelize import params_gathered
 
         start = time.monotonic()
         rng = get_rng_state()

@@ -14,9 +14,11 @@ from typing import Optional
 from datetime import timedelta
 
 import torch
+from megatron.core import parallel_state, tensor_parallel
 from torch.distributed import TCPStore
 
 from megafox.config import ParallelConfig
+from megafox.parallel.cpu_backend import install_if_no_cuda
 
 
 class RendezvousFailed(RuntimeError):
@@ -70,10 +72,6 @@ def rendezvous_store(env: DistEnv, timeout_s: float, pg_timeout: timedelta):
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: Optional[float] = None) -> DistEnv:
     """Start torch.distributed (nccl on GPU, gloo on CPU) and megatron-core's parallel groups."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    from megafox.cpu_backend import install_if_no_cuda
-
     env = dist_env_from_environ()
     on_cpu = install_if_no_cuda()
     timeout_minutes = parallel.distributed_timeout_minutes if timeout_minutes is None else timeout_minutes
@@ -101,8 +99,6 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
 
 
 def destroy_distributed() -> None:
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
