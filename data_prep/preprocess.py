@@ -32,9 +32,12 @@ from megafox.runtime.fs import atomic_write_json
 
 from .common import (FORMATS, DataPrepError, check_output_dir, detect_format, expand_inputs, file_stat,
                      human_bytes, log, os_error_reason, output_lock, read_json, run_main, setup_logging, tmp_name)
-from .indexed import choose_dtype, dtype_name, merge_prefixes, write_idx
+from .indexed import choose_dtype, merge_prefixes
 from .readers import FileReader, parse_chunk, INVALID_UTF8, EMPTY
-from .tokenizer import load_tokenizer, tokenizer_info
+from .tokenizer import load_tokenizer
+from megafox.formats.dtypes import dtype_name
+from megafox.formats.indexed import write_idx
+from megafox.formats.tokenizer import tokenizer_info
 
 MANIFEST_VERSION = 1
 MAX_EXAMPLES = 20

@@ -73,7 +73,7 @@ import torch
 from megafox.data.blend import Blend, DataError, read_blend
 from megafox.data.documents_read import DocumentSet, documents_read_by, idx_fingerprint, stage_entry
 from megafox.data.index_cache import NoBarrierBuilder, SafeCacheBlendedDataset, SafeCacheGPTDataset, rank0_first
-from megafox.data.tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
+from megafox.formats.tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
 from megafox.data.sample_plan import rank_micro_batches
 
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
