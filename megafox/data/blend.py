@@ -105,5 +105,5 @@ def read_blend(path: str) -> Blend:
         if d.documents is not None and d.documents != len(lengths):
             raise DataError(f"{where}.documents: the blend says {d.documents} but {prefix}.idx holds "
                             f"{len(lengths)}; the blend is stale, rerun the data plan")
-        entries.append(BlendEntry(prefix, d.weight, lengths, where))
+        entries.append(BlendEntry(prefix, float(d.weight), lengths, where))
     return Blend(path, record.stage, tokenizer, entries, record.token_budget, record)

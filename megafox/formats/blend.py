@@ -130,7 +130,7 @@ class BlendRecord:
 def _number(value, where: str, integer: bool = False):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
         raise BlendError(f"{where}: must be a{'n integer' if integer else ' number'}, got {value!r}")
-    return int(value) if integer else float(value)
+    return int(value) if integer else value  # a weight keeps its JSON type: a file read and written is unchanged
 
 
 def _dataset(d: Any, where: str) -> BlendDataset:
@@ -138,7 +138,7 @@ def _dataset(d: Any, where: str) -> BlendDataset:
         raise BlendError(f"{where}: needs 'prefix' and 'weight'")
     weight = _number(d["weight"], f"{where}.weight")
     if not weight > 0:
-        raise BlendError(f"{where}.weight: must be positive, got {weight}")
+        raise BlendError(f"{where}.weight: must be positive, got {float(weight)}")
     counts = {k: _number(d[k], f"{where}.{k}", integer=True) if d.get(k) is not None else None
               for k in ("documents", "tokens")}
     mask = d.get("mask_prefix")

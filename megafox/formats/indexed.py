@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -75,6 +75,11 @@ class IndexHeader:
     dtype: type  # numpy scalar type of the .bin's values
     sequences: int
     documents: int  # document_count: documents + 1
+
+
+def sequence_count(head: bytes) -> Optional[int]:
+    """The sequence count written in a header's bytes (unchecked), None when they stop short of it."""
+    return struct.unpack("<Q", head[18:26])[0] if len(head) >= 26 else None
 
 
 def read_header(path: str) -> IndexHeader:
