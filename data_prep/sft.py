@@ -463,6 +463,8 @@ def stage_settings(raw: dict, sources: List[dict], where: str) -> dict:
         raise DataPrepError(f"{where}.chat_template: required for kind: sft (fox1, or a .jinja file)")
     try:
         template = load_chat_template(raw["chat_template"])
+        # stand-in strings, only to check the template renders before the tokenizer exists (a plan may
+        # train it); _setup checks it again with the real tokenizer's special tokens
         check_template(template, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                                   "pad_token": "<pad>"})
     except DataPrepError as e:

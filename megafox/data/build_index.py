@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megafox.config import ConfigError, TrainConfig, load_train_config
-from megafox.data.documents_read import record_before, record_dir
-from megafox.data.stage_data import StageData
 
 
 def cache_dir(config: TrainConfig) -> str:
@@ -38,6 +36,10 @@ def cache_dir(config: TrainConfig) -> str:
 def stage_data_from_config(config: TrainConfig, stage_name: str, excluded_documents=None, previous_stages=()):
     """The StageData the trainer builds for `stage_name` (one definition for the trainer and this
     tool, so both find the same cache files)."""
+    # megatron-core loads (with its import-time warnings) only once the config and stage check out:
+    # a bad --config or --stage stays one line on stderr
+    from megafox.data.stage_data import StageData
+
     stage = config.stage(stage_name)
     blend = config.blend_path(stage)
     if not blend.is_file():
@@ -51,6 +53,9 @@ def stage_data_from_config(config: TrainConfig, stage_name: str, excluded_docume
 def previous_record(config: TrainConfig, stage_name: str, required: bool = True):
     """The documents-read record of the stages before `stage_name` (named in the previous stage's
     .done), or None for the first stage. Without one: ConfigError when `required`, else None."""
+    # late, as in stage_data_from_config: documents_read loads megatron-core
+    from megafox.data.documents_read import record_before, record_dir
+
     index = config.stage_index(stage_name)
     record = record_before(config, index)
     if record is None and index > 0 and required:
