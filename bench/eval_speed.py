@@ -162,7 +162,7 @@ def run_one(system: str, work: Path, args) -> dict:
                   batch_size=args.batch_size, device="cuda" if torch.cuda.is_available() else "cpu")
     else:
         from megafox.config import ParallelConfig
-        from megafox.data.tokenizer import load_tokenizer
+        from megafox.formats.tokenizer import load_tokenizer
         from megafox.eval.checkpoint_model import load_checkpoint_model
         from megafox.eval.cli import single_process_rendezvous
         from megafox.eval.lm import MegafoxLM

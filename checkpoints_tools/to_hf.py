@@ -21,7 +21,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from checkpoints_tools.common import EXIT_VERIFY_FAILED, ToolError, dtype_name, parse_dtype, parse_iteration, parse_size, run_cli
+from checkpoints_tools.common import EXIT_VERIFY_FAILED, ToolError, parse_dtype, parse_iteration, parse_size, run_cli
+from megafox.formats.dtypes import dtype_name
 from checkpoints_tools.dist_reader import DistCheckpoint
 from checkpoints_tools.output_dir import StagedExport, describe_checkpoint, holds_checkpoint
 from checkpoints_tools.safetensors_stream import StreamingSafetensorsWriter, is_weights_file

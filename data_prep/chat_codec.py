@@ -18,21 +18,17 @@ import numpy as np
 from .chat_template import ChatRenderer, ChatTemplate, check_template
 from .common import DataPrepError, human_bytes
 from .engine import Codec, Layout, Run, Shard, ShardWriter, spill_result
-from .indexed import dtype_name
 from .sft_readers import ChatFileReader, parse_records, to_conversation
 from .sft_tokenize import OVERLONG, ChatTokenizer, ConversationEncoder, Rejected
 from .tokenizer import load_tokenizer
+from megafox.formats.dtypes import dtype_name
+from megafox.formats.indexed import MASK_DTYPE, mask_prefix
 
 # Bump when a change alters what is written for the same inputs, so finished shards are redone.
 SFT_FORMAT_VERSION = 1
-MASK_DTYPE = np.uint8
-MASK = ".mask"
+MASK = mask_prefix("")  # the mask dataset's suffix, as megafox.formats.indexed names it
 REJECTS = ".rejects.jsonl"
 MAX_EXAMPLES = 20  # file:line samples per reason in the manifest (all of them in .rejects.jsonl)
-
-
-def mask_prefix(prefix: str) -> str:
-    return prefix + MASK
 
 
 # ---------------------------------------------------------------------------------------

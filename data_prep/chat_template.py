@@ -97,6 +97,8 @@ class ChatRenderer:
         return self._render(messages, add_generation_prompt, False)[0]
 
     def _render(self, messages, add_generation_prompt: bool, spans: bool) -> Tuple[str, List[Tuple[int, int]]]:
+        # transformers takes seconds to import: only when a chat is rendered, so the pretraining
+        # commands and `data_prep.plan --validate` (which import this module) start fast
         import jinja2
         from transformers.utils.chat_template_utils import render_jinja_template
 

@@ -37,9 +37,12 @@ from megafox.runtime.fs import atomic_write_json
 
 from .common import (DataPrepError, check_output_dir, detect_format, file_stat, log, os_error_reason, output_lock,
                      read_json, tmp_name)
-from .indexed import choose_dtype, dtype_name, merge_prefixes, write_idx
+from .indexed import choose_dtype, merge_prefixes
 from .readers import FileReader
-from .tokenizer import load_tokenizer, tokenizer_info
+from .tokenizer import load_tokenizer
+from megafox.formats.dtypes import dtype_name
+from megafox.formats.indexed import write_idx
+from megafox.formats.tokenizer import tokenizer_info
 
 MAX_EXAMPLES = 20  # skipped-record samples (file:line) kept in a shard record
 DEFAULT_CHUNK_BYTES = 1 << 20

@@ -7,7 +7,7 @@
         [--dedup-merge]                     # between two array runs: the stages' dedup merge (data_prep/dedup.py)
 
 Outputs: <output_dir>/<stage>/<source>.{bin,idx,manifest.json} and <output_dir>/<stage>/blend.json
-(the blend.json contract: megafox/data/blend.py, the trainer's reader).  Plan format: see configs/data/tiny.yaml;
+(the blend.json contract: megafox/formats/blend.py, its one writer and reader).  Plan format: see configs/data/tiny.yaml;
 a stage with `kind: sft` holds chat records instead (configs/data/fox1_sft.yaml, data_prep/sft.py).
 Paths in the plan may use environment variables (${VAR}); ${PYTHON_STDLIB} defaults to this
 Python's standard library directory.  Relative paths are relative to the current directory.
@@ -21,10 +21,14 @@ from typing import Dict, List, Optional
 
 from . import dedup
 from .common import DataPrepError, cli_main, command_parser, expand_inputs
-from .sft import stage_settings
+from .preprocess import Options, preprocess
+from .sft import run_sft_stage, stage_settings
+from .train_tokenizer import train
 from megafox.config import ConfigError
 from megafox.config.data_plan import expand_vars, read_plan
-from megafox.runtime.fs import atomic_write_json
+from megafox.formats.blend import BlendDataset, BlendRecord
+from megafox.formats.indexed import mask_prefix
+from megafox.formats.tokenizer import TokenizerError, load_sentencepiece
 
 
 class PlanError(DataPrepError):
@@ -56,26 +60,20 @@ def load_plan(path: str, output_dir: Optional[str] = None) -> dict:
 def ensure_tokenizer(plan: dict, quiet: bool = False) -> str:
     tok = plan["tokenizer"]
     if "train" in tok:
-        from .train_tokenizer import train
-
         t = tok["train"]
         try:
             return train(t["inputs"], t["vocab_size"], t["output"], t["json_key"], t["format"], t["sample_mb"],
                          t["seed"], quiet=quiet)
         except DataPrepError as e:
             raise PlanError(f"{plan['path']}: tokenizer.train: {e}") from None
-    from .tokenizer import load_tokenizer
-
     try:
-        load_tokenizer(tok["model"])
-    except DataPrepError as e:
+        load_sentencepiece(tok["model"])
+    except TokenizerError as e:
         raise PlanError(f"{plan['path']}: tokenizer.model: {e}") from None
     return tok["model"]
 
 
 def _source_options(plan, stage, src, tok_path, workers, array_index=None, array_count=None, quiet=False):
-    from .preprocess import Options
-
     try:
         inputs = expand_inputs(src["globs"], what="glob")
     except DataPrepError as e:
@@ -88,40 +86,41 @@ def _source_options(plan, stage, src, tok_path, workers, array_index=None, array
                    array_count=array_count, chunk_bytes=int(pp["chunk_mb"] * (1 << 20)), quiet=quiet)
 
 
-def blend_record(plan: dict, stage: str, manifests: Dict[str, dict], tok_path: str) -> dict:
+def blend_record(plan: dict, stage: str, manifests: Dict[str, dict], tok_path: str) -> BlendRecord:
+    """A stage's blend.json from its sources' manifests (an sft stage's with its masks and template)."""
     d = os.path.join(plan["output_dir"], stage)
     st = plan["stages"][stage]
-    rec = {
-        "stage": stage,
-        "tokenizer": (os.path.relpath(tok_path, d) if tok_path.startswith(plan["output_dir"] + os.sep)
-                      else os.path.abspath(tok_path)),
-        "datasets": [{"prefix": src["name"],
-                      "weight": src["weight"] if src["weight"] is not None else manifests[src["name"]]["documents"],
-                      "documents": manifests[src["name"]]["documents"],
-                      "tokens": manifests[src["name"]]["tokens"],
-                      # provenance: what the stage's dedup / decontamination left out (data_prep/dedup.py)
-                      **({"removed": manifests[src["name"]]["removed"]} if "removed" in manifests[src["name"]] else {})}
-                     for src in st["sources"]],
-        "token_budget": st["token_budget"],
-    }
+    sft = st["sft"] if st["kind"] == "sft" else None
+    datasets = []
+    for src in st["sources"]:
+        m = manifests[src["name"]]
+        datasets.append(BlendDataset(
+            prefix=src["name"], weight=src["weight"] if src["weight"] is not None else m["documents"],
+            documents=m["documents"], tokens=m["tokens"],
+            removed=m.get("removed"),  # provenance: what the stage's dedup / decontamination left out (dedup.py)
+            mask_prefix=os.path.basename(mask_prefix(src["name"])) if sft else None,
+            trained_tokens=m["trained_tokens"] if sft else None))
+    rec = BlendRecord(stage=stage, datasets=datasets, token_budget=st["token_budget"],
+                      tokenizer=(os.path.relpath(tok_path, d) if tok_path.startswith(plan["output_dir"] + os.sep)
+                                 else os.path.abspath(tok_path)))
     if dedup.enabled(plan, stage):
-        rec["dedup"] = {"dedup": st.get("dedup"), "decontaminate": st.get("decontaminate"),
-                        "report": "dedup_report.json"}
+        rec.dedup = {"dedup": st.get("dedup"), "decontaminate": st.get("decontaminate"),
+                     "report": "dedup_report.json"}
+    if sft:
+        t = sft["chat_template"]
+        rec.kind, rec.seq_length = "sft", sft["seq_length"]
+        rec.chat_template, rec.chat_template_name, rec.chat_template_sha256 = t.text, t.name, t.sha256
     return rec
 
 
 def write_blend(plan: dict, stage: str, manifests: Dict[str, dict], tok_path: str) -> str:
-    path = os.path.join(plan["output_dir"], stage, "blend.json")
-    atomic_write_json(path, blend_record(plan, stage, manifests, tok_path))
-    return path
+    return blend_record(plan, stage, manifests, tok_path).write(os.path.join(plan["output_dir"], stage, "blend.json"))
 
 
 def run_plan(plan: dict, stages: Optional[List[str]] = None, workers: int = 0, array_index=None,
              array_count=None, finalize: bool = False, quiet: bool = False, dedup_merge: bool = False) -> Dict[str, str]:
     """Returns {stage: blend.json path} (empty for an array task).  dedup_merge: only the dedup merge
     step of the stages that have one (data_prep/dedup.py)."""
-    from .preprocess import preprocess
-
     tok_path = ensure_tokenizer(plan, quiet=quiet)
     todo = stages or list(plan["stages"])
     for s in todo:
@@ -129,35 +128,43 @@ def run_plan(plan: dict, stages: Optional[List[str]] = None, workers: int = 0, a
             raise PlanError(f"{plan['path']}: stages: no stage named {s!r} (have {', '.join(plan['stages'])})")
     blends: Dict[str, str] = {}
     for stage in todo:
-        if plan["stages"][stage]["kind"] == "sft":  # chat records -> tokens + loss masks (data_prep/sft.py)
-            from .sft import run_sft_stage
-
-            path = run_sft_stage(plan, stage, tok_path, workers, array_index, array_count, finalize, quiet)
-            if path:
-                blends[stage] = path
+        sft = plan["stages"][stage]["kind"] == "sft"
+        if sft:  # chat records -> tokens + loss masks (data_prep/sft.py)
+            manifests = run_sft_stage(plan, stage, tok_path, workers, array_index, array_count, finalize, quiet)
+        else:
+            manifests = _pretrain_stage(plan, stage, tok_path, workers, array_index, array_count, finalize, quiet,
+                                        dedup_merge)
+        if manifests is None or array_count is not None:
             continue
-        filters: Dict[str, object] = {}
-        if dedup.enabled(plan, stage):
-            found = dedup.run_stage(plan, stage, workers or plan["preprocess"]["workers"] or os.cpu_count() or 1,
-                                    array_index, array_count, finalize, dedup_merge, quiet)
-            if found is None:  # this job's part of the dedup is done; tokenizing needs the other steps
-                continue
-            filters = found
-        if dedup_merge:
-            continue
-        manifests = {}
-        for src in plan["stages"][stage]["sources"]:
-            opts = _source_options(plan, stage, src, tok_path, workers, array_index, array_count, quiet)
-            opts.drop_filter = filters.get(src["name"])
-            manifests[src["name"]] = preprocess(opts, merge_only=finalize)
-        if array_count is None:
-            blends[stage] = write_blend(plan, stage, manifests, tok_path)
-            if not quiet:
-                tot = sum(m["tokens"] for m in manifests.values())
-                budget = plan["stages"][stage]["token_budget"]
-                print(f"{stage}: {tot:,} tokens in {len(manifests)} sources, budget {budget:,} "
-                      f"({budget / max(tot, 1):.2f} epochs) -> {blends[stage]}", flush=True)
+        blends[stage] = write_blend(plan, stage, manifests, tok_path)
+        if not quiet:
+            tot = sum(m["tokens"] for m in manifests.values())
+            trained = (f" ({sum(m['trained_tokens'] for m in manifests.values()):,} trained)" if sft else "")
+            budget = plan["stages"][stage]["token_budget"]
+            print(f"{stage}: {tot:,} tokens{trained} in {len(manifests)} sources, budget {budget:,} "
+                  f"({budget / max(tot, 1):.2f} epochs) -> {blends[stage]}", flush=True)
     return blends
+
+
+def _pretrain_stage(plan: dict, stage: str, tok_path: str, workers: int, array_index, array_count, finalize: bool,
+                    quiet: bool, dedup_merge: bool) -> Optional[Dict[str, dict]]:
+    """Preprocess a pretraining stage's sources (after its dedup); their manifests, or None when this
+    job's part of the stage stops before tokenizing (a dedup step, --dedup-merge)."""
+    filters: Dict[str, object] = {}
+    if dedup.enabled(plan, stage):
+        found = dedup.run_stage(plan, stage, workers or plan["preprocess"]["workers"] or os.cpu_count() or 1,
+                                array_index, array_count, finalize, dedup_merge, quiet)
+        if found is None:  # this job's part of the dedup is done; tokenizing needs the other steps
+            return None
+        filters = found
+    if dedup_merge:
+        return None
+    manifests = {}
+    for src in plan["stages"][stage]["sources"]:
+        opts = _source_options(plan, stage, src, tok_path, workers, array_index, array_count, quiet)
+        opts.drop_filter = filters.get(src["name"])
+        manifests[src["name"]] = preprocess(opts, merge_only=finalize)
+    return manifests
 
 
 @cli_main

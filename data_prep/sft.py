@@ -24,7 +24,7 @@ THE CONTRACT WITH THE TRAINING SIDE. For each source, under <output_dir>/<stage>
                           tokenizer hash, template name and hash.
   <source>.rejects.jsonl  every dropped or truncated conversation: {"reason", "action", "file",
                           "line", "detail"}.
-  blend.json              the pretraining blend (megafox/data/blend.py reads it: stage, tokenizer,
+  blend.json              the pretraining blend (megafox/formats/blend.py: stage, tokenizer,
                           datasets[{prefix, weight, documents, tokens}], token_budget) plus
                           "kind": "sft", per dataset "mask_prefix" and "trained_tokens",
                           "seq_length" (every conversation written has at most that many tokens)
@@ -49,18 +49,18 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from megafox.runtime.fs import atomic_write_json
 
-from .chat_codec import ChatRun, mask_prefix
+from .chat_codec import ChatRun
 from .chat_template import ChatTemplate, check_template, load_chat_template
 from .common import DataPrepError, cli_main, command_parser, expand_inputs, read_json
 from .engine import RunOptions, add_engine_arguments, add_run_arguments, run_options
-from .indexed import read_idx
 from .tokenizer import load_tokenizer
+from megafox.formats import FormatError
+from megafox.formats.indexed import mask_prefix, read_idx
 
 OVERLONG_POLICIES = ("truncate", "drop")
 
@@ -96,6 +96,8 @@ def stage_settings(raw: dict, sources: List[dict], where: str) -> dict:
         raise DataPrepError(f"{where}.chat_template: required for kind: sft (fox1, or a .jinja file)")
     try:
         template = load_chat_template(raw["chat_template"])
+        # stand-in strings, only to check the template renders before the tokenizer exists (a plan may
+        # train it); _setup checks it again with the real tokenizer's special tokens
         check_template(template, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                                   "pad_token": "<pad>"})
     except DataPrepError as e:
@@ -117,10 +119,9 @@ def stage_settings(raw: dict, sources: List[dict], where: str) -> dict:
 
 
 def run_sft_stage(plan: dict, stage: str, tok_path: str, workers: int = 0, array_index=None, array_count=None,
-                  finalize: bool = False, quiet: bool = False) -> Optional[str]:
-    """Preprocess every source of an sft stage; returns its blend.json (None for an array task)."""
-    from .plan import PlanError, blend_record
-
+                  finalize: bool = False, quiet: bool = False) -> Optional[Dict[str, dict]]:
+    """Preprocess every source of an sft stage; returns {source: manifest} (the plan writes the
+    stage's blend.json from them), None for an array task."""
     st = plan["stages"][stage]
     cfg = st["sft"]
     pp = plan["preprocess"]
@@ -129,32 +130,14 @@ def run_sft_stage(plan: dict, stage: str, tok_path: str, workers: int = 0, array
         try:
             inputs = expand_inputs(src["globs"], what="glob")
         except DataPrepError as e:
-            raise PlanError(f"{plan['path']}: {src['where'].split(': ', 1)[-1]}.globs: {e}") from None
+            raise DataPrepError(f"{plan['path']}: {src['where'].split(': ', 1)[-1]}.globs: {e}") from None
         opts = SFTOptions(inputs, tok_path, os.path.join(plan["output_dir"], stage, src["name"]),
                           cfg["chat_template"], cfg["seq_length"], cfg["overlong"],
                           workers=workers or pp["workers"] or os.cpu_count() or 1, dtype=pp["dtype"],
                           fmt=src["format"], shards=pp["shards"], array_index=array_index,
                           array_count=array_count, chunk_bytes=int(pp["chunk_mb"] * (1 << 20)), quiet=quiet)
         manifests[src["name"]] = preprocess_sft(opts, merge_only=finalize)
-    if array_count is not None:
-        return None
-    blend = blend_record(plan, stage, manifests, tok_path)
-    for d, src in zip(blend["datasets"], st["sources"]):
-        d["mask_prefix"] = os.path.basename(mask_prefix(src["name"]))
-        d["trained_tokens"] = manifests[src["name"]]["trained_tokens"]
-    t = cfg["chat_template"]
-    blend.update({"kind": "sft", "seq_length": cfg["seq_length"], "chat_template": t.text,
-                  "chat_template_name": t.name,
-                  "chat_template_sha256": t.sha256})
-    path = os.path.join(plan["output_dir"], stage, "blend.json")
-    atomic_write_json(path, blend)
-    if not quiet:
-        tot = sum(m["tokens"] for m in manifests.values())
-        trained = sum(m["trained_tokens"] for m in manifests.values())
-        budget = st["token_budget"]
-        print(f"{stage}: {tot:,} tokens ({trained:,} trained) in {len(manifests)} sources, budget {budget:,} "
-              f"({budget / max(tot, 1):.2f} epochs) -> {path}", flush=True)
-    return path
+    return None if array_count is not None else manifests
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,7 +152,10 @@ def show(prefix: str, tokenizer: Optional[str], index: int = 0, out=None) -> Non
     for p in (prefix, mask_prefix(prefix)):
         if not (os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx")):
             raise DataPrepError(f"{p}.bin/.idx: not found")
-        dt, lengths, _ = read_idx(p + ".idx")
+        try:
+            dt, lengths, _ = read_idx(p + ".idx")
+        except FormatError as e:
+            raise DataPrepError(str(e)) from None
         if not 0 <= index < len(lengths):
             raise DataPrepError(f"--index {index}: {prefix} holds {len(lengths)} conversations")
         start = int(lengths[:index].astype(np.int64).sum())

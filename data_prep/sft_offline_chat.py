@@ -164,7 +164,7 @@ def write_jsonl(path: str, lines: Iterator[bytes]) -> str:
     if path.endswith(".gz"):
         data = gzip.compress(data, mtime=0)
     elif path.endswith(".zst"):
-        import zstandard
+        import zstandard  # only for .zst outputs, like pyarrow below only for parquet ones
 
         data = zstandard.ZstdCompressor(level=3).compress(data)
     tmp = path + ".tmp"

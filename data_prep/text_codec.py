@@ -15,9 +15,9 @@ import numpy as np
 
 from .common import DataPrepError, human_bytes
 from .engine import MAX_EXAMPLES, Codec, Run, ShardWriter, spill_result
-from .indexed import dtype_name
 from .readers import EMPTY, INVALID_UTF8, FileReader, parse_chunk
 from .tokenizer import load_tokenizer
+from megafox.formats.dtypes import dtype_name
 
 MANIFEST_VERSION = 1
 

@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+import sentencepiece as spm
+
 from .common import FORMATS, DataPrepError, detect_format, expand_inputs, log, run_main, setup_logging
 from megafox.runtime.fs import atomic_write_json
 from .readers import iter_documents
@@ -69,8 +71,6 @@ def train(inputs, vocab_size: int, output: str, json_key: str = "text", fmt: str
           sample_mb: float = 2000.0, seed: int = 0, character_coverage: float = 0.9995,
           threads: int = 0, force: bool = False, quiet: bool = False) -> str:
     """Train (or reuse) DIR/tokenizer.model; returns its path."""
-    import sentencepiece as spm
-
     if vocab_size < 300:
         raise DataPrepError(f"--vocab-size {vocab_size}: too small (byte fallback alone needs 259 pieces)")
     files = expand_inputs(inputs)

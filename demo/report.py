@@ -47,7 +47,7 @@ def stage_tokens(blend_path: Path) -> np.ndarray:
     """All token ids of a stage's datasets (the indexed .bin files named by blend.json)."""
     import warnings
 
-    from data_prep.indexed import read_idx
+    from megafox.formats.indexed import read_idx
     from megafox.data.blend import read_blend
 
     # read_blend opens the indexes through megatron-core, which warns that TE/apex are absent (fine on CPU)

@@ -2,8 +2,8 @@
 
 - `stage_data.StageData`: the stage's global sample order, DP-sharded micro-batches, held-out
   validation batches, and no re-reading of documents earlier stages trained on.
-- `tokenizer.load_tokenizer`: a SentencePiece `.model` as the tokenizer object megatron expects.
-- `blend.read_blend`: the blend.json contract, checked, with errors naming file and field.
+- `blend.read_blend`: a stage's blend.json (megafox/formats/blend.py) with its datasets opened and
+  checked, errors naming file and field.  The tokenizer: megafox/formats/tokenizer.py.
 
 Importing this package loads nothing heavy; `stage_data` pulls in megatron-core.
 """

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from megafox.data.blend import DataError
-from megafox.data.tokenizer import SentencePieceTokenizer
+from megafox.formats.tokenizer import SentencePieceTokenizer
 
 
 def rank_micro_batches(start: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,

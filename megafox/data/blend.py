@@ -1,15 +1,10 @@
-"""Reading a stage's blend.json (written by `data_prep.plan`) and opening its indexed datasets.
+"""A stage's blend.json opened for training: its record (megafox/formats/blend.py, the format's one
+reader and writer) with every path resolved and every indexed dataset it names checked and mapped.
 
-    {"stage": "stage1", "tokenizer": "../tokenizer/tokenizer.model",
-     "datasets": [{"prefix": "web", "weight": 0.7, "documents": N, "tokens": N}, ...],
-     "token_budget": N}
-
-Paths are relative to the blend.json's directory (or absolute).  This is the one reader of the
-format (data_prep only writes it); every error names the file and field.
+Every error names the file and field.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import List, Optional
@@ -17,6 +12,9 @@ from typing import List, Optional
 import numpy as np
 
 from megafox.config import ConfigError
+from megafox.formats import FormatError
+from megafox.formats.blend import BlendRecord
+from megafox.formats.indexed import IndexFormatError, IndexHeader, map_lengths, read_header
 
 
 class DataError(ConfigError):
@@ -45,49 +43,35 @@ class Blend:
     tokenizer: str
     datasets: List[BlendEntry]
     token_budget: Optional[int]
+    record: BlendRecord  # the file as written (an SFT stage's own fields among them)
 
 
-def _number(value, where: str, integer: bool = False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
-        raise DataError(f"{where}: must be a{'n integer' if integer else ' number'}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
-_INDEX_MAGIC = b"MMIDIDX\x00\x00"
-
-
-def _check_header(prefix: str, where: str) -> int:
-    """Sequence count from the .idx header, checked before megatron maps the files (its reader
+def _check_header(prefix: str, where: str) -> IndexHeader:
+    """The .idx header, checked before megatron maps the files (its reader
     fails on these cases with bare asserts or mmap errors)."""
-    import struct
-
-    idx = prefix + ".idx"
-    size = os.path.getsize(idx)
-    with open(idx, "rb") as f:
-        head = f.read(34)
-    if len(head) < 34 or head[:9] != _INDEX_MAGIC or struct.unpack("<Q", head[9:17])[0] != 1:
-        raise DataError(f"{where}.prefix: {idx} is not a readable Megatron index (bad header)")
-    sequences, documents = struct.unpack("<QQ", head[18:34])
-    if size < 34 + 12 * sequences + 8 * documents:
-        raise DataError(f"{where}.prefix: {idx} is not a readable Megatron index (truncated: {size} bytes)")
-    if sequences == 0 or os.path.getsize(prefix + ".bin") == 0:
+    try:
+        header = read_header(prefix + ".idx")
+    except IndexFormatError as exc:
+        raise DataError(f"{where}.prefix: {exc}") from None
+    if header.sequences == 0 or os.path.getsize(prefix + ".bin") == 0:
         raise DataError(f"{where}.prefix: {prefix} is an empty dataset (no documents/tokens)")
-    return sequences
+    return header
 
 
 def _open_lengths(prefix: str, where: str) -> np.ndarray:
+    # megatron-core (and torch with it) loads when a dataset is opened, not when DataError is imported
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for ext in (".idx", ".bin"):
         if not os.path.isfile(prefix + ext):
             raise DataError(f"{where}.prefix: {prefix}{ext} does not exist")
-    sequences = _check_header(prefix, where)
+    header = _check_header(prefix, where)
     try:
         ds = IndexedDataset(prefix, mmap=True)
         ends = int(ds.index.sequence_pointers[-1]) + int(ds.sequence_lengths[-1]) * ds.index.dtype_size
-        # the .idx's int32 lengths right after its 34-byte header, mapped read-only by us (megatron's
-        # reader closes its own map when it is collected, which a view of it would not survive)
-        lengths = np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=34, shape=(sequences,))
+        # mapped by us: megatron's reader closes its own map when it is collected, which a view of
+        # it would not survive
+        lengths = map_lengths(prefix + ".idx", header)
         del ds
     except Exception as exc:  # megatron asserts on a bad header / truncated index
         raise DataError(f"{where}.prefix: {prefix}.idx is not a readable Megatron index "
@@ -101,55 +85,25 @@ def _open_lengths(prefix: str, where: str) -> np.ndarray:
 
 
 def read_blend(path: str) -> Blend:
-    path = os.path.abspath(os.path.expanduser(str(path)))
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: blend file not found") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable JSON blend ({exc})") from None
-    if not isinstance(raw, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    for key in ("tokenizer", "datasets"):
-        if key not in raw:
-            raise DataError(f"{path}: missing field '{key}'")
-    base = os.path.dirname(path)
-
-    def resolve(p: str) -> str:
-        p = os.path.expanduser(p)
-        return os.path.realpath(p if os.path.isabs(p) else os.path.join(base, p))
-
-    if not isinstance(raw["tokenizer"], str) or not raw["tokenizer"]:
-        raise DataError(f"{path}: field 'tokenizer' must be a path")
-    tokenizer = resolve(raw["tokenizer"])
+        record = BlendRecord.read(path)
+    except FormatError as exc:
+        raise DataError(str(exc)) from None
+    path = record.path
+    tokenizer = record.resolve(record.tokenizer)
     if not os.path.exists(tokenizer):
         raise DataError(f"{path}: field 'tokenizer': {tokenizer} does not exist")
-    items = raw["datasets"]
-    if not isinstance(items, list) or not items:
-        raise DataError(f"{path}: field 'datasets' must be a non-empty list")
     entries: List[BlendEntry] = []
     seen = {}
-    for i, d in enumerate(items):
+    for i, d in enumerate(record.datasets):
         where = f"{path}: datasets[{i}]"
-        if not isinstance(d, dict) or "prefix" not in d or "weight" not in d:
-            raise DataError(f"{where}: needs 'prefix' and 'weight'")
-        weight = _number(d["weight"], f"{where}.weight")
-        if not weight > 0:
-            raise DataError(f"{where}.weight: must be positive, got {weight}")
-        prefix = resolve(str(d["prefix"]))
+        prefix = record.resolve(d.prefix)
         if prefix in seen:  # two entries over one file would draw the same samples twice
             raise DataError(f"{where}.prefix: {prefix} is already datasets[{seen[prefix]}]")
         seen[prefix] = i
         lengths = _open_lengths(prefix, where)
-        if "documents" in d and _number(d["documents"], f"{where}.documents", True) != len(lengths):
-            raise DataError(f"{where}.documents: the blend says {d['documents']} but {prefix}.idx holds "
+        if d.documents is not None and d.documents != len(lengths):
+            raise DataError(f"{where}.documents: the blend says {d.documents} but {prefix}.idx holds "
                             f"{len(lengths)}; the blend is stale, rerun the data plan")
-        entries.append(BlendEntry(prefix, weight, lengths, where))
-    budget = raw.get("token_budget")
-    if budget is not None:
-        budget = _number(budget, f"{path}: field 'token_budget'", integer=True)
-        if budget <= 0:
-            raise DataError(f"{path}: field 'token_budget' must be positive, got {budget}")
-    stage = raw.get("stage", os.path.basename(base))
-    return Blend(path, str(stage), tokenizer, entries, budget)
+        entries.append(BlendEntry(prefix, float(d.weight), lengths, where))
+    return Blend(path, record.stage, tokenizer, entries, record.token_budget, record)

@@ -36,6 +36,8 @@ def cache_dir(config: TrainConfig) -> str:
 def stage_data_from_config(config: TrainConfig, stage_name: str, excluded_documents=None, previous_stages=()):
     """The StageData the trainer builds for `stage_name` (one definition for the trainer and this
     tool, so both find the same cache files)."""
+    # megatron-core loads (with its import-time warnings) only once the config and stage check out:
+    # a bad --config or --stage stays one line on stderr
     from megafox.data.stage_data import StageData
 
     stage = config.stage(stage_name)
@@ -51,13 +53,12 @@ def stage_data_from_config(config: TrainConfig, stage_name: str, excluded_docume
 def previous_record(config: TrainConfig, stage_name: str, required: bool = True):
     """The documents-read record of the stages before `stage_name` (named in the previous stage's
     .done), or None for the first stage. Without one: ConfigError when `required`, else None."""
-    from megafox.data.documents_read import record_before
+    # late, as in stage_data_from_config: documents_read loads megatron-core
+    from megafox.data.documents_read import record_before, record_dir
 
     index = config.stage_index(stage_name)
     record = record_before(config, index)
     if record is None and index > 0 and required:
-        from megafox.data.documents_read import record_dir
-
         before = config.stages[index - 1].name
         raise ConfigError(f"--stage {stage_name}: its indices depend on the documents stage {before} read, "
                           f"recorded in {record_dir(config.checkpoint.dir, before)} when {before} completes; "

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,9 +45,11 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Union
 
 import numpy as np
+from megatron.core.datasets.blended_dataset import BlendedDataset
 
 from megafox.data.blend import DataError
 from megafox.data.index_cache import open_npy
+from megafox.formats.indexed import HEADER_BYTES, sequence_count
 
 FORMAT = "megafox.documents_read"
 VERSION = 1
@@ -73,14 +74,14 @@ def idx_fingerprint(prefix: str) -> Dict[str, object]:
     size = os.path.getsize(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        head = f.read(34)
+        head = f.read(HEADER_BYTES)
         h.update(head)
         step = max(_BLOCK, size // _SAMPLED_BLOCKS)
         for offset in list(range(0, size, step)) + [max(0, size - _BLOCK)]:
             f.seek(offset)
             h.update(f.read(_BLOCK))
-    sequences = struct.unpack("<Q", head[18:26])[0] if len(head) >= 26 else -1
-    return {"size": size, "sequences": int(sequences), "sha256": h.hexdigest()}
+    sequences = sequence_count(head)
+    return {"size": size, "sequences": -1 if sequences is None else int(sequences), "sha256": h.hexdigest()}
 
 
 # ------------------------------------------------------------------------------- the set
@@ -196,8 +197,6 @@ def _mark(dataset, local_ids: np.ndarray, mask: np.ndarray) -> None:
 def documents_read_by(train, num_samples: int) -> Dict[str, np.ndarray]:
     """{prefix: bool over its documents}: what samples [0, num_samples) of megatron's top-level
     training dataset `train` (a GPTDataset, or a BlendedDataset over GPTDatasets) read."""
-    from megatron.core.datasets.blended_dataset import BlendedDataset
-
     datasets = train.datasets if isinstance(train, BlendedDataset) else [train]
     masks = [np.zeros(ds.dataset.sequence_lengths.shape[0], dtype=bool) for ds in datasets]
     for a in range(0, num_samples, CHUNK):

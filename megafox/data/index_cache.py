@@ -28,6 +28,7 @@ sets that option) and `masked_dataset.py` (BERT/T5 only).
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import logging
 import os
@@ -193,8 +194,6 @@ class SafeCacheBlendedDataset(BlendedDataset):
 
 
 def _with_cache(config, path: Optional[str]):
-    import copy
-
     config = copy.copy(config)
     config.path_to_cache = path
     return config

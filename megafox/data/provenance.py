@@ -7,28 +7,27 @@ import os
 from typing import List
 
 from megafox.config import ConfigError
+from megafox.formats import FormatError
+from megafox.formats.blend import BlendRecord
 
 
 def format_blend(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            blend = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--blend {path}: not a readable blend.json ({exc})") from None
-    if not isinstance(blend, dict) or not isinstance(blend.get("datasets"), list):
-        raise ConfigError(f"--blend {path}: expected a blend.json with a 'datasets' list")
-    lines: List[str] = [f"data: {path} (stage {blend.get('stage', '?')})",
+        blend = BlendRecord.read(path)
+    except FormatError as exc:
+        raise ConfigError(f"--blend {exc}") from None
+    lines: List[str] = [f"data: {path} (stage {blend.stage})",
                         "| dataset | documents | tokens | exact dups removed | near dups removed | contaminated |",
                         "| --- | --- | --- | --- | --- | --- |"]
-    for d in blend["datasets"]:
-        r = d.get("removed")
+    for d in blend.datasets:
+        r = d.removed
         cells = ["-", "-", "-"] if r is None else [
             f"{r.get('exact_duplicate', 0):,}", f"{r.get('near_duplicate', 0):,}",
             f"{r.get('contaminated', 0):,} dropped" + (f", {r['contaminated_reported']:,} kept"
                                                         if r.get("contaminated_reported") else "")]
-        lines.append(f"| {d.get('prefix')} | {d.get('documents', '?'):,} | {d.get('tokens', '?'):,} | "
+        lines.append(f"| {d.prefix} | {_count(d.documents)} | {_count(d.tokens)} | "
                      + " | ".join(cells) + " |")
-    dd = blend.get("dedup")
+    dd = blend.dedup
     if not dd:
         lines.append("no dedup / decontamination in this stage's data plan (docs/data_quality.md)")
         return "\n".join(lines)
@@ -42,3 +41,7 @@ def format_blend(path: str) -> str:
         lines.append(f"benchmark {name}: {b['examples_found']} of {b['examples']} examples found in "
                      f"{b['documents']:,} training documents")
     return "\n".join(lines)
+
+
+def _count(n) -> str:
+    return "?" if n is None else f"{n:,}"

@@ -89,7 +89,7 @@ from megafox.data.batches import Batches
 from megafox.data.blend import Blend, DataError, read_blend
 from megafox.data.index_cache import load_index_array, rank0_first
 from megafox.data.packing import DEFAULT_WINDOW, PackPlan, pack, permute_sequences
-from megafox.data.tokenizer import TokenizerError, load_tokenizer
+from megafox.formats.tokenizer import TokenizerError, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

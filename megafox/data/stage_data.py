@@ -76,7 +76,7 @@ from megafox.data.blend import Blend, DataError, read_blend
 from megafox.data.documents_read import (DocumentSet, documents_read_by, idx_fingerprint, record_dir, stage_entry,
                                          write_documents_read)
 from megafox.data.index_cache import NoBarrierBuilder, SafeCacheBlendedDataset, SafeCacheGPTDataset, rank0_first
-from megafox.data.tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
+from megafox.formats.tokenizer import SentencePieceTokenizer, TokenizerError, load_tokenizer
 
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset

@@ -43,7 +43,7 @@ def recorded_tokenizer(meta: Dict[str, Any]) -> Optional[str]:
 
 
 def load_tokenizer_for(meta: Dict[str, Any], override: Optional[str]):
-    from megafox.data.tokenizer import load_tokenizer
+    from megafox.formats.tokenizer import load_tokenizer
 
     path = override or recorded_tokenizer(meta)
     if path is None:

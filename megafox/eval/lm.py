@@ -30,7 +30,7 @@ class MegafoxLM(TemplateLM):
                  add_bos: Optional[bool] = None, progress: bool = True):
         super().__init__()
         self.scorer = scorer
-        self.sp_tokenizer = tokenizer  # megafox.data.tokenizer.SentencePieceTokenizer
+        self.sp_tokenizer = tokenizer  # megafox.formats.tokenizer.SentencePieceTokenizer
         self._max_length = int(max_length)
         self.name = name
         # The exported HF tokenizer adds BOS whenever the model file has one (add_bos_token)

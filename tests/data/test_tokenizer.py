@@ -1,8 +1,8 @@
-"""megafox.data.tokenizer: ids from the SentencePiece model, round trips, clear errors."""
+"""megafox.formats.tokenizer: ids from the SentencePiece model, round trips, clear errors."""
 import pytest
 import sentencepiece as spm
 
-from megafox.data.tokenizer import TokenizerError, load_tokenizer
+from megafox.formats.tokenizer import TokenizerError, load_tokenizer
 from tests.support.text import stdlib_texts
 from tests.support.tokenizers import train_sentencepiece
 

@@ -96,7 +96,7 @@ def test_missing_input_fails_fast(tmp_path, tokenizer):
 def test_unreadable_tokenizer_fails_fast(tmp_path, corpus):
     f = write_jsonl(tmp_path / "a.jsonl", corpus[:2])
     (tmp_path / "bad.model").write_bytes(b"this is not a model")
-    for tok, msg in ((tmp_path / "bad.model", "not a readable SentencePiece model"),
+    for tok, msg in ((tmp_path / "bad.model", "not a SentencePiece model"),
                      (tmp_path / "missing.model", "no such file")):
         r = pp(f, tok, tmp_path / "o", check=False)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr

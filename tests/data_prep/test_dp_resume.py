@@ -82,7 +82,7 @@ def test_resume_after_kill_identical(tmp_path, corpus, tokenizer):
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     if os.path.isdir(shard_dir):  # no partial data under a final name: every .bin matches its .idx
-        from data_prep.indexed import read_idx
+        from megafox.formats.indexed import read_idx
 
         for f in os.listdir(shard_dir):
             if f.endswith(".bin") and not f.startswith("."):
@@ -289,7 +289,7 @@ def _assert_clean_interrupt(rc, stderr, out_dir, shard_dir):
     assert not [f for f in os.listdir(out_dir) if f.endswith((".bin", ".idx", ".manifest.json"))]
     left = os.listdir(shard_dir)
     assert not [f for f in left if f.startswith(".")], left  # no temporaries, no worker spill directory
-    from data_prep.indexed import read_idx
+    from megafox.formats.indexed import read_idx
 
     finished = [f for f in left if f.endswith(".json")]
     assert finished and all(f[:-5] + ".bin" in left for f in finished)

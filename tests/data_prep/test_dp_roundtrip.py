@@ -96,7 +96,7 @@ def test_eos_taken_from_tokenizer(tmp_path, corpus):
 
 
 def test_dtype_rule():
-    from data_prep.indexed import optimal_dtype
+    from megafox.formats.indexed import optimal_dtype
 
     assert optimal_dtype(2000) is np.uint16 and optimal_dtype(65499) is np.uint16
     assert optimal_dtype(65500) is np.int32 and optimal_dtype(256000) is np.int32

@@ -54,7 +54,7 @@ def test_overlong_drop_policy(tmp_path, tokenizer):
     man = json.loads(open(str(out) + ".manifest.json").read())
     assert man["truncated"] == {} and man["dropped"]["overlong"] > 3
     assert man["dropped"] == {"overlong": man["dropped"]["overlong"]}
-    from data_prep.indexed import read_idx
+    from megafox.formats.indexed import read_idx
 
     _, lengths, _ = read_idx(str(out) + ".idx")
     assert lengths.max() <= 300 and len(lengths) == man["documents"]

@@ -6,7 +6,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
-from megafox.data.tokenizer import load_tokenizer
+from megafox.formats.tokenizer import load_tokenizer
 from megafox.config import EvalConfig
 from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.callbacks.downstream_eval import DownstreamEvalCallback

@@ -7,7 +7,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megafox.config import BuildConfig
-from megafox.data.tokenizer import load_tokenizer
+from megafox.formats.tokenizer import load_tokenizer
 from megafox.eval.lm import MegafoxLM
 from megafox.eval.scorer import CollectiveScorer, serve_while
 from megafox.model.build import build_model

@@ -6,7 +6,7 @@ test side (tests/eval/gen_bodies.py)."""
 import pytest
 import torch
 
-from megafox.data.tokenizer import load_tokenizer
+from megafox.formats.tokenizer import load_tokenizer
 from megafox.testing.distributed import run_distributed
 from megafox.testing.hf_reference import hf_llama
 from tests.eval.eval_helpers import sharp_attention_state, tiny_model
