@@ -89,6 +89,7 @@ from megafox.data.batches import Batches
 from megafox.data.blend import Blend, DataError, read_blend
 from megafox.data.index_cache import load_index_array, rank0_first
 from megafox.data.packing import DEFAULT_WINDOW, PackPlan, pack, permute_sequences
+from megafox.formats.indexed import mask_prefix as indexed_mask_prefix
 from megafox.formats.tokenizer import TokenizerError, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -161,28 +162,21 @@ def _open_mask(mask_prefix: str, lengths: np.ndarray, where: str):
     return masks
 
 
-def _read_sft_blend(path: str) -> Tuple[Blend, List[SFTDataset], Dict[str, Any]]:
-    blend = read_blend(path)  # the common part: tokenizer, prefixes, weights, documents
-    with open(blend.path, "r", encoding="utf-8") as f:
-        raw = json.load(f)
-    kind = raw.get("kind")
-    if kind != "sft":
-        raise DataError(f"{blend.path}: field 'kind' is {kind!r}; SFT training reads a blend with "
+def _read_sft_blend(path: str) -> Tuple[Blend, List[SFTDataset]]:
+    blend = read_blend(path)  # the record (megafox/formats/blend.py) and its datasets opened
+    record = blend.record
+    if record.kind != "sft":
+        raise DataError(f"{blend.path}: field 'kind' is {record.kind!r}; SFT training reads a blend with "
                         f"\"kind\": \"sft\" (conversations + masks), pretraining blends are read by StageData")
-    base = os.path.dirname(blend.path)
     datasets = []
-    for entry, item in zip(blend.datasets, raw["datasets"]):
-        mask_prefix = item.get("mask_prefix", os.path.basename(entry.prefix) + ".mask")
-        if not isinstance(mask_prefix, str) or not mask_prefix:
-            raise DataError(f"{entry.field}.mask_prefix: must be a path, got {mask_prefix!r}")
-        mask_prefix = os.path.expanduser(mask_prefix)
-        if not os.path.isabs(mask_prefix):
-            # relative to the blend, or (the default) next to the token prefix it belongs to
-            mask_prefix = os.path.join(base if "mask_prefix" in item else os.path.dirname(entry.prefix), mask_prefix)
-        trained = item.get("trained_tokens")
+    for entry, item in zip(blend.datasets, record.datasets):
+        if item.mask_prefix is None:  # the default: PREFIX.mask beside the token prefix it belongs to
+            mask_prefix = indexed_mask_prefix(entry.prefix)
+        else:  # relative to the blend, like every path it names
+            mask_prefix = record.resolve(item.mask_prefix)
         datasets.append(SFTDataset(entry.prefix, os.path.realpath(mask_prefix), entry.weight, entry.lengths,
-                                   entry.field, int(trained) if isinstance(trained, int) else None))
-    return blend, datasets, raw
+                                   entry.field, item.trained_tokens))
+    return blend, datasets
 
 
 def _held_out(num_conversations: int, valid_fraction: float) -> int:
@@ -217,9 +211,9 @@ class SFTData(Batches):
             raise DataError(f"valid_fraction: must be in [0, 1), got {valid_fraction!r}")
         self.valid_fraction = float(valid_fraction)
 
-        blend, self.datasets, raw = _read_sft_blend(blend_path)
+        blend, self.datasets = _read_sft_blend(blend_path)
         self.blend_path, self.stage = blend.path, blend.stage
-        self.chat_template = raw.get("chat_template")
+        self.chat_template = blend.record.chat_template
         try:
             self.tokenizer = load_tokenizer(blend.tokenizer)
         except TokenizerError as exc:
@@ -235,7 +229,7 @@ class SFTData(Batches):
                 raise DataError(
                     f"{d.field}.prefix: {d.prefix} has {len(too_long)} conversation(s) longer than seq_length "
                     f"{self.seq_length} (the longest, #{worst}, has {int(d.lengths[worst])} tokens; the blend "
-                    f"was prepared for seq_length {raw.get('seq_length')}); prepare the data again with "
+                    f"was prepared for seq_length {blend.record.seq_length}); prepare the data again with "
                     f"seq_length <= {self.seq_length}, which truncates them")
             self._masks.append(_open_mask(d.mask_prefix, d.lengths, d.field))
             self._tokens.append(IndexedDataset(d.prefix, mmap=True))
