@@ -25,7 +25,7 @@ INTERVAL = 1000  # checkpoint.interval in configs/train/fox1_1p6b.yaml
 
 
 def main(argv=None) -> int:
-    from megafox.checkpoint_integrity import digest
+    from megafox.checkpoint.integrity import digest
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes-mb", default="64,256,512")

@@ -6,6 +6,8 @@ import sys
 import warnings
 from typing import Callable, List, Optional
 
+from megafox.checkpoint.errors import CheckpointError
+from megafox.config import ConfigError
 from megafox.runtime.dist import free_port
 
 # Exit codes: 2 = bad input (not a checkpoint, missing shards, shape mismatch, unsupported model);
@@ -23,8 +25,6 @@ def run_cli(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]
     # first: megatron-core warns at import time that TE/apex are absent, which is no news to a tool user
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from megafox.config import ConfigError
-    from megafox.records import CheckpointError
     try:
         return main(argv)
     except (ToolError, CheckpointError, ConfigError) as exc:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from checkpoints_tools.common import ToolError
-from megafox.checkpoint import LATEST_FILE, METADATA_FILE, iteration_dir, write_latest
+from megafox.checkpoint.layout import LATEST_FILE, iteration_dir, write_latest
+from megafox.records import METADATA_FILE
 
 
 def holds_checkpoint(path: Path) -> bool:
