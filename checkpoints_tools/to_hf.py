@@ -23,9 +23,10 @@ import torch
 
 from checkpoints_tools import hf_compare
 from checkpoints_tools.common import EXIT_VERIFY_FAILED, ToolError, dtype_name, parse_dtype, parse_iteration, parse_size, run_cli
-from checkpoints_tools.output_dir import StagedExport, describe_checkpoint, holds_checkpoint
+from checkpoints_tools.output_dir import StagedExport
 from checkpoints_tools.safetensors_stream import StreamingSafetensorsWriter, is_weights_file
 from checkpoints_tools.streams import groups_from_checkpoint, prefetch
+from megafox.checkpoint.layout import describe_checkpoint, holds_checkpoint
 from megafox.checkpoint.reader import DistCheckpoint
 from megafox.model.hf_adapter import MCORE_EMBEDDING, hf_plan
 from megafox.model.hf_mapping import hf_config_dict

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from checkpoints_tools.common import ToolError, parse_iteration, run_cli
+from checkpoints_tools.common import parse_iteration, run_cli
 from megafox.checkpoint.errors import CheckpointError
 from megafox.checkpoint.integrity import check_usable
-from megafox.checkpoint.layout import LATEST_FILE, iteration_dir, list_checkpoints, resolve_iteration
-from megafox.records import METADATA_FILE, read_checkpoint_record
+from megafox.checkpoint.layout import iteration_dirs
+from megafox.records import read_checkpoint_record
 
 EXIT_PROBLEMS = 1
 
@@ -33,32 +33,16 @@ def check(directory: Path) -> Optional[str]:
     return check_usable(directory, record.files)
 
 
-def _targets(root: Path, which: str) -> List[Path]:
-    if not root.is_dir():
-        raise ToolError(f"{root}: checkpoint directory not found")
-    if which == "all":
-        found = [iteration_dir(root, it) for it in list_checkpoints(root)]
-        if not found:
-            raise ToolError(f"{root}: no complete checkpoint (no iter_*/megafox.json)")
-        return found
-    if which == "latest" and not (root / LATEST_FILE).is_file() and (root / METADATA_FILE).is_file():
-        return [root]  # an iteration directory itself
-    try:
-        directory = iteration_dir(root, resolve_iteration(root, parse_iteration(which)))
-    except CheckpointError as exc:
-        raise ToolError(str(exc)) from None
-    if not directory.is_dir():
-        raise ToolError(f"{directory}: no such checkpoint (saved: {list_checkpoints(root) or 'none'})")
-    return [directory]
-
-
 def _main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="megafox-ckpt verify", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint root (with 'latest') or an iter_N directory")
     p.add_argument("--iteration", default="latest", help="an iteration, 'latest' (default) or 'all'")
     a = p.parse_args(argv)
     bad = 0
-    for directory in _targets(Path(a.checkpoint), a.iteration):
+    root = Path(a.checkpoint)
+    # a missing root is named first, whatever --iteration says
+    which = a.iteration if a.iteration == "all" or not root.is_dir() else parse_iteration(a.iteration)
+    for directory in iteration_dirs(root, which):
         problem = check(directory)
         if problem:
             bad += 1

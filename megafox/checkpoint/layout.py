@@ -118,3 +118,37 @@ def rotate_checkpoints(root: Union[str, Path], keep_last: int) -> List[int]:
         if not (path / METADATA_FILE).is_file() and latest is not None and it < latest:
             shutil.rmtree(path, ignore_errors=True)
     return deleted
+
+
+def iteration_dirs(root: Union[str, Path], which: Union[int, str]) -> List[Path]:
+    """The iteration directories `which` names under `root`: an iteration, "latest" (also `root`
+    itself when it is an iteration directory) or "all" complete ones. A latest or numbered
+    directory is returned even when incomplete, so that a check can say what is wrong with it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint directory not found")
+    if which == "all":
+        found = [iteration_dir(root, it) for it in list_checkpoints(root)]
+        if not found:
+            raise CheckpointError(f"{root}: no complete checkpoint (no iter_*/{METADATA_FILE})")
+        return found
+    if which == "latest" and not (root / LATEST_FILE).is_file() and (root / METADATA_FILE).is_file():
+        return [root]  # an iteration directory itself
+    directory = iteration_dir(root, resolve_iteration(root, which))
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint (saved: {list_checkpoints(root) or 'none'})")
+    return [directory]
+
+
+def holds_checkpoint(path: Union[str, Path]) -> bool:
+    """Whether `path` is a megafox checkpoint root (or one iteration directory of it)."""
+    path = Path(path)
+    return path.is_dir() and ((path / LATEST_FILE).exists() or (path / METADATA_FILE).exists()
+                              or any(p.is_dir() for p in path.glob("iter_*")))
+
+
+def describe_checkpoint(path: Union[str, Path]) -> str:
+    latest = Path(path) / LATEST_FILE
+    if latest.is_file():
+        return f"a megafox checkpoint (latest = {latest.read_text().strip()})"
+    return "a megafox checkpoint"
