@@ -18,6 +18,7 @@ class CheckpointError(RuntimeError):
 class NoUsableCheckpoint(CheckpointError):
     """Every checkpoint a resume could start from is incomplete or corrupt (exit status 4)."""
 
+
 @contextmanager
 def checkpoint_errors_unwrapped():
     """Raise a CheckpointError some rank hit inside a collective load as itself (one line naming
@@ -29,6 +30,7 @@ def checkpoint_errors_unwrapped():
         if found is None or found is exc:
             raise
         raise found from None
+
 
 def _checkpoint_error_in(exc: BaseException) -> Optional[CheckpointError]:
     """A CheckpointError (a refused object, a missing file) some rank raised inside a collective
@@ -48,6 +50,7 @@ def _checkpoint_error_in(exc: BaseException) -> Optional[CheckpointError]:
                 todo.append(inner[0] if isinstance(inner, tuple) and inner else inner)
         todo += [current.__cause__, current.__context__]
     return None
+
 
 def root_cause(exc: BaseException) -> str:
     """The innermost error of a chain (torch wraps each rank's failure in CheckpointException)."""

@@ -21,6 +21,7 @@ from megafox.records import METADATA_FILE, CheckpointRecord, read_checkpoint_rec
 
 LATEST_FILE = "latest"
 
+
 def iteration_dir(root: Union[str, Path], iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 

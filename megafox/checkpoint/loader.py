@@ -22,6 +22,7 @@ from megafox.checkpoint.state import (OPTIMIZER_METADATA, layout_signature, mode
 from megafox.compat import megatron_core as mcore_compat
 from megafox.records import CheckpointRecord
 
+
 def load_model(root: Union[str, Path], chunks: List[torch.nn.Module],
                iteration: Union[int, str, None] = "latest") -> CheckpointRecord:
     """Load model weights (any saved TP/PP layout) into `chunks`; return the checkpoint's record."""

@@ -35,6 +35,7 @@ from megafox.runtime.dist import is_rank0
 # Called by every rank once a save's shards are on disk and before its record is written.
 BeforeCommit = Callable[[Path], None]
 
+
 class CheckpointSaveError(CheckpointError):
     """A save failed (disk full, I/O error); says why and which checkpoint is still good.
 

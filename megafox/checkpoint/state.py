@@ -26,6 +26,7 @@ from megafox.checkpoint.sharding import (OPTIMIZER_STATE_KEYS, OPTIMIZER_STATE_P
 from megafox.compat import megatron_core as mcore_compat
 from megafox.records import SavedLayout
 
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     while hasattr(module, "module"):
         module = module.module
@@ -45,6 +46,7 @@ FORMATS = ("sharded", "gathered")
 # state to every DP rank first (mcore 0.16 rejects the flattened tensors of
 # `fully_sharded_model_space`).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
 
 def layout_signature() -> SavedLayout:
 
@@ -90,6 +92,7 @@ def rng_sharded(state: Any):
     return ShardedObject("rng_state", state, (lay.pp, lay.tp, lay.dp),
                          (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
                           ps.get_data_parallel_rank()), replica_id=0)
+
 
 def saves_by_range(optimizer, format: str = "sharded") -> bool:
     """Whether a training save writes only this rank's distributed-optimizer ranges (so the
