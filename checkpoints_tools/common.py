@@ -7,7 +7,7 @@ import warnings
 from typing import Callable, List, Optional
 
 from megafox.checkpoint.errors import CheckpointError
-from megafox.config import ConfigError
+from megafox.config import ConfigError, ParallelConfig
 from megafox.runtime.dist import free_port
 
 # Exit codes: 2 = bad input (not a checkpoint, missing shards, shape mismatch, unsupported model);
@@ -81,8 +81,7 @@ def parse_size(text: str) -> int:
 
 def init_single_process():
     """One-rank megatron-core parallel state (gloo, CPU shim when there is no GPU), TP1/PP1."""
-    from megafox.config import ParallelConfig
-    from megafox.parallel import init_distributed
+    from megafox.parallel import init_distributed  # megatron-core: only for the commands that build a model
 
     if "RANK" not in os.environ:
         # A single process even inside a multi-task SLURM step (whose variables would

@@ -1,4 +1,6 @@
-"""`--verify`: the HF directory against the checkpoint as the trainer loads it, two ways.
+"""`--verify` of megafox-to-hf and megafox-from-hf: the HF directory against the checkpoint as the
+trainer loads it, two ways. (`megafox-ckpt verify`, a checkpoint's files against their digests,
+is checkpoints_tools/verify.py.)
 
 The megafox side is built at TP1/PP1 in this process and loaded through the trainer's own
 `load_model` (megatron-core's dist_checkpointing, not the tools' reader), so the check covers the
@@ -21,7 +23,8 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 
 from checkpoints_tools.common import init_single_process
-from megafox.config import ModelConfig, ParallelConfig
+from checkpoints_tools.streams import HFWeights
+from megafox.config import BuildConfig, ModelConfig, ParallelConfig
 from megafox.model.hf_adapter import (HF_EMBEDDING, HF_FINAL_NORM, HF_LM_HEAD, MCORE_EMBEDDING, MCORE_FINAL_NORM,
                                       MCORE_OUTPUT_LAYER, hf_plan, mcore_layer_name, megatron_layer_to_hf, uses_te_names)
 
@@ -35,8 +38,7 @@ def verify_ids(model: ModelConfig, batch: int = 2, seq: int = 32, seed: int = 0)
 
 def build_single(model: ModelConfig, padded_rows: Optional[int] = None):
     """A TP1/PP1 megafox model whose embedding has `padded_rows` rows (the checkpoint's padding)."""
-    from megafox.config import BuildConfig
-    from megafox.model.build import build_model
+    from megafox.model.build import build_model  # megatron-core: imported only by the commands that build a model
 
     init_single_process()
     if padded_rows is not None:
@@ -55,7 +57,7 @@ def megafox_logits(module: torch.nn.Module, model: ModelConfig, ids: torch.Tenso
 
 
 def load_checkpoint_model(root: str, iteration, model: ModelConfig, padded_rows: int) -> torch.nn.Module:
-    from megafox.checkpoint.loader import load_model
+    from megafox.checkpoint.loader import load_model  # megatron-core: imported only when --verify runs
 
     module = build_single(model, padded_rows)
     load_model(root, [module], iteration)
@@ -98,8 +100,6 @@ def hf_named_weights(module: torch.nn.Module, model: ModelConfig) -> Iterator[Tu
 def weight_mismatches(hf_dir: Path, module: torch.nn.Module, model: ModelConfig) -> List[str]:
     """Every tensor of HF_DIR against the loaded model's weight cast to the HF tensor's dtype:
     one line per tensor that is not bit-identical (NaN matching NaN), or is missing/extra."""
-    from checkpoints_tools.streams import HFWeights
-
     weights = HFWeights(Path(hf_dir))
     expected = {name for name, _ in hf_plan(model)}
     problems = [f"{name}: not in the checkpoint's model" for name in sorted(set(weights.where) - expected)]
@@ -130,17 +130,17 @@ def hf_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def report(diff: float, tolerance: float) -> bool:
+def report_logits(diff: float, tolerance: float) -> bool:
     ok = diff <= tolerance
     print(f"verify: max |logit(transformers) - logit(megafox)| = {diff:.3e} "
           f"(tolerance {tolerance:.1e}): {'OK' if ok else 'FAILED'}", flush=True)
     return ok
 
 
-def check(theirs, ours, tolerance=None) -> bool:
+def check_logits(theirs, ours, tolerance=None) -> bool:
     """Print the max |logit difference| of two [batch, seq, vocab] tensors; True when within tolerance."""
     tol = DEFAULT_TOLERANCE if tolerance is None else tolerance
-    return report((theirs - ours).abs().max().item(), tol)
+    return report_logits((theirs - ours).abs().max().item(), tol)
 
 
 def report_weights(problems: List[str], total: int) -> bool:
@@ -163,6 +163,6 @@ def hf_matches_checkpoint(hf_dir: Path, root: str, iteration, model: ModelConfig
     module = load_checkpoint_model(root, iteration, model, padded_rows)
     weights_ok = report_weights(weight_mismatches(hf_dir, module, model), len(hf_plan(model)))
     round_weights(module, round_to)
-    logits_ok = check(theirs, megafox_logits(module, model, ids), tolerance)
+    logits_ok = check_logits(theirs, megafox_logits(module, model, ids), tolerance)
     del module
     return weights_ok and logits_ok

@@ -24,7 +24,7 @@ from megafox.records import read_checkpoint_record
 EXIT_PROBLEMS = 1
 
 
-def check(directory: Path) -> Optional[str]:
+def checkpoint_problem(directory: Path) -> Optional[str]:
     """None when the iteration directory verifies, else the first problem (naming the file)."""
     try:
         record = read_checkpoint_record(directory)
@@ -43,7 +43,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     # a missing root is named first, whatever --iteration says
     which = a.iteration if a.iteration == "all" or not root.is_dir() else parse_iteration(a.iteration)
     for directory in iteration_dirs(root, which):
-        problem = check(directory)
+        problem = checkpoint_problem(directory)
         if problem:
             bad += 1
             print(f"{directory.name}: NOT usable: {problem}", flush=True)
