@@ -99,7 +99,7 @@ def rchar() -> int:
 
 
 def written_by(path: Path, rank: int) -> int:
-    from megafox.checkpoint_integrity import files_of_rank
+    from megafox.checkpoint.integrity import files_of_rank
 
     return sum((path / name).stat().st_size for name in files_of_rank(path, rank))
 
@@ -107,7 +107,9 @@ def written_by(path: Path, rank: int) -> int:
 def worker(spec: dict) -> None:
     import torch
 
-    from megafox import checkpoint as ckpt
+    from megafox.checkpoint.loader import load_training_checkpoint
+    from megafox.checkpoint.saver import CheckpointSaver, save_training_checkpoint
+    from megafox.checkpoint.state import OPTIMIZER_METADATA, layout_signature, model_sharded_state_dict
     from megafox.config import BuildConfig, ModelConfig, OptimizerConfig, ParallelConfig
     from megafox.info import parameter_count
     from megafox.parallel.process_groups import init_distributed
@@ -133,7 +135,7 @@ def worker(spec: dict) -> None:
         return time.monotonic() - t
 
     def record(iteration):
-        return CheckpointRecord(iteration=iteration, kind="train", model=model, layout=ckpt.layout_signature(),
+        return CheckpointRecord(iteration=iteration, kind="train", model=model, layout=layout_signature(),
                                 stage="s", stage_index=0, scheduler={"num_steps": 0},
                                 run_state=RunState(iteration=iteration))
 
@@ -143,9 +145,9 @@ def worker(spec: dict) -> None:
         step()
     if spec.get("load_only"):
         for name, src in spec["load_only"].items():
-            ckpt.load_training_checkpoint(src, stack.model, stack.optimizer)  # warm-up (imports, page cache)
+            load_training_checkpoint(src, stack.model, stack.optimizer)  # warm-up (imports, page cache)
             r0, t0 = rchar(), time.monotonic()
-            ckpt.load_training_checkpoint(src, stack.model, stack.optimizer)
+            load_training_checkpoint(src, stack.model, stack.optimizer)
             out[f"load:{name}"] = {"read": rchar() - r0, "s": time.monotonic() - t0}
         _emit(spec, out)
         return
@@ -154,13 +156,13 @@ def worker(spec: dict) -> None:
         torch.distributed.barrier()
         with params_gathered(stack.model) if fmt == "gathered" else _Null(), PeakRSS() as rss:
             t0 = time.monotonic()
-            path = ckpt.save_training_checkpoint(root / fmt, 2, stack.model, stack.optimizer, record(2), format=fmt)
+            path = save_training_checkpoint(root / fmt, 2, stack.model, stack.optimizer, record(2), format=fmt)
             seconds = time.monotonic() - t0
         out[f"save:{fmt}"] = {"extra": rss.peak - base, "written": written_by(path, rank), "s": seconds,
                               "total": sum(p.stat().st_size for p in path.iterdir() if p.is_file())}
-        ckpt.load_training_checkpoint(root / fmt, stack.model, stack.optimizer)  # warm-up
+        load_training_checkpoint(root / fmt, stack.model, stack.optimizer)  # warm-up
         r0, t0 = rchar(), time.monotonic()
-        ckpt.load_training_checkpoint(root / fmt, stack.model, stack.optimizer)
+        load_training_checkpoint(root / fmt, stack.model, stack.optimizer)
         out[f"load:{fmt}"] = {"read": rchar() - r0, "s": time.monotonic() - t0}
         if fmt == "gathered":  # what megafox read before: megatron-core's fully_reshardable load
             r0, t0 = rchar(), time.monotonic()
@@ -171,11 +173,11 @@ def worker(spec: dict) -> None:
     rss_settled()
     with PeakRSS() as plain:
         plain_steps = [step() for _ in range(k)]
-    saver = ckpt.CheckpointSaver(async_save=True)
+    saver = CheckpointSaver(async_save=True)
     rss_settled()
     with PeakRSS() as rss:
         t0 = time.monotonic()
-        ckpt.save_training_checkpoint(root / "async", 3, stack.model, stack.optimizer, record(3), saver=saver)
+        save_training_checkpoint(root / "async", 3, stack.model, stack.optimizer, record(3), saver=saver)
         stall = time.monotonic() - t0
         staged = saver.pending.staged
         overlapped, report = [], None
@@ -194,12 +196,12 @@ def read_as_megatron_core_does(path: Path, stack) -> None:
     of its TP/PP part; DCP reads every chunk of it). Only the reading: nothing is applied."""
     from megatron.core import dist_checkpointing
 
-    from megafox import checkpoint as ckpt
+    from megafox.checkpoint.state import OPTIMIZER_METADATA, model_sharded_state_dict
     from megafox.compat.megatron_core import init_torch_adam_state, safe_checkpoint_loading
 
-    state = ckpt.model_sharded_state_dict(stack.model)
+    state = model_sharded_state_dict(stack.model)
     init_torch_adam_state(stack.optimizer)
-    state["optimizer"] = stack.optimizer.sharded_state_dict(state, is_loading=True, metadata=ckpt.OPTIMIZER_METADATA)
+    state["optimizer"] = stack.optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
     with safe_checkpoint_loading():
         dist_checkpointing.load(state, str(path))
 

@@ -1,4 +1,4 @@
-"""What the per-file checksums of a checkpoint save cost (issue 17): megafox.checkpoint_integrity's
+"""What the per-file checksums of a checkpoint save cost (issue 17): megafox.checkpoint.integrity's
 CRC-32 digest, measured on files of several sizes written here (read back from the page cache, as
 after a save), and extrapolated to a Fox-1-1.6B training checkpoint, whose files each rank digests
 for its own shard only (the sharded format writes ~1/DP of it per rank).
@@ -25,7 +25,7 @@ INTERVAL = 1000  # checkpoint.interval in configs/train/fox1_1p6b.yaml
 
 
 def main(argv=None) -> int:
-    from megafox.checkpoint_integrity import digest
+    from megafox.checkpoint.integrity import digest
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes-mb", default="64,256,512")

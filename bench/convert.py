@@ -25,8 +25,8 @@ GOAL_SECONDS, GOAL_RSS_FACTOR = 60.0, 1.5
 
 def make_checkpoint(root: Path) -> None:
     """Random fox1-1.6b weights (megatron-core's init) saved as a TP1/PP1 torch_dist checkpoint."""
-    from checkpoints_tools.verify import build_single
-    from megafox.checkpoint import save_checkpoint
+    from checkpoints_tools.hf_compare import build_single
+    from megafox.checkpoint.saver import save_checkpoint
     from megafox.config import fox1_1p6b
     from megafox.records import CheckpointRecord, SavedLayout
 
@@ -42,7 +42,7 @@ def naive_convert(ckpt_root: Path, out: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from checkpoints_tools.dist_reader import EMBEDDING, FINAL_NORM, LAYER_PREFIX, DistCheckpoint
+    from megafox.checkpoint.reader import DistCheckpoint, EMBEDDING, FINAL_NORM, LAYER_PREFIX
     from megafox.model.hf_mapping import megatron_layer_to_hf
 
     ckpt = DistCheckpoint(ckpt_root)
@@ -105,7 +105,7 @@ def main() -> int:
         print(f"creating the random fox1-1.6b checkpoint in {ckpt} ...", flush=True)
         wall, rss = measure([sys.executable, __file__, "--_make", str(ckpt)])
         print(f"  created in {wall:.0f} s (peak RSS {rss / 1e9:.1f} GB)", flush=True)
-    from checkpoints_tools.dist_reader import DistCheckpoint
+    from megafox.checkpoint.reader import DistCheckpoint
 
     model_bytes = DistCheckpoint(ckpt).nbytes()
     rows = []

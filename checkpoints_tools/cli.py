@@ -8,7 +8,7 @@ from typing import List, Optional
 USAGE = "usage: megafox-ckpt {inspect,verify,reshard,to-hf,from-hf} [options]  (--help after a command for its options)"
 # command -> the module whose main(argv) runs it; imported only once chosen (megatron-core is slow
 # to import, and a mistyped command should be answered at once)
-COMMANDS = {"inspect": "checkpoints_tools.inspect", "verify": "checkpoints_tools.integrity",
+COMMANDS = {"inspect": "checkpoints_tools.inspect", "verify": "checkpoints_tools.verify",
             "reshard": "checkpoints_tools.reshard", "to-hf": "checkpoints_tools.to_hf",
             "from-hf": "checkpoints_tools.from_hf"}
 

@@ -6,6 +6,8 @@ import sys
 import warnings
 from typing import Callable, List, Optional
 
+from megafox.checkpoint.errors import CheckpointError
+from megafox.config import ConfigError, ParallelConfig
 from megafox.runtime.dist import free_port
 
 # Exit codes: 2 = bad input (not a checkpoint, missing shards, shape mismatch, unsupported model);
@@ -23,8 +25,6 @@ def run_cli(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]
     # first: megatron-core warns at import time that TE/apex are absent, which is no news to a tool user
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from megafox.config import ConfigError
-    from megafox.records import CheckpointError
     try:
         return main(argv)
     except (ToolError, CheckpointError, ConfigError) as exc:
@@ -43,12 +43,6 @@ def parse_dtype(name: str):
     if name not in table:
         raise ToolError(f"--dtype: must be bf16, fp16 or fp32, got {name!r}")
     return table[name]
-
-
-def dtype_name(dtype) -> str:
-    import torch
-
-    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
 
 
 def parse_iteration(text: str):
@@ -82,7 +76,7 @@ def parse_size(text: str) -> int:
 def init_single_process():
     """One-rank megatron-core parallel state (gloo, CPU shim when there is no GPU), TP1/PP1."""
     from megafox.config import ParallelConfig
-    from megafox.parallel.process_groups import init_distributed
+    from megafox.parallel.process_groups import init_distributed  # megatron-core: only for the commands that build a model
 
     if "RANK" not in os.environ:
         # A single process even inside a multi-task SLURM step (whose variables would

@@ -22,9 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from checkpoints_tools import hf_compare
 from checkpoints_tools.common import EXIT_VERIFY_FAILED, ToolError, run_cli
 from checkpoints_tools.output_dir import StagedCheckpoint, refuse_checkpoint_output
 from checkpoints_tools.streams import HFWeights, fill_model, groups_from_hf
+from megafox.checkpoint.saver import save_checkpoint
 from megafox.config import ConfigError, ModelConfig, ParallelConfig
 from megafox.records import CheckpointRecord, SavedLayout
 from megafox.model.hf_mapping import model_config_from_hf
@@ -65,10 +67,7 @@ def save_model_only(output: Path, iteration: int, model: ModelConfig, parallel: 
                     record: CheckpointRecord) -> Path:
     """Fill a TP1 model from `groups` and save it as checkpoint root `output` (a fresh directory:
     callers write into a StagedCheckpoint and publish it)."""
-    from checkpoints_tools.verify import build_single
-    from megafox.checkpoint import save_checkpoint
-
-    module = build_single(padded_for(model, parallel.tp))
+    module = hf_compare.build_single(padded_for(model, parallel.tp))
     fill_model(module, model, groups)
     path = save_checkpoint(output, iteration, [module], record)
     del module
@@ -93,8 +92,6 @@ def _args(argv):
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
-    from checkpoints_tools import verify
-
     a = _args(argv)
     hf_dir = Path(a.hf)
     model = read_hf_config(hf_dir)
@@ -118,7 +115,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         groups = tqdm(groups, total=model.num_layers + 2, desc="from_hf", unit="part", file=sys.stderr)
     with StagedCheckpoint(output) as staged:
         save_model_only(staged.path, a.iteration, model, parallel, groups, record)
-        if a.verify and not verify.hf_matches_checkpoint(hf_dir, str(staged.path), a.iteration, model,
+        if a.verify and not hf_compare.hf_matches_checkpoint(hf_dir, str(staged.path), a.iteration, model,
                                                          padded_for(model, parallel.tp).padded_vocab_size(1), a.tolerance):
             print(f"not written: {output} left as it was", file=sys.stderr, flush=True)
             return EXIT_VERIFY_FAILED

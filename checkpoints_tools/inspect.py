@@ -14,7 +14,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from checkpoints_tools.common import parse_iteration, run_cli
-from checkpoints_tools.dist_reader import DistCheckpoint
+from megafox.checkpoint.reader import DistCheckpoint
 
 SHOWN_KEYS = ("iteration", "kind", "stage", "consumed_tokens", "consumed_samples", "source", "tokenizer")
 

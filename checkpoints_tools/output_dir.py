@@ -22,21 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from checkpoints_tools.common import ToolError
-from megafox.checkpoint import LATEST_FILE, METADATA_FILE, iteration_dir, write_latest
-
-
-def holds_checkpoint(path: Path) -> bool:
-    """Whether `path` is a megafox checkpoint root (or one iteration directory of it)."""
-    path = Path(path)
-    return path.is_dir() and ((path / LATEST_FILE).exists() or (path / METADATA_FILE).exists()
-                              or any(p.is_dir() for p in path.glob("iter_*")))
-
-
-def describe_checkpoint(path: Path) -> str:
-    latest = Path(path) / LATEST_FILE
-    if latest.is_file():
-        return f"a megafox checkpoint (latest = {latest.read_text().strip()})"
-    return "a megafox checkpoint"
+from megafox.checkpoint.layout import describe_checkpoint, holds_checkpoint, iteration_dir, write_latest
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from checkpoints_tools.common import ToolError, parse_iteration, run_cli
-from checkpoints_tools.dist_reader import EMBEDDING, DistCheckpoint
+from megafox.checkpoint.reader import DistCheckpoint, EMBEDDING
 from checkpoints_tools.output_dir import StagedCheckpoint, refuse_checkpoint_output
 from megafox.config import ConfigError, ParallelConfig
 

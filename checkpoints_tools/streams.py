@@ -14,7 +14,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 from checkpoints_tools.common import ToolError
-from checkpoints_tools.dist_reader import DistCheckpoint
+from megafox.checkpoint.reader import DistCheckpoint
 from megafox.config import ModelConfig
 from megafox.model.hf_adapter import (
     HF_EMBEDDING, HF_FINAL_NORM, HF_LAYER_TENSORS, HF_LM_HEAD, MCORE_EMBEDDING, MCORE_FINAL_NORM, MCORE_OUTPUT_LAYER,

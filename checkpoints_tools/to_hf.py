@@ -21,12 +21,14 @@ from typing import Dict, List, Optional
 
 import torch
 
+from checkpoints_tools import hf_compare
 from checkpoints_tools.common import EXIT_VERIFY_FAILED, ToolError, parse_dtype, parse_iteration, parse_size, run_cli
+from checkpoints_tools.output_dir import StagedExport
 from megafox.formats.dtypes import dtype_name
-from checkpoints_tools.dist_reader import DistCheckpoint
-from checkpoints_tools.output_dir import StagedExport, describe_checkpoint, holds_checkpoint
 from checkpoints_tools.safetensors_stream import StreamingSafetensorsWriter, is_weights_file
 from checkpoints_tools.streams import groups_from_checkpoint, prefetch
+from megafox.checkpoint.layout import describe_checkpoint, holds_checkpoint
+from megafox.checkpoint.reader import DistCheckpoint
 from megafox.model.hf_adapter import MCORE_EMBEDDING, hf_plan
 from megafox.model.hf_mapping import hf_config_dict
 
@@ -118,8 +120,6 @@ def _args(argv: Optional[List[str]]):
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
-    from checkpoints_tools import verify
-
     a = _args(argv)
     dtype, shard = parse_dtype(a.dtype), parse_size(a.max_shard_size)
     iteration = parse_iteration(a.iteration)
@@ -134,7 +134,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     with StagedExport(output) as staged:
         result = convert(ckpt, staged.path, dtype, shard, tok, progress=not a.no_progress, chat_template=template)
         # ckpt.path is the exported iteration's own directory (iteration None: that directory itself)
-        if a.verify and not verify.hf_matches_checkpoint(staged.path, str(ckpt.path), None, ckpt.model,
+        if a.verify and not hf_compare.hf_matches_checkpoint(staged.path, str(ckpt.path), None, ckpt.model,
                                                          ckpt.shape(MCORE_EMBEDDING)[0], a.tolerance, round_to=dtype):
             print(f"not written: {output} left as it was", file=sys.stderr, flush=True)
             return EXIT_VERIFY_FAILED

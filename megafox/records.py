@@ -28,16 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
+from megafox.checkpoint.errors import CheckpointError
 from megafox.config import ConfigError, ModelConfig, from_dict
 
 FORMAT = "megafox-dist-v2"
 READABLE_FORMATS = ("megafox-dist-v1", FORMAT)
 METADATA_FILE = "megafox.json"
 DONE_FORMAT = 2
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt or not a megafox checkpoint. Names the path."""
 
 
 class RecordError(CheckpointError):

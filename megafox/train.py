@@ -73,10 +73,10 @@ def _report_status(status: int) -> None:
 
 
 def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
-    from megafox.checkpoint import CheckpointSaveError, NoUsableCheckpoint
+    from megafox.checkpoint.errors import CheckpointError, NoUsableCheckpoint
+    from megafox.checkpoint.run_lock import RunLocked
+    from megafox.checkpoint.saver import CheckpointSaveError
     from megafox.parallel.process_groups import RendezvousFailed
-    from megafox.records import CheckpointError
-    from megafox.run_lock import RunLocked
     from megafox.training.curriculum import check_stage_order
     from megafox.training.loop import Trainer, TrainingHalted, log
 

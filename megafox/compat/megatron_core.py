@@ -13,6 +13,8 @@ from typing import List
 
 import torch
 
+from megafox.checkpoint.safe_load import SafeFileSystemReader, SafeLoadBytesMixin, safe_torch_load
+
 
 @dataclass(frozen=True)
 class Workaround:
@@ -137,7 +139,7 @@ def unalias_adam_steps(optimizer) -> None:
 def write_results_in_process() -> None:
     """Give filesystem_async an in-process results queue before its first save.
 
-    megafox runs the writing in threads of the training process (megafox.checkpoint_writer), so
+    megafox runs the writing in threads of the training process (megafox.checkpoint.writer), so
     results never cross a process boundary; megatron-core would otherwise spawn a long-lived
     Manager process for them, which dies of the first SIGUSR1 srun forwards to the job step (the
     next save then fails with a BrokenPipeError), and which outlives a rank killed -9."""
@@ -159,15 +161,13 @@ def write_results_in_process() -> None:
 @contextmanager
 def safe_checkpoint_loading():
     """For the duration, every file megatron-core's torch_dist load strategy unpickles is read as
-    data only (megafox.safe_load): DCP's `.metadata` index (plain `pickle.load` in torch's
+    data only (megafox.checkpoint.safe_load): DCP's `.metadata` index (plain `pickle.load` in torch's
     FileSystemReader), the ShardedObjects such as the RNG state (DCP's DefaultLoadPlanner loads
     them with `torch.load(weights_only=False)`), and `common.pt` (torch.load defaults, which an
     environment variable can turn off). A file that names anything else raises
     UnsafeCheckpointError naming the file, before the reference is imported or called."""
     from megatron.core.dist_checkpointing.strategies import common as common_strategy
     from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
-
-    from megafox.safe_load import SafeFileSystemReader, SafeLoadBytesMixin, safe_torch_load
 
     global _safe_loading_active
     if _safe_loading_active:

@@ -57,7 +57,8 @@ def load_checkpoint_model(root: Union[str, Path], iteration, parallel: ParallelC
     """Every rank calls this after `init_distributed(parallel)`."""
     from megatron.core.transformer.module import Float16Module
 
-    from megafox.checkpoint import load_model, read_metadata
+    from megafox.checkpoint.layout import read_metadata
+    from megafox.checkpoint.loader import load_model
     from megafox.config import BuildConfig
     from megafox.model.build import build_model, uses_bf16
 

@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except Exception as exc:
-        from megafox.checkpoint import CheckpointError
+        from megafox.checkpoint.errors import CheckpointError
         from megafox.config import ConfigError
 
         if isinstance(exc, (ConfigError, CheckpointError, EvalInputError)):
@@ -121,7 +121,7 @@ def _run_hf(args, specs, version: str) -> int:
 
 # ------------------------------------------------------------------------------ --checkpoint CKPT
 def _run_checkpoint(args, specs, version: str) -> int:
-    from megafox.checkpoint import read_metadata
+    from megafox.checkpoint.layout import read_metadata
     from megafox.config import ConfigError, ParallelConfig
     from megafox.eval.checkpoint_model import load_checkpoint_model, load_tokenizer_for, model_config
     from megafox.eval.lm import MegafoxLM

@@ -39,7 +39,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from megafox.checkpoint import unwrap
+from megafox.checkpoint.state import unwrap
 
 
 @dataclass

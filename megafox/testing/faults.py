@@ -101,7 +101,7 @@ class NanAtStep(Callback):
         self.step, self.handles = step, []
 
     def pre_step(self, trainer, batches) -> None:
-        from megafox.checkpoint import unwrap
+        from megafox.checkpoint.state import unwrap
 
         if trainer.state.iteration + 1 != self.step:
             return

@@ -21,10 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from megafox import checkpoint
+from megafox.checkpoint.errors import CheckpointError, NoUsableCheckpoint
+from megafox.checkpoint.integrity import check_usable, find_usable_checkpoint
+from megafox.checkpoint.layout import LATEST_FILE, read_record
+from megafox.checkpoint.loader import load_model, load_training_checkpoint
+from megafox.checkpoint.state import layout_signature
 from megafox.config import ConfigError, StageConfig, TrainConfig
-from megafox.records import (CheckpointRecord, StageDone, config_mapping, done_path, flatten, read_stage_done,
-                             same_value, write_stage_done)
+from megafox.records import (METADATA_FILE, CheckpointRecord, StageDone, config_mapping, done_path, flatten,
+                             read_stage_done, same_value, write_stage_done)
 
 # What fixes the shapes of the model's tensors: a checkpoint cannot continue into another value.
 # (Other model fields, e.g. rope_theta or max_position_embeddings, change the run and are reported.)
@@ -149,7 +153,7 @@ def check_model_shape(record: CheckpointRecord, config: TrainConfig) -> Tuple[st
 
 def resume(trainer) -> None:
     """Own `latest`, else --load, else checkpoint.init_from, else a fresh start."""
-    own = (trainer.root / checkpoint.LATEST_FILE).is_file()
+    own = (trainer.root / LATEST_FILE).is_file()
     source = str(trainer.root) if own else (trainer.load_dir or trainer.config.checkpoint.init_from)
     if source is None:
         if trainer.stage_index > 0:
@@ -166,16 +170,16 @@ def resume(trainer) -> None:
         return
     check_resumable_stage(record, trainer.config, trainer.stage_index)
     _check_config(trainer, record)
-    record, rng_restored = checkpoint.load_training_checkpoint(record.path, trainer.model, trainer.optimizer)
+    record, rng_restored = load_training_checkpoint(record.path, trainer.model, trainer.optimizer)
     trainer.scheduler.load_state_dict(record.scheduler)
     trainer.state = dataclasses.replace(record.run_state, consumed_samples=dict(record.run_state.consumed_samples))
     trainer.resumed_at_stage_end = record.stage_end and record.stage == trainer.stage.name
     if trainer.scheduler.num_steps != trainer.state.consumed_tokens:
-        raise checkpoint.CheckpointError(f"{record.path}: LR scheduler at {trainer.scheduler.num_steps} tokens but "
+        raise CheckpointError(f"{record.path}: LR scheduler at {trainer.scheduler.num_steps} tokens but "
                                          f"the run consumed {trainer.state.consumed_tokens}: the checkpoint is "
                                          f"inconsistent")
     if not rng_restored:
-        trainer.log(f"layout changed ({record.layout} -> {checkpoint.layout_signature()}): RNG states not restored "
+        trainer.log(f"layout changed ({record.layout} -> {layout_signature()}): RNG states not restored "
                     f"(per-rank streams of another layout), left at the run's initial seeds")
     trainer.log(f"resumed from {record.path}: iteration={trainer.state.iteration} stage={record.stage} "
                 f"tokens={trainer.state.consumed_tokens} stage_samples={trainer.stage_samples} "
@@ -185,13 +189,13 @@ def resume(trainer) -> None:
 def _usable_checkpoint(trainer, source: str) -> CheckpointRecord:
     """The newest checkpoint of `source` that verifies (its files against the digests its save
     recorded); each newer one that does not is reported in one line and left on disk."""
-    if not (Path(source) / checkpoint.LATEST_FILE).is_file() and (Path(source) / checkpoint.METADATA_FILE).is_file():
-        record = checkpoint.read_record(source)  # pointed at one iteration directory: that one or nothing
-        problem = checkpoint.verify(Path(source), record.files)
+    if not (Path(source) / LATEST_FILE).is_file() and (Path(source) / METADATA_FILE).is_file():
+        record = read_record(source)  # pointed at one iteration directory: that one or nothing
+        problem = check_usable(Path(source), record.files)
         if problem:
-            raise checkpoint.NoUsableCheckpoint(f"{source}: not usable: {problem}")
+            raise NoUsableCheckpoint(f"{source}: not usable: {problem}")
         return record
-    record, skipped = checkpoint.find_usable_checkpoint(source)
+    record, skipped = find_usable_checkpoint(source)
     for reason in skipped:
         trainer.log(f"skipping an unusable checkpoint: {reason}")
     if skipped:
@@ -209,7 +213,7 @@ def _start_from_weights(trainer, record: CheckpointRecord, own: bool) -> None:
     shape = check_model_shape(record, trainer.config)
     if shape:
         raise ConfigError(f"{record.path}: the checkpoint's model differs from the config's: {'; '.join(shape)}")
-    checkpoint.load_model(record.path, trainer.model)
+    load_model(record.path, trainer.model)
     trainer.optimizer.reload_model_params()  # bf16 keeps fp32 main params in the optimizer: refresh them
     what = "model only" if not record.is_training else f"the weights of its stage {record.stage} checkpoint"
     trainer.log(f"initialized weights from {record.path} ({what}; optimizer, schedule and data start fresh)")

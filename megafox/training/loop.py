@@ -2,11 +2,12 @@
 
     setup: process groups -> data -> model/DDP/optimizer/schedule (stack.py) -> resume (curriculum.py)
     run:   for each global batch: forward/backward/step, update the run state, callbacks
-           (metrics, validation, checkpoints, ...), agree on stop requests
+           (metrics, validation, when to save, ...), agree on stop requests
            -> at the stage budget: final save, <stage>.done
 
 Everything around the steps lives in callbacks (megafox.training.callbacks); the stage/resume
-rules in curriculum.py; records on disk in megafox.records.
+rules in curriculum.py; how a save is made in checkpoints.py (the callbacks decide when);
+records on disk in megafox.records.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from megafox import checkpoint as ckpt
+from megafox.checkpoint.errors import CheckpointError
+from megafox.checkpoint.layout import resolve_iteration
 from megafox.config import ConfigError, TrainConfig
 from megafox.records import RunState
-from megafox.run_lock import lock_for_run
+from megafox.checkpoint.run_lock import lock_for_run
 from megafox.runtime.dist import is_rank0
 from megafox.signals import EXIT_OK, EXIT_REQUEUE
 from megafox.training import curriculum
@@ -30,6 +32,7 @@ from megafox.training.callbacks.profiler import ProfilerCallback
 from megafox.training.callbacks.sample_log import SampleLogCallback
 from megafox.training.callbacks.stop import StopCallback
 from megafox.training.callbacks.validation import ValidationCallback
+from megafox.training.checkpoints import TrainerCheckpoints
 from megafox.training.stage_inputs import build_stage_data
 from megafox.training.timers import PhaseTimers
 from megafox.watchdog import Watchdog, start_watchdog
@@ -71,7 +74,7 @@ class Trainer:
         self.state = RunState()
         self.resumed_at_stage_end = False
         self.stop = StopCallback(exit_after_minutes)
-        self.checkpointing = CheckpointCallback()
+        self.checkpoints = TrainerCheckpoints()  # the save mechanism; CheckpointCallback decides when
         self.extra_callbacks = list(callbacks)
         self.callbacks: List[Callback] = [self.stop]
         self.timers = PhaseTimers()  # where each step's time goes (metrics, profiler ranges)
@@ -112,7 +115,7 @@ class Trainer:
         curriculum.resume(self)
         self.metrics = Metrics(cfg, self.stage.name, cfg.model, self.stage.seq_length,
                                torch.distributed.get_world_size(), torch.distributed.get_rank())
-        self.callbacks = [self.stop, self.metrics, ValidationCallback(), self.checkpointing,
+        self.callbacks = [self.stop, self.metrics, ValidationCallback(), CheckpointCallback(),
                           *([SampleLogCallback()] if cfg.debug.log_samples else []),
                           *([self._downstream_eval()] if cfg.eval.interval else []), *self.extra_callbacks,
                           # last, so a traced step covers every other callback's work on it
@@ -167,6 +170,7 @@ class Trainer:
             f"({stage.batch_tokens} tokens) micro_batch={self.mbs} x {self.num_microbatches} "
             f"dp={self.dp_size} steps={stage.num_steps} from sample {self.stage_samples}")
         try:
+            self.checkpoints.start(self)
             self.call("on_start")
             reason = self.stop.agreed(signals_only=True)  # a signal held during start-up: no step at all
             ran = False
@@ -177,13 +181,13 @@ class Trainer:
                 reason = 0 if self.stage_finished else self.stop.agreed()
             if reason:
                 if ran:
-                    self.checkpointing.save_unless_saved(self)
+                    self.checkpoints.save_unless_saved(self)
                 log(f"stopping: {self.stop.describe(reason)}; "
                     + (f"checkpoint at iteration {self.state.iteration} saved" if ran else "no step ran, nothing to save")
                     + f"; exit {EXIT_REQUEUE} (requeue to continue)")
                 return EXIT_REQUEUE
             if ran or not self.resumed_at_stage_end:  # else: died between the final save and .done
-                self.checkpointing.save(self, stage_end=True)
+                self.checkpoints.save(self, stage_end=True)
             if is_rank0():
                 curriculum.finish_stage(self.config, stage, self.state, self.data)
             self.call("on_stage_end")
@@ -191,6 +195,7 @@ class Trainer:
             return EXIT_OK
         except BaseException as exc:
             self.call("on_error", exc)
+            self.checkpoints.abandon(self)
             raise
         finally:
             self.call("close")
@@ -236,6 +241,6 @@ class Trainer:
 
     def _latest_description(self) -> str:
         try:
-            return f"iteration {ckpt.resolve_iteration(self.root)} in {self.root}"
-        except ckpt.CheckpointError:
+            return f"iteration {resolve_iteration(self.root)} in {self.root}"
+        except CheckpointError:
             return f"none (nothing saved in {self.root} yet)"

@@ -10,7 +10,9 @@ from typing import Dict, List
 import torch
 from megatron.core import parallel_state as ps
 
-from megafox import checkpoint as ckpt
+from megafox.checkpoint.loader import load_training_checkpoint
+from megafox.checkpoint.saver import CheckpointSaver, save_training_checkpoint
+from megafox.checkpoint.state import layout_signature
 from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
 from megafox.records import CheckpointRecord, RunState
 from megafox.testing.layout import current_parallel
@@ -52,7 +54,7 @@ def step(stack, batch) -> float:
 
 
 def record(iteration: int) -> CheckpointRecord:
-    return CheckpointRecord(iteration=iteration, kind="train", model=fox1_tiny(), layout=ckpt.layout_signature(),
+    return CheckpointRecord(iteration=iteration, kind="train", model=fox1_tiny(), layout=layout_signature(),
                             stage="s1", stage_index=0, scheduler={"num_steps": 0}, run_state=RunState(iteration=iteration))
 
 
@@ -66,8 +68,8 @@ def train_and_save(roots: Dict[str, str], steps: int = 2, precision: str = "fp32
     for fmt, root in roots.items():
         context = params_gathered(stack.model) if fmt == "gathered" else _nothing()
         with context:
-            saver = ckpt.CheckpointSaver(async_save=async_save)
-            path = ckpt.save_training_checkpoint(root, steps, stack.model, stack.optimizer, record(steps),
+            saver = CheckpointSaver(async_save=async_save)
+            path = save_training_checkpoint(root, steps, stack.model, stack.optimizer, record(steps),
                                                  format=fmt, saver=saver)
             if async_save:
                 assert path is None and saver.pending_iteration == steps
@@ -93,10 +95,10 @@ def load_and_resave(src: str, dst: str, precision: str = "fp32", overlap: bool =
     format (megatron-core's own save, the reference); optionally train on and return the losses."""
     stack = build(precision, overlap, distributed_optimizer)
     read_before = _rchar()
-    loaded, same_layout = ckpt.load_training_checkpoint(src, stack.model, stack.optimizer)
+    loaded, same_layout = load_training_checkpoint(src, stack.model, stack.optimizer)
     read = _rchar() - read_before
     with params_gathered(stack.model):
-        ckpt.save_training_checkpoint(dst, loaded.iteration, stack.model, stack.optimizer, record(loaded.iteration),
+        save_training_checkpoint(dst, loaded.iteration, stack.model, stack.optimizer, record(loaded.iteration),
                                       format="gathered")
     losses = [step(stack, b) for b in batches(loaded.iteration + steps_after, fox1_tiny().vocab_size)[loaded.iteration:]]
     reads = [None] * torch.distributed.get_world_size()

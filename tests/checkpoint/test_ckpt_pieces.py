@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from megafox.checkpoint_sharding import flat_range_rectangles, pieces
+from megafox.checkpoint.sharding import flat_range_rectangles, pieces
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (4, 1, 3), (1, 6)])
@@ -66,7 +66,7 @@ def test_swiglu_factory_pieces_land_where_the_factory_puts_each_row(tp_rank):
 
 
 def test_rng_state_round_trips_through_weights_only_load():
-    from megafox.checkpoint import get_rng_state, set_rng_state
+    from megafox.checkpoint.state import get_rng_state, set_rng_state
 
     random.seed(3), np.random.seed(4), torch.manual_seed(5)
     random.random(), np.random.rand(), torch.rand(1)
@@ -83,7 +83,7 @@ def test_rng_state_round_trips_through_weights_only_load():
 
 def test_rng_state_saved_before_the_conversion_still_restores():
     """Checkpoints of earlier megafox versions hold numpy's state as an array and python's as tuples."""
-    from megafox.checkpoint import get_rng_state, set_rng_state
+    from megafox.checkpoint.state import get_rng_state, set_rng_state
 
     np.random.seed(9)
     old = dict(get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
@@ -118,7 +118,7 @@ def test_safe_loading_patches_nest_and_are_undone():
 
 
 def test_check_loads_without_code_names_a_planted_common_pt(tmp_path):
-    from megafox.checkpoint_integrity import check_loads_without_code
+    from megafox.checkpoint.integrity import check_loads_without_code
     from torch.distributed.checkpoint.metadata import Metadata
 
     with open(tmp_path / ".metadata", "wb") as f:

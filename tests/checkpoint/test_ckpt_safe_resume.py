@@ -14,8 +14,8 @@ import shutil
 import pytest
 import torch
 
-from megafox.checkpoint_integrity import digest
-from megafox.safe_load import read_dcp_metadata
+from megafox.checkpoint.integrity import digest
+from megafox.checkpoint.safe_load import read_dcp_metadata
 from tests.training.harness import faulty_trainer, latest, losses, run_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]

@@ -7,7 +7,7 @@ gives the reference's tensors back bit for bit, and training continues as the un
 import pytest
 import torch
 
-from checkpoints_tools.dist_reader import DistCheckpoint
+from megafox.checkpoint.reader import DistCheckpoint
 from megafox.testing.distributed import run_distributed
 
 pytestmark = pytest.mark.multirank

@@ -1,7 +1,9 @@
 """Multi-rank bodies for the checkpoint-tool tests (run by megafox.testing.distributed)."""
 import torch
 
-from megafox.checkpoint import layout_signature, load_model, save_training_checkpoint
+from megafox.checkpoint.loader import load_model
+from megafox.checkpoint.saver import save_training_checkpoint
+from megafox.checkpoint.state import layout_signature
 from megafox.config import BuildConfig, ModelConfig, OptimizerConfig
 from megafox.records import CheckpointRecord, RunState
 from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
@@ -35,7 +37,7 @@ def train_and_save(model, hf_path, root, steps=2, seq=16, micro=1, n_micro=2, se
 
 def load_and_gather(root):
     """Load a checkpoint at the current layout with the trainer's load_model; HF weights on rank 0."""
-    from megafox.checkpoint import read_record
+    from megafox.checkpoint.layout import read_record
     from megafox.model.build import build_model
 
     model = read_record(root).model
@@ -47,8 +49,8 @@ def load_and_gather(root):
 
 def checkpoint_logits(root, ids_path, padded_rows):
     """megafox's own logits for a checkpoint (TP1/PP1 forward after load_model)."""
-    from checkpoints_tools.verify import megafox_checkpoint_logits
-    from megafox.checkpoint import read_record
+    from checkpoints_tools.hf_compare import megafox_checkpoint_logits
+    from megafox.checkpoint.layout import read_record
 
     model = read_record(root).model
     return megafox_checkpoint_logits(root, "latest", model, padded_rows, torch.load(ids_path, weights_only=True))

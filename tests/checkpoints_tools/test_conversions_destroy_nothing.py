@@ -15,7 +15,7 @@ def _no_leftovers(output):
 
 def _corrupt_one_tensor_record(iteration_dir):
     """Overwrite the zip header of one layer tensor's record inside a .distcp shard file."""
-    from megafox.safe_load import read_dcp_metadata
+    from megafox.checkpoint.safe_load import read_dcp_metadata
 
     metadata = read_dcp_metadata(iteration_dir)
     idx, info = next((i, s) for i, s in metadata.storage_data.items() if i.fqn.endswith("linear_fc2.weight"))

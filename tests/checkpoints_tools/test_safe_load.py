@@ -8,8 +8,7 @@ import shutil
 import pytest
 import torch
 
-from megafox.safe_load import (SafeFileSystemReader, UnsafeCheckpointError, load_bytes, read_dcp_metadata,
-                               safe_torch_load)
+from megafox.checkpoint.safe_load import (SafeFileSystemReader, UnsafeCheckpointError, load_bytes, read_dcp_metadata, safe_torch_load)
 from tests.checkpoints_tools.ckpt_tools_helpers import run_tool
 from tests.support.processes import assert_one_line_error
 
@@ -94,7 +93,7 @@ def test_real_training_checkpoint_reads_the_same(training_checkpoint, tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from checkpoints_tools.dist_reader import DistCheckpoint
+    from megafox.checkpoint.reader import DistCheckpoint
 
     it = _iteration_dir(training_checkpoint)
     ours, theirs = read_dcp_metadata(it), FileSystemReader(str(it)).read_metadata()
@@ -123,7 +122,7 @@ def test_real_training_checkpoint_reads_the_same(training_checkpoint, tmp_path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    from megafox.safe_load import SafeLoadBytesMixin
+    from megafox.checkpoint.safe_load import SafeLoadBytesMixin
 
     class SafePlanner(SafeLoadBytesMixin, DefaultLoadPlanner):
         pass

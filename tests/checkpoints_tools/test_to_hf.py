@@ -95,8 +95,8 @@ def test_verify_checks_the_exported_iteration_not_latest(trained, tmp_path):
     proc = run_tool("from_hf", "--hf", other, "--output", root, "--iteration", "7", "--tp", 1, "--pp", 1, "--no-progress",
                     "--force")  # root holds the training run
     assert proc.returncode == 0, proc.stderr
-    from megafox import checkpoint as ckpt
-    assert ckpt.read_metadata(root)["iteration"] == 7  # the other model is latest
+    from megafox.checkpoint.layout import read_metadata
+    assert read_metadata(root)["iteration"] == 7  # the other model is latest
     proc = run_tool("to_hf", "--checkpoint", root, "--iteration", "2", "--output", tmp_path / "hf", "--dtype", "fp32",
                     "--no-progress", "--verify", "--tolerance", "1e-5")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -9,7 +9,9 @@ from typing import Dict, List
 import torch
 from megatron.core import parallel_state as ps
 
-from megafox import checkpoint as ckpt
+from megafox.checkpoint.loader import load_training_checkpoint
+from megafox.checkpoint.saver import save_training_checkpoint
+from megafox.checkpoint.state import layout_signature, unwrap
 from megafox.config import (BuildConfig, ModelConfig, OptimizerConfig, ScheduleConfig, StageConfig, TrainConfig,
                             fox1_tiny)
 from megafox.model.hf_mapping import megatron_to_hf
@@ -121,7 +123,7 @@ def gather_optimizer_state(stack, model: ModelConfig, parallel):
     mine: Dict[str, Dict] = {key: {} for key in STATE_KEYS}
     steps = set()
     for vp, chunk in enumerate(stack.model):
-        module = ckpt.unwrap(chunk)
+        module = unwrap(chunk)
         for name, param in module.named_parameters():
             state, start, end = _param_state(stack.optimizer, param)
             full = torch.zeros(len(STATE_KEYS) + 1, param.numel(), dtype=torch.float32)
@@ -149,10 +151,10 @@ def gather_optimizer_state(stack, model: ModelConfig, parallel):
 
 
 def _record(run: TrainConfig, stack, iteration: int, tokens: int) -> CheckpointRecord:
-    """As megafox.training.callbacks.checkpointing builds it."""
+    """As megafox.training.checkpoints builds it."""
     stage = run.stages[0]
     return CheckpointRecord(
-        iteration=iteration, kind="train", model=run.model, layout=ckpt.layout_signature(),
+        iteration=iteration, kind="train", model=run.model, layout=layout_signature(),
         stage=stage.name, stage_index=0, stage_end=False, seq_length=stage.seq_length,
         global_batch_size=stage.global_batch_size, scheduler=stack.scheduler.state_dict(),
         run_state=RunState(iteration=iteration, consumed_tokens=tokens,
@@ -178,7 +180,7 @@ def _resume(root, model, parallel, settings, batches, micro_batch_size, overlap)
     """A new stack (its own random initial weights) resumed from `root` as the trainer resumes:
     load_training_checkpoint, then the scheduler from the record."""
     stack, _, _ = _build(model, parallel, settings, batches, micro_batch_size, overlap=overlap)
-    record, _ = ckpt.load_training_checkpoint(root, stack.model, stack.optimizer)
+    record, _ = load_training_checkpoint(root, stack.model, stack.optimizer)
     stack.scheduler.load_state_dict(record.scheduler)
     assert stack.scheduler.num_steps == record.run_state.consumed_tokens
     return stack, record.iteration
@@ -210,7 +212,7 @@ def resume_cycle(batches_path, micro_batch_size, vocab_size, settings, hf_path=N
     if root_out is not None:
         out["saved"] = _snapshot(stack, model, used)
         with params_gathered(stack.model):
-            ckpt.save_training_checkpoint(root_out, iteration, stack.model, stack.optimizer,
+            save_training_checkpoint(root_out, iteration, stack.model, stack.optimizer,
                                           _record(run, stack, iteration, int(stack.scheduler.num_steps)))
         out["after_save"] = _step(stack, batches[iteration], micro_batch_size, model, used)
         fresh, resumed_at = _resume(root_out, model, parallel, settings, batches, micro_batch_size, overlap)

@@ -1,5 +1,7 @@
 import torch
-from megafox.checkpoint import layout_signature, load_model, save_checkpoint
+from megafox.checkpoint.loader import load_model
+from megafox.checkpoint.saver import save_checkpoint
+from megafox.checkpoint.state import layout_signature
 from megafox.records import CheckpointRecord
 from megafox.config import fox1_tiny
 from megafox.model.build import build_model

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from megafox.checkpoint import CheckpointError, read_metadata
+from megafox.checkpoint.errors import CheckpointError
+from megafox.checkpoint.layout import read_metadata
 from megafox.config import fox1_tiny
 from megafox.testing.distributed import run_distributed
 from megafox.testing.hf_reference import hf_state

@@ -1,12 +1,12 @@
 """A megafox checkpoint run by megafox itself, for comparing with transformers on its export:
 one-rank bodies for megafox.testing.distributed.run_distributed (the model is built at TP1/PP1 and
-loaded the way the trainer loads it, checkpoints_tools.verify)."""
+loaded the way the trainer loads it, checkpoints_tools.hf_compare)."""
 from typing import List
 
 import torch
 
-from checkpoints_tools.dist_reader import DistCheckpoint
-from checkpoints_tools.verify import load_checkpoint_model, megafox_logits
+from megafox.checkpoint.reader import DistCheckpoint
+from checkpoints_tools.hf_compare import load_checkpoint_model, megafox_logits
 from megafox.model.hf_adapter import MCORE_EMBEDDING
 
 

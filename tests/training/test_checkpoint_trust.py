@@ -13,7 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from megafox import checkpoint as ckpt
+from megafox.checkpoint.errors import NoUsableCheckpoint
+from megafox.checkpoint.integrity import find_usable_checkpoint
 from tests.support.processes import assert_one_line_error
 from tests.training.harness import (faulty_trainer, kill_session, latest, losses, run_stage, track, wait_for_line,
                                     worker_with_rank)
@@ -57,7 +58,7 @@ def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(killed, 
     root = _copy(killed, tmp_path)
     corrupt, message = CORRUPTIONS[name]
     corrupt(root / "iter_0000004")
-    record, skipped = ckpt.find_usable_checkpoint(root)
+    record, skipped = find_usable_checkpoint(root)
     assert record.iteration == 2
     assert len(skipped) == 1 and skipped[0].startswith("iteration 4: ") and message in skipped[0], skipped
     assert (root / "iter_0000004").is_dir()  # never deleted
@@ -101,8 +102,8 @@ def test_nothing_usable_names_every_checkpoint(killed, tmp_path):
     root = _copy(killed, tmp_path)
     _flip_byte(root / "iter_0000004" / "__0_0.distcp")
     os.truncate(root / "iter_0000002" / "__1_0.distcp", 10)
-    with pytest.raises(ckpt.NoUsableCheckpoint) as err:
-        ckpt.find_usable_checkpoint(root)
+    with pytest.raises(NoUsableCheckpoint) as err:
+        find_usable_checkpoint(root)
     assert "iteration 4:" in str(err.value) and "iteration 2:" in str(err.value)
 
 
@@ -114,9 +115,9 @@ def test_checkpoints_without_digests_are_checked_against_their_index(killed, tmp
         record = json.loads(meta.read_text())
         record.pop("files")
         meta.write_text(json.dumps(record))
-    assert ckpt.find_usable_checkpoint(root)[0].iteration == 4
+    assert find_usable_checkpoint(root)[0].iteration == 4
     os.truncate(root / "iter_0000004" / "__0_1.distcp", 100)
-    record, skipped = ckpt.find_usable_checkpoint(root)
+    record, skipped = find_usable_checkpoint(root)
     assert record.iteration == 2 and "__0_1.distcp: truncated shard file (100 bytes" in skipped[0]
 
 
@@ -199,7 +200,7 @@ def test_a_full_disk_says_so_and_names_the_checkpoint_still_good(tiny_data, tmp_
             < line.index(" failed: "), line
         assert line.endswith("free space, then rerun to resume"), line
         assert latest(root) == 2 and not (root / "iter_0000004").exists()  # the partial save's space is given back
-        assert ckpt.find_usable_checkpoint(root)[0].iteration == 2
+        assert find_usable_checkpoint(root)[0].iteration == 2
     finally:
         subprocess.run(["umount", "-l", str(disk)])
 
@@ -276,6 +277,6 @@ def test_ctrl_c_saves_and_stops_and_twice_stops_now(tiny_data, tmp_path):
         assert "Traceback" not in out and "KeyboardInterrupt" not in out and "ChildFailedError" not in out
         if expected == 75:
             assert "stopping: signal SIGTERM" in out and (root / "latest").is_file()
-            assert ckpt.find_usable_checkpoint(root)[0].iteration == latest(root)
+            assert find_usable_checkpoint(root)[0].iteration == latest(root)
         else:
             assert "stopping now without saving" in out

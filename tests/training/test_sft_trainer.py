@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megafox import checkpoint as ckpt
+from megafox.checkpoint.layout import read_record
 from megafox.testing.distributed import run_distributed
 from tests.support.processes import run_module
 from tests.training.harness import faulty_trainer, latest, losses, metrics, run_stage, sample_ids
@@ -67,7 +67,7 @@ def test_sft_starts_from_the_pretrained_weights_and_learns_the_answers(finetuned
     assert math.isfinite(last) and last < first - 0.5, (first, last)  # the masked loss drops
     # only assistant tokens (and their eos) are trained: far fewer loss tokens than rows x length
     assert all(0 < rec["loss_tokens"] < 8 * 256 for rec in m.values())
-    record = ckpt.read_record(root)
+    record = read_record(root)
     assert record.stage == "sft" and record.stage_end and "chat_template" in record.tokenizer
 
 

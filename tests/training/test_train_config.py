@@ -3,7 +3,7 @@ the CLI refuses bad configs and out-of-order stages with exit 2 before starting 
 import pytest
 import yaml
 
-from megafox import checkpoint as ckpt
+from megafox.checkpoint.layout import iteration_dir, list_checkpoints, rotate_checkpoints, write_latest
 from megafox import records
 from megafox.config import ConfigError, apply_overrides, fox1_tiny, load_train_config
 from megafox.train import main
@@ -134,7 +134,7 @@ def test_cli_stage_order(tmp_path, capsys, monkeypatch):
 
 def test_rotation_keeps_last_k_latest_and_stage_ends(tmp_path):
     def make(it, stage_end=False, complete=True):
-        d = ckpt.iteration_dir(tmp_path, it)
+        d = iteration_dir(tmp_path, it)
         d.mkdir()
         (d / "shard").write_text("x")
         if complete:
@@ -145,8 +145,8 @@ def test_rotation_keeps_last_k_latest_and_stage_ends(tmp_path):
         make(it, stage_end=(it == 20))
     make(25, complete=False)  # a crashed save older than latest
     make(60, complete=False)  # a save in progress (or crashed) newer than latest
-    ckpt.write_latest(tmp_path, 50)
-    assert ckpt.rotate_checkpoints(tmp_path, keep_last=2) == [10, 30]
+    write_latest(tmp_path, 50)
+    assert rotate_checkpoints(tmp_path, keep_last=2) == [10, 30]
     left = sorted(p.name for p in tmp_path.glob("iter_*"))
     assert left == ["iter_0000020", "iter_0000040", "iter_0000050", "iter_0000060"]
-    assert ckpt.list_checkpoints(tmp_path) == [20, 40, 50]
+    assert list_checkpoints(tmp_path) == [20, 40, 50]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megafox import checkpoint as ckpt
+from megafox.checkpoint.layout import read_record, write_latest
+from megafox.records import METADATA_FILE
 from megafox.config import load_train_config
 from megafox.testing.hf_reference import hf_llama
 from tests.support.processes import REPO, run_module
@@ -43,8 +44,8 @@ def test_crash_in_save_then_kill9_then_resume_is_bit_exact(reference, tiny_data,
     rc, out = run_stage("stage1", root, tiny_data, overrides=interval, env=faulty_trainer("--crash-in-save", "2"))
     assert rc != 0 and "crashing in save #2" in out, out[-4000:]
     assert latest(root) == 2
-    assert (root / "iter_0000004").is_dir() and not (root / "iter_0000004" / ckpt.METADATA_FILE).exists()
-    assert ckpt.read_record(root).iteration == 2
+    assert (root / "iter_0000004").is_dir() and not (root / "iter_0000004" / METADATA_FILE).exists()
+    assert read_record(root).iteration == 2
     # 2. the restart resumes from 2, saves 4 and 6, and is killed -9 at the start of step 7
     rc, out = run_stage("stage1", root, tiny_data, overrides=interval, env=faulty_trainer("--kill-at-step", "7"))
     assert rc != 0, out[-4000:]
@@ -88,7 +89,7 @@ def test_exit_after_minutes_saves_and_exits_75(tiny_data, tmp_path):
     rc, out = run_stage("stage1", root, tiny_data, nproc=1, env={"MEGAFOX_TRAIN_ARGS": "--exit-after-minutes 0.0001"})
     assert rc == 75, out[-4000:]
     assert "--exit-after-minutes reached" in out
-    assert latest(root) == 1 and ckpt.read_record(root).run_state.consumed_samples == {"stage1": GBS1}
+    assert latest(root) == 1 and read_record(root).run_state.consumed_samples == {"stage1": GBS1}
 
 
 @pytest.mark.parametrize("name,source", [
@@ -110,7 +111,7 @@ def test_resume_on_another_layout_continues_the_same_run(tiny_data, tmp_path, na
     dst = tmp_path / "dst"
     dst.mkdir()
     shutil.copytree(src / "iter_0000002", dst / "iter_0000002")
-    ckpt.write_latest(dst, 2)
+    write_latest(dst, 2)
     rc, out = run_stage("stage1", dst, tiny_data, overrides=short)
     _ok(rc, out)
     assert "layout changed" in out and "RNG states not restored" in out
@@ -133,7 +134,7 @@ def test_stage_transition_keeps_optimizer_and_schedule_and_reads_no_sample_twice
     assert json.loads((root / "stage1.done").read_text())["documents"] == "stage1.documents"
     assert "optimizer_step=8" in out
     assert adam_step(root / "iter_0000012") == 12.0  # 8 + 4: continued, not restarted
-    meta = ckpt.read_record(root)
+    meta = read_record(root)
     assert meta.stage == "stage2" and meta.stage_end and meta.seq_length == 128
     assert meta.scheduler["num_steps"] == 4096 + 4096
     assert meta.run_state.consumed_samples == {"stage1": STAGE1_STEPS * GBS1, "stage2": STAGE2_STEPS * GBS2}
@@ -242,7 +243,7 @@ def test_nan_skip_policy_skips_the_step_and_continues(tiny_data, tmp_path):
     assert all((w2[k] == w3[k]).all() for k in w2), "a skipped step changed the weights"
     assert any((w3[k] != w4[k]).any() for k in w3), "training did not continue after the skip"
     assert adam_step(root / "iter_0000003") == 2.0 and adam_step(root / "iter_0000004") == 3.0
-    assert ckpt.read_record(root).run_state.skipped_steps == 1
+    assert read_record(root).run_state.skipped_steps == 1
 
 
 def test_nan_halt_policy_exits_3_with_a_message(tiny_data, tmp_path):

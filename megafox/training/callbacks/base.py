@@ -1,8 +1,9 @@
 """The callback lifecycle of the training loop (OLMo-core's Callback is the anchor).
 
-The loop itself only steps; everything else a run does around the steps (metrics, validation,
-checkpoints, stop requests, in-loop evaluation, and the tests' fault injection) is a Callback
-that the trainer calls at these points, in list order:
+The loop itself only steps (and saves, when told to: megafox.training.checkpoints); everything
+else a run does around the steps (metrics, validation, when to save, stop requests, in-loop
+evaluation, and the tests' fault injection) is a Callback that the trainer calls at these points,
+in list order:
 
     on_start(trainer)                      after set-up and resume, before the first step
     pre_step(trainer, batches)             before each step, with this rank's micro-batches
@@ -18,10 +19,10 @@ Stop requests (SIGUSR1/SIGTERM, --exit-after-minutes) are the StopCallback's
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import Any, Dict, List
 
-if TYPE_CHECKING:  # pragma: no cover
-    from megafox.training.loop import Trainer
+# Hooks annotate `trainer` as "Trainer" (megafox.training.loop.Trainer) by name only: the trainer
+# imports its callbacks, so importing it here would make the two modules import each other.
 
 
 class Callback:

@@ -78,7 +78,7 @@ class DownstreamEvalCallback(Callback):
     @watched("eval")
     def evaluate(self, trainer) -> Optional[Dict[str, float]]:
         """Scores on rank 0 (None elsewhere); every rank must call it at the same step."""
-        from megafox.checkpoint import get_rng_state, set_rng_state
+        from megafox.checkpoint.state import get_rng_state, set_rng_state
         from megafox.eval.scorer import serve_while
         from megafox.parallel.parallelize import params_gathered
 

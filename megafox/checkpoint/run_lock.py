@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from megafox.records import CheckpointError
+from megafox.checkpoint.errors import CheckpointError
 
 LOCK_FILE = ".megafox.lock"
 

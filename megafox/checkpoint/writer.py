@@ -10,7 +10,7 @@ touches while the copy lives (copy-on-write), i.e. the whole model, gradients an
 per save on a CPU rank. So here the same request is run by `ThreadAsyncCaller`, an AsyncCaller
 for megatron-core's AsyncCallsQueue (which keeps its rank-synchronous finalization), whose
 writer threads run megatron-core's own per-file writer and then digest each file they wrote
-(megafox.checkpoint_integrity) while it is still in the page cache.
+(megafox.checkpoint.integrity) while it is still in the page cache.
 
 The staged copies the request holds are the only extra memory; writing needs no collectives, so
 the training loop runs on while the threads write.
@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCaller, AsyncCallsQueue, AsyncRequest
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-from megafox.checkpoint_integrity import digest
+from megafox.checkpoint.integrity import digest
 
 # megatron-core's per-file writer without its `_disable_gc` decorator: it runs in a thread of the
 # training process here, where turning the collector off would affect the training loop too.
@@ -158,7 +158,7 @@ def in_threads(request: AsyncRequest, digests: WriteDigests, background: bool = 
     fn = request.async_fn
     bound = getattr(fn, "args", ())  # functools.partial(write_preloaded_data_multiproc, transforms, use_msc)
     if getattr(getattr(fn, "func", None), "__name__", "") != "write_preloaded_data_multiproc" or len(bound) != 2:
-        raise RuntimeError(f"unexpected megatron-core writer {fn!r}; megafox.checkpoint_writer needs review")
+        raise RuntimeError(f"unexpected megatron-core writer {fn!r}; megafox.checkpoint.writer needs review")
     import functools
 
     return request._replace(async_fn=functools.partial(threaded_writer(digests, background), *bound))

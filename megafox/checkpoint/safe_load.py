@@ -33,7 +33,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from megafox.records import CheckpointError  # below megafox.checkpoint, which may use this module
+from megafox.checkpoint.errors import CheckpointError
 
 METADATA_FILE = ".metadata"
 

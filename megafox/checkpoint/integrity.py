@@ -1,7 +1,7 @@
 """Checksums of every file a checkpoint save writes, and their verification before a resume.
 
 Each rank digests the files it wrote itself (its `__<rank>_*.distcp` shards, as its writer
-threads finish them (megafox.checkpoint_writer); rank 0 also megatron-core's `.metadata`,
+threads finish them (megafox.checkpoint.writer); rank 0 also megatron-core's `.metadata`,
 `common.pt` and `metadata.json` at the commit), reading them back from the page cache, and rank 0
 records all of them in the checkpoint's megafox.json
 (`files`: name -> size and CRC-32). CRC-32 is zlib's (the standard library): ~1 GB/s on one core
@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch.distributed as dist
+
+from megafox.checkpoint.errors import CheckpointError, NoUsableCheckpoint
+from megafox.checkpoint.layout import iteration_dir, list_checkpoints, resolve_iteration
+from megafox.checkpoint.safe_load import read_dcp_metadata, safe_torch_load
+from megafox.records import CheckpointRecord, read_checkpoint_record
 
 ALGORITHM = "crc32"
 _CHUNK = 8 << 20
@@ -50,10 +57,8 @@ def files_of_rank(directory: Path, rank: int) -> List[str]:
 def digest_saved_files(directory: Path, written: Optional[Dict[str, Dict[str, object]]] = None
                        ) -> Optional[Dict[str, Dict[str, object]]]:
     """Collective: every rank digests its own files; rank 0 gets them all (others get None).
-    `written`: digests of this rank's shards already taken by the writer (megafox.checkpoint_writer
+    `written`: digests of this rank's shards already taken by the writer (megafox.checkpoint.writer
     digests each file as it finishes it), so only what is missing is read here."""
-    import torch.distributed as dist
-
     directory = Path(directory)
     written = dict(written or {})
     if not dist.is_initialized():
@@ -88,8 +93,6 @@ def check_files(directory: Path, files: Dict[str, Dict[str, object]], names: Ite
 def check_index(directory: Path) -> Optional[str]:
     """For checkpoints without recorded digests: every shard the `.metadata` index names is there
     and long enough. The index is read without unpickling anything but DCP's own classes."""
-    from megafox.safe_load import read_dcp_metadata
-
     directory = Path(directory)
     try:
         metadata = read_dcp_metadata(directory)
@@ -111,9 +114,6 @@ def check_loads_without_code(directory: Path) -> Optional[str]:
     """The pickled files a resume unpickles before any tensor (DCP's `.metadata` index and
     megatron-core's `common.pt`) hold plain data only: a file that names anything else (a planted
     `os.system`...) is reported, naming the file and what it references, without running it."""
-    from megafox.records import CheckpointError
-    from megafox.safe_load import read_dcp_metadata, safe_torch_load
-
     directory = Path(directory)
     try:
         read_dcp_metadata(directory)
@@ -136,9 +136,11 @@ def _first_reason(exc: BaseException) -> str:
     return (told or lines or [type(exc).__name__])[0][:160]
 
 
-def verify(directory: Path, files: Optional[Dict[str, Dict[str, object]]]) -> Optional[str]:
-    """Collective when torch.distributed is up: each rank checks its share of the files; every
-    rank gets the same answer (the first problem found, or None)."""
+def check_digests(directory: Path, files: Optional[Dict[str, Dict[str, object]]]) -> Optional[str]:
+    """The files of `directory` against the digests its save recorded (`files`; None for a
+    checkpoint saved before digests existed: `check_index`). Collective when torch.distributed is
+    up: each rank checks its share of the files; every rank gets the same answer (the first
+    problem found, or None)."""
     if files is None:
         problem = check_index(directory) if _rank() == 0 else None
         return agree(problem)
@@ -148,22 +150,57 @@ def verify(directory: Path, files: Optional[Dict[str, Dict[str, object]]]) -> Op
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _world() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def agree(problem: Optional[str]) -> Optional[str]:
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return problem
     found: List[Optional[str]] = [None] * dist.get_world_size()
     dist.all_gather_object(found, problem)
     return next((p for p in found if p), None)
+
+
+def check_usable(directory: Union[str, Path], files: Optional[Dict[str, Dict[str, Any]]]) -> Optional[str]:
+    """The first problem that makes a saved checkpoint unusable, or None: what a resume checks
+    before it loads, and what `megafox-ckpt verify` reports. Collective when distributed. Its
+    files against the digests the save recorded, then the pickled index files a load opens
+    first: anything in them but plain data (code planted in `.metadata` or `common.pt`) is named
+    and never run."""
+    problem = check_digests(Path(directory), files)
+    if problem is None:
+        problem = agree(check_loads_without_code(Path(directory)) if _rank() == 0 else None)
+    return problem
+
+
+def find_usable_checkpoint(root: Union[str, Path]) -> Tuple[CheckpointRecord, List[str]]:
+    """The newest checkpoint under `root` (from `latest` down) whose record reads and whose files
+    verify against the digests the save recorded; also the reasons the newer ones were skipped
+    (each one line naming the bad file). Nothing is deleted. Collective when distributed: every
+    rank verifies its share of the files and all get the same answer.
+    Raises NoUsableCheckpoint when none verifies."""
+    root = Path(root)
+    skipped: List[str] = []
+    complete = list(reversed(list_checkpoints(root)))
+    try:
+        latest = resolve_iteration(root)
+        candidates = [latest] + [it for it in complete if it < latest]
+    except CheckpointError as exc:  # an unreadable `latest`: every complete checkpoint, newest first
+        skipped.append(str(exc))
+        candidates = complete
+    for iteration in candidates:
+        path = iteration_dir(root, iteration)
+        try:
+            record = read_checkpoint_record(path)
+        except CheckpointError as exc:
+            skipped.append(f"iteration {iteration}: {exc}")
+            continue
+        problem = check_usable(path, record.files)
+        if problem is None:
+            return record, skipped
+        skipped.append(f"iteration {iteration}: {problem}")
+    raise NoUsableCheckpoint(f"no usable checkpoint in {root}: " + "; ".join(skipped or ["none complete"]))

@@ -1,4 +1,5 @@
-"""Read a megafox (megatron-core torch_dist) checkpoint tensor by tensor, without a model.
+"""Read a megafox (megatron-core torch_dist) checkpoint tensor by tensor, without a model: the
+offline reader of the checkpoint tools (inspect, to-hf, reshard).
 
 dist_checkpointing stores each parameter as one *global* tensor (the TP=1 layout, decoder layers
 stacked on a leading axis) cut into the chunks the saving ranks owned. Reading goes through
@@ -18,12 +19,12 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from checkpoints_tools.common import ToolError
-from megafox.checkpoint import CheckpointError, checkpoint_path, read_metadata, read_record
+from megafox.checkpoint.errors import CheckpointError
+from megafox.checkpoint.layout import checkpoint_path, read_metadata, read_record
 from megafox.config import ModelConfig
 from megafox.model.hf_adapter import (MCORE_EMBEDDING, MCORE_FINAL_NORM, MCORE_LAYER_PREFIX, MCORE_MODULE_PREFIXES,
                                       MCORE_OUTPUT_LAYER, layer_names, megatron_global_shapes, uses_te_names)
-from megafox.safe_load import SafeFileSystemReader, safe_torch_load
+from megafox.checkpoint.safe_load import SafeFileSystemReader, safe_torch_load
 
 # The global keys this reader asks for (names owned by megafox.model.hf_adapter).
 LAYER_PREFIX = MCORE_LAYER_PREFIX
@@ -115,10 +116,12 @@ class DistCheckpoint:
             self.path = checkpoint_path(root, iteration)
             self.record = read_record(root, iteration)
             self.meta = read_metadata(root, iteration)  # the record as a mapping, for printing
-        except (CheckpointError, ValueError, json.JSONDecodeError) as exc:
-            raise ToolError(str(exc) if isinstance(exc, CheckpointError) else f"{root}: not a megafox checkpoint ({exc})") from None
+        except CheckpointError:
+            raise
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{root}: not a megafox checkpoint ({exc})") from None
         if not (self.path / ".metadata").is_file():
-            raise ToolError(f"{self.path}: no torch_dist '.metadata' file (not a megatron-core dist checkpoint)")
+            raise CheckpointError(f"{self.path}: no torch_dist '.metadata' file (not a megatron-core dist checkpoint)")
         # `.metadata` is a pickle: read it with the restricted unpickler (a refused class raises
         # UnsafeCheckpointError, one line like any CheckpointError; a corrupt one CheckpointError).
         self.reader = SafeFileSystemReader(str(self.path))
@@ -160,7 +163,7 @@ class DistCheckpoint:
         files = sorted({info.relative_path for info in self.metadata.storage_data.values()})
         missing = [f for f in files if not (self.path / f).is_file()]
         if missing:
-            raise ToolError(f"{self.path}: missing shard file(s) {', '.join(missing[:4])}"
+            raise CheckpointError(f"{self.path}: missing shard file(s) {', '.join(missing[:4])}"
                             f"{' ...' if len(missing) > 4 else ''} ({len(missing)} of {len(files)})")
         need_by_file: Dict[str, int] = {}
         for i in self.metadata.storage_data.values():
@@ -168,7 +171,7 @@ class DistCheckpoint:
         for f, need in need_by_file.items():
             size = (self.path / f).stat().st_size
             if size < need:
-                raise ToolError(f"{self.path / f}: truncated shard file ({size} bytes, index needs {need})")
+                raise CheckpointError(f"{self.path / f}: truncated shard file ({size} bytes, index needs {need})")
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, requests: Dict[str, Optional[int]], dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
@@ -180,7 +183,7 @@ class DistCheckpoint:
         targets, items = {}, {}
         for key, layer in requests.items():
             if key not in self.tensors:
-                raise ToolError(f"{self.path}: checkpoint has no tensor {key!r}")
+                raise CheckpointError(f"{self.path}: checkpoint has no tensor {key!r}")
             shape = self.shape(key)
             size = shape if layer is None else (1,) + shape[1:]
             offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
@@ -205,10 +208,10 @@ class DistCheckpoint:
                     tensor = tensor[0]
                 out[key] = tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
                 del parts
-        except (ToolError, CheckpointError):
+        except CheckpointError:
             raise  # already one line naming the file
         except (OSError, RuntimeError, EOFError, ValueError) as exc:
-            raise ToolError(f"{self.path}: reading {', '.join(requests)[:200]} failed: {exc}") from None
+            raise CheckpointError(f"{self.path}: reading {', '.join(requests)[:200]} failed: {exc}") from None
         return out
 
     def _load_item(self, item: ReadItem) -> torch.Tensor:
@@ -222,10 +225,10 @@ class DistCheckpoint:
         except CheckpointError:
             raise
         except Exception as exc:  # a corrupt shard: whatever torch's zip/pickle reader trips over
-            raise ToolError(f"{file}: corrupt or unreadable data for tensor {item.dest_index.fqn} "
+            raise CheckpointError(f"{file}: corrupt or unreadable data for tensor {item.dest_index.fqn} "
                             f"({type(exc).__name__}: {_reason(exc)})") from None
         if not isinstance(tensor, torch.Tensor):
-            raise ToolError(f"{file}: entry for {item.dest_index.fqn} holds a {type(tensor).__name__}, not a tensor")
+            raise CheckpointError(f"{file}: entry for {item.dest_index.fqn} holds a {type(tensor).__name__}, not a tensor")
         for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
             tensor = tensor.narrow(dim, start, length)
         return tensor
@@ -257,21 +260,21 @@ class DistCheckpoint:
         where = f"{self.path}"
         for key, shape in self.expected_shapes().items():
             if key not in self.tensors:
-                raise ToolError(f"{where}: missing tensor {key!r} (saved with a different model spec?)")
+                raise CheckpointError(f"{where}: missing tensor {key!r} (saved with a different model spec?)")
             if self.shape(key) != shape:
-                raise ToolError(f"{where}: tensor {key} has shape {list(self.shape(key))}, but the model config "
+                raise CheckpointError(f"{where}: tensor {key} has shape {list(self.shape(key))}, but the model config "
                                 f"in megafox.json implies {list(shape)} (config/tensor mismatch)")
         heads = [EMBEDDING] if self.model.tie_word_embeddings else [EMBEDDING, OUTPUT_LAYER]
         for key in heads:
             if key not in self.tensors:
-                raise ToolError(f"{where}: missing tensor {key!r}" + (
+                raise CheckpointError(f"{where}: missing tensor {key!r}" + (
                     " (megafox.json says tie_word_embeddings=false)" if key == OUTPUT_LAYER else ""))
             rows, cols = self.shape(key)
             if cols != self.model.hidden_size or rows < self.model.vocab_size:
-                raise ToolError(f"{where}: tensor {key} has shape {[rows, cols]}, but the model config implies "
+                raise CheckpointError(f"{where}: tensor {key} has shape {[rows, cols]}, but the model config implies "
                                 f"[>= vocab_size {self.model.vocab_size}, hidden_size {self.model.hidden_size}]")
         if self.model.tie_word_embeddings and OUTPUT_LAYER in self.tensors:
-            raise ToolError(f"{where}: has a separate {OUTPUT_LAYER} but megafox.json says tie_word_embeddings=true")
+            raise CheckpointError(f"{where}: has a separate {OUTPUT_LAYER} but megafox.json says tie_word_embeddings=true")
 
     def nbytes(self) -> int:
         total = 0
