@@ -38,8 +38,10 @@ from functools import partial
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megafox.checkpoint import unwrap
+from megafox.model.attention import SDPAttention
 
 
 @dataclass
@@ -115,10 +117,6 @@ class CollectiveScorer:
     def prefills_ragged(self) -> bool:
         """Whether `generate_start` takes prompts of different lengths in one prefill: the core
         attention must apply a key mask while decoding (see the module docstring)."""
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-        from megafox.model.attention import SDPAttention
-
         core = self.models[0].decoder.layers[0].self_attention.core_attention
         return self.caches_kv and isinstance(core, (DotProductAttention, SDPAttention))
 

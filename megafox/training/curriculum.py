@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from megafox import checkpoint
 from megafox.config import ConfigError, StageConfig, TrainConfig
+from megafox.data.documents_read import record_dir, write_documents_read
 from megafox.records import (CheckpointRecord, StageDone, config_mapping, done_path, flatten, read_stage_done,
                              same_value, write_stage_done)
 
@@ -67,8 +68,6 @@ def previous_stage_specs(config: TrainConfig, stage_index: int) -> List[Dict[str
 def finish_stage(config: TrainConfig, stage: StageConfig, state, data) -> None:
     """Rank 0, after the stage's final save: record the documents it read (with every earlier
     stage's; once, so later stages never recompute them), then its .done, which names the record."""
-    from megafox.data.documents_read import record_dir, write_documents_read
-
     documents = None
     if stage.kind == "pretrain":
         directory = record_dir(config.checkpoint.dir, stage.name)

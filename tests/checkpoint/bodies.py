@@ -13,7 +13,7 @@ from megatron.core import parallel_state as ps
 from megafox import checkpoint as ckpt
 from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
 from megafox.records import CheckpointRecord, RunState
-from megafox.testing.layout import current_parallel
+from tests.support.layout import current_parallel
 from megafox.training.stack import build_training_stack
 from megafox.training.step import params_gathered, train_step
 

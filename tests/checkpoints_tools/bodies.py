@@ -4,7 +4,7 @@ import torch
 from megafox.checkpoint import layout_signature, load_model, save_training_checkpoint
 from megafox.config import BuildConfig, ModelConfig, OptimizerConfig
 from megafox.records import CheckpointRecord, RunState
-from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from tests.support.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.stack import build_training_stack
 from megafox.training.step import train_step
 

@@ -14,7 +14,7 @@ from megafox.config import (BuildConfig, ModelConfig, OptimizerConfig, ScheduleC
                             fox1_tiny)
 from megafox.model.hf_mapping import megatron_to_hf
 from megafox.records import CheckpointRecord, RunState, config_mapping
-from megafox.testing.layout import current_parallel, gather_hf_weights, layout_of, load_hf_weights, my_key
+from tests.support.layout import current_parallel, gather_hf_weights, layout_of, load_hf_weights, my_key
 from megafox.training.stack import build_training_stack
 from megafox.training.step import params_gathered, train_step
 

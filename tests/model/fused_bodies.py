@@ -6,7 +6,7 @@ from megatron.core import parallel_state as ps
 
 from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
 from megafox.model.build import build_model
-from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from tests.support.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.stack import build_training_stack
 from megafox.training.step import train_step
 
@@ -38,7 +38,7 @@ def grads(hf_path, batch_path, sequence_parallel=False, loss_chunk_tokens=5):
     only: fox1-tiny's 1000 tokens are padded to 1024) and the largest gradient any padded row got."""
     import torch.nn.functional as F
 
-    from megafox.testing.hf_reference import hf_llama
+    from tests.support.hf_reference import hf_llama
 
     model, parallel = _setup(sequence_parallel)
     hf, batch = torch.load(hf_path), torch.load(batch_path)
@@ -163,7 +163,7 @@ def sp_head(sequence_parallel, pass_mask, seq, batch, hidden, vocab, kernel="eag
 def native_vs_local(hf_path, batch_path):
     """Logits of the native (SDPA) and local specs and of HF Llama, same weights, on the device
     this machine has (CUDA when present: flash/cuDNN/efficient SDPA kernels)."""
-    from megafox.testing.hf_reference import hf_llama
+    from tests.support.hf_reference import hf_llama
 
     model = fox1_tiny()
     parallel = current_parallel()

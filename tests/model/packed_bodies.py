@@ -8,8 +8,8 @@ from megafox.config import fox1_tiny
 from megafox.model.attention import packed_seq_params
 from megafox.model.build import build_model, transformer_config
 from megafox.model.hf_mapping import RankKey, hf_to_megatron, load_rank_state
-from megafox.testing.hf_reference import hf_llama
-from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from tests.support.hf_reference import hf_llama
+from tests.support.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.step import (OptimizerSettings, build_optimizer, configure_schedule_hooks, forward_step,
                                    params_gathered, train_step, wrap_ddp)
 

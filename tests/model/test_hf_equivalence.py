@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megafox.testing.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 
 @pytest.mark.parametrize("impl", ["local", "native"])
@@ -49,7 +49,7 @@ def test_te_names_round_trip_and_differ_only_in_the_norms(layout):
     from megafox.config import fox1_tiny
     from megafox.model.hf_adapter import local_to_te_names
     from megafox.model.hf_mapping import Layout, hf_to_megatron, megatron_to_hf
-    from megafox.testing.hf_reference import hf_state
+    from tests.support.hf_reference import hf_state
 
     model, lay = fox1_tiny(), Layout(*layout)
     hf = hf_state(model, seed=3)

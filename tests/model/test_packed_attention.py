@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megafox.config import ConfigError
-from megafox.testing.distributed import run_distributed
+from tests.support.distributed import run_distributed
 from tests.support.compare import assert_same_step
 from tests.support.indexed import synthetic_conversations, write_sft_blend, write_sft_dataset
 from tests.support.text import stdlib_texts
@@ -146,7 +146,7 @@ def test_local_spec_refuses_packed_sequences_at_config_time():
 @pytest.fixture(scope="module")
 def sft_inputs(tmp_path_factory):
     from megafox.config import fox1_tiny
-    from megafox.testing.hf_reference import hf_state
+    from tests.support.hf_reference import hf_state
 
     root = tmp_path_factory.mktemp("sft_layouts")
     tok = str(train_sentencepiece(root / "tok", stdlib_texts(["json/*.py"]), 1000))

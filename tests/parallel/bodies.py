@@ -5,7 +5,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
-from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from tests.support.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.stack import build_training_stack
 from megafox.training.step import params_gathered, train_step
 

@@ -3,7 +3,7 @@ from megafox.checkpoint import layout_signature, load_model, save_checkpoint
 from megafox.records import CheckpointRecord
 from megafox.config import fox1_tiny
 from megafox.model.build import build_model
-from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from tests.support.layout import current_parallel, gather_hf_weights, load_hf_weights
 
 
 def save(hf_path, root):
