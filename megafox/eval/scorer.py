@@ -42,6 +42,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megafox.checkpoint import unwrap
 from megafox.model.attention import SDPAttention
+from megafox.runtime.dist import rank
 
 
 @dataclass
@@ -79,7 +80,7 @@ class CollectiveScorer:
         self.batch_size = batch_size
         self.config = self.models[0].config
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.rank = rank()
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.tp, self.tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()

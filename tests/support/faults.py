@@ -30,6 +30,7 @@ hold_stop_signals()  # as megafox.train does, before the slow imports
 import torch  # noqa: E402
 
 from megafox.checkpoint import unwrap  # noqa: E402
+from megafox.runtime.dist import rank as global_rank  # noqa: E402
 from megafox.train import main as train_main  # noqa: E402
 from megafox.training.callbacks.base import Callback  # noqa: E402
 
@@ -44,10 +45,6 @@ class KillAtStep(Callback):
         if trainer.state.iteration + 1 == self.step:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def _claim(once) -> bool:
@@ -70,12 +67,13 @@ class RankFault(Callback):
         self.what, self.step, self.rank, self.once = what, step, rank, once
 
     def pre_step(self, trainer, batches) -> None:
-        if trainer.state.iteration + 1 != self.step or (self.rank is not None and _rank() != self.rank):
+        if trainer.state.iteration + 1 != self.step or (self.rank is not None and global_rank() != self.rank):
             return
         if not _claim(self.once):
             return
         # the wall-clock time, comparable with the launchers' log lines: how fast the job ends
-        print(f"[test fault] rank {_rank()}: {self.what} at step {self.step} ({time.strftime('%F %T')})", flush=True)
+        print(f"[test fault] rank {global_rank()}: {self.what} at step {self.step} ({time.strftime('%F %T')})",
+              flush=True)
         if self.what == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.what == "stop":
