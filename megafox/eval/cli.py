@@ -26,7 +26,7 @@ from megafox.eval.suites import parse_task_list, suite
 from megafox.eval.tasks import load_tasks, offline_environment, require_lm_eval, task_manager
 from megafox.records import CheckpointError
 from megafox.runtime.cli import run_main
-from megafox.runtime.dist import free_port, rank
+from megafox.runtime.dist import free_port, rank, world_size
 
 EXIT_BAD_INPUT = 2
 
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ --hf HF_DIR
 def _run_hf(args, specs, version: str) -> int:
-    import torch  # here and below: torch, megatron and lm_eval load only once offline_environment() is set
+    import torch  # here: `megafox info` and `megafox report` import this module and never load torch
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--hf runs in one process (lm_eval's `hf` model); launch it without torchrun")
@@ -112,6 +112,8 @@ def _run_hf(args, specs, version: str) -> int:
 
 # ------------------------------------------------------------------------------ --checkpoint CKPT
 def _run_checkpoint(args, specs, version: str) -> int:
+    # here: torch and megatron stay off `megafox info`'s path; eval.lm imports lm_eval, which reads
+    # offline_environment() at import time
     from megafox.checkpoint import read_metadata
     from megafox.eval.checkpoint_model import load_checkpoint_model, load_tokenizer_for, model_config
     from megafox.eval.lm import MegafoxLM
@@ -131,8 +133,6 @@ def _run_checkpoint(args, specs, version: str) -> int:
     single_process_rendezvous()
     init_distributed(parallel)
     try:
-        import torch
-
         tm = tasks = None
         problem = None
         if rank() == 0:
@@ -145,7 +145,7 @@ def _run_checkpoint(args, specs, version: str) -> int:
             raise EvalInputError(problem if rank() == 0 else "")
         loaded = load_checkpoint_model(args.checkpoint, meta["iteration"], parallel, args.dtype)
         scorer = CollectiveScorer(loaded.chunks, model.vocab_size, args.batch_size)
-        world = torch.distributed.get_world_size()
+        world = world_size()
         dtype = "bf16" if loaded.bf16 else "fp32"
         layout = f"TP{parallel.tp} PP{parallel.pp} DP{scorer.replicas} ({world} process{'es' if world > 1 else ''})"
 
@@ -223,7 +223,7 @@ def _agree(problem: Optional[str]) -> Optional[str]:
     import torch
 
     box = [problem]
-    if torch.distributed.get_world_size() > 1:
+    if world_size() > 1:
         torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 

@@ -26,6 +26,19 @@ def rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
+def world_size() -> int:
+    """The number of ranks torch.distributed runs; 1 before it starts."""
+    torch = sys.modules.get("torch")
+    return torch.distributed.get_world_size() if torch is not None and torch.distributed.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank; nothing to wait for before torch.distributed starts."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

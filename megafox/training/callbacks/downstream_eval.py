@@ -27,7 +27,7 @@ from megafox.eval.runner import quiet_lm_eval, run_tasks
 from megafox.eval.scorer import CollectiveScorer, serve_while
 from megafox.eval.suites import parse_task_list
 from megafox.eval.tasks import load_tasks, offline_environment, require_lm_eval, task_manager
-from megafox.runtime.dist import rank
+from megafox.runtime.dist import rank, world_size
 from megafox.training.callbacks.base import Callback
 from megafox.training.step import params_gathered
 from megafox.training.timers import phase
@@ -112,7 +112,7 @@ class DownstreamEvalCallback(Callback):
 
 
 def _broadcast(value):
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+    if world_size() == 1:
         return value
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
