@@ -13,6 +13,8 @@ import signal
 import time
 from typing import Optional
 
+import torch
+
 from megafox.runtime.process import STOP_SIGNALS, release_stop_signals
 from megafox.training.callbacks.base import Callback
 
@@ -54,8 +56,6 @@ class StopCallback(Callback):
     def agreed(self, signals_only: bool = False) -> int:
         """The largest reason over all ranks (0: keep going); every rank gets the same answer.
         `signals_only`: before the first step, where the time limit does not apply yet."""
-        import torch  # not at import time: megafox.train imports this before torch
-
         flag = torch.tensor([self.local_reason(signals_only)], dtype=torch.int32,
                             device="cuda" if torch.cuda.is_available() else "cpu")
         if torch.distributed.is_initialized():
