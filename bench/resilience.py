@@ -174,7 +174,7 @@ def _timeline(proc, patterns: dict, timeout: float) -> dict:
 def incident(kind: str, work: Path, data: Path, overrides) -> dict:
     ckpt = work / f"ckpt_{kind}"
     fault = {"dead": "--kill-at-step 6@1", "hung": "--stop-at-step 6@1"}[kind]
-    cmd = f"{sys.executable} -m megafox.testing.faults {fault} --"
+    cmd = f"{sys.executable} -m tests.support.faults {fault} --"
     t = _timeline(_launch("stage1", ckpt, data, overrides, cmd),
                   {"fault": r"\[test fault\]", "named": r"megafox watchdog: no heartbeat"}, 600)
     restart = _timeline(_launch("stage1", ckpt, data, overrides),

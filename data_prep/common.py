@@ -20,6 +20,7 @@ import sys
 import tempfile
 from typing import Dict, Iterator, List, Sequence, Tuple
 
+from megafox.runtime import cli as runtime_cli
 from megafox.runtime.fs import unlink_quiet
 
 log = logging.getLogger("data_prep")
@@ -269,22 +270,11 @@ INTERRUPTED = "interrupted; rerun to continue: finished shards are kept"
 
 
 def run_main(fn, argv=None, interrupted: str = INTERRUPTED) -> int:
-    """Run a CLI body: DataPrepError, or an OSError that escaped (disk full, permissions), -> one line
-    on stderr and exit status 2; Ctrl-C -> one line and 130 (the shell's convention for SIGINT).
-    Writers only ever put complete files under final names, so either way nothing is half-written."""
-    try:
-        rc = fn(argv)
-        return 0 if rc is None else rc
-    except DataPrepError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        sys.stderr.write(f"error: {where}{os_error_reason(e)}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write(interrupted + "\n")
-        return 130
+    """Run a data_prep CLI body under megafox's one CLI error contract: DataPrepError, or an OSError
+    that escaped (disk full, permissions), -> one line on stderr and exit status 2; Ctrl-C -> one
+    line and 130. Writers only ever put complete files under final names, so either way nothing is
+    half-written."""
+    return runtime_cli.run_main(fn, argv, errors=DataPrepError, interrupted=interrupted)
 
 
 def command_parser(module: str, doc: str) -> argparse.ArgumentParser:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megafox import report
 from megafox.config import MODEL_PRESETS, ConfigError, ParallelConfig, model_preset, validate_seq_length
+from megafox.data.provenance import format_blend
+from megafox.eval import cli as eval_cli
+from megafox.info import format_report
+from megafox.runtime.cli import run_main
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -14,28 +19,12 @@ def _info(args: argparse.Namespace) -> int:
     ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp).validate(model)
     if args.dp < 1:
         raise ConfigError(f"--dp: must be >= 1, got {args.dp}")
-    from megafox.info import format_report
-
     print(format_report(model, args.seq_length, args.tp, args.pp, args.dp, args.micro_batch_size,
                         args.recompute, not args.no_fused_loss))
     if args.blend:
-        from megafox.data.provenance import format_blend
-
         for path in args.blend:
             print("\n" + format_blend(path))
     return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from megafox.eval.cli import main as eval_main
-
-    return eval_main(args)
-
-
-def _report(args: argparse.Namespace) -> int:
-    from megafox.report import main as report_main
-
-    return report_main(args)
 
 
 def main(argv=None) -> int:
@@ -54,21 +43,14 @@ def main(argv=None) -> int:
                       help="also show a stage's data: documents, tokens and what dedup/decontamination removed")
     info.set_defaults(func=_info)
     evaluate = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint or HF directory (megafox.eval)")
-    from megafox.eval.cli import add_arguments
-
-    add_arguments(evaluate)
-    evaluate.set_defaults(func=_eval)
-    report = sub.add_parser("report", help="plot a run's curves and summarize it from its metrics files (megafox.report)")
-    from megafox.report import add_arguments as report_arguments
-
-    report_arguments(report)
-    report.set_defaults(func=_report)
+    eval_cli.add_arguments(evaluate)
+    evaluate.set_defaults(func=eval_cli.main)
+    report_parser = sub.add_parser("report", help="plot a run's curves and summarize it from its metrics files (megafox.report)")
+    report.add_arguments(report_parser)
+    report_parser.set_defaults(func=report.main)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as exc:
-        print(f"megafox: error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(args.func, args, errors=ConfigError, prefix="megafox: error: ", os_errors=False,
+                    interrupted=None)
 
 
 if __name__ == "__main__":

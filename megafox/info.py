@@ -78,6 +78,7 @@ def memory_per_gpu(model: ModelConfig, seq_length: int, tp: int = 1, pp: int = 1
     if pp > 1:
         logits = 0.0  # the last stage holds them; the first stage is the busiest one counted
     elif fused_loss:
+        # here: fused_loss imports torch, which `megafox info` otherwise never loads
         from megafox.model.fused_loss import DEFAULT_CHUNK_TOKENS, chunk_size
 
         # one chunk at a time (the trainer's default chunk, capped by the logits budget): its fp32

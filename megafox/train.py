@@ -2,9 +2,9 @@
 
 Runs one curriculum stage under torchrun (or srun: ranks from SLURM_* variables). Overrides come
 from `--override key.sub=value` (repeatable) and the environment variable MEGAFOX_OVERRIDES
-("a.b=1 c.d=x"; command-line overrides win). Exit statuses: megafox/signals.py.
+("a.b=1 c.d=x"; command-line overrides win). Exit statuses: megafox/runtime/process.py.
 """
-from megafox.signals import hold_stop_signals
+from megafox.runtime.process import hold_stop_signals
 
 hold_stop_signals()  # first, before the slow imports: a stop signal now waits for the trainer's handler
 
@@ -16,8 +16,9 @@ import traceback  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 from megafox.config import ConfigError, load_train_config  # noqa: E402
-from megafox.signals import (EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_NAN,  # noqa: E402
-                             EXIT_HUNG, EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_RENDEZVOUS)
+from megafox.runtime.dist import rank  # noqa: E402
+from megafox.runtime.process import (EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_NAN,  # noqa: E402
+                                     EXIT_HUNG, EXIT_NO_CHECKPOINT, EXIT_OK, EXIT_RENDEZVOUS, exit_with_parent)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,19 +41,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-
-
 def _error(message: str) -> None:
-    if _is_rank0():
+    if rank() == 0:
         print(f"megafox-train: error: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv=None, callbacks: Sequence = ()) -> int:
-    """`callbacks`: extra training callbacks (megafox.testing.faults installs its fault injectors here)."""
-    from megafox.parent_watch import exit_with_parent
-
+    """`callbacks`: extra training callbacks (tests.support.faults installs its fault injectors here)."""
     exit_with_parent()
     status = _run(parse_args(argv), callbacks)
     _report_status(status)
@@ -64,7 +59,7 @@ def _report_status(status: int) -> None:
     also writes its status there so a launcher (launch/local.sh, SLURM scripts) can exit with
     it and requeue on 75."""
     path = os.environ.get("MEGAFOX_EXIT_FILE")
-    if path and _is_rank0():
+    if path and rank() == 0:
         try:
             with open(path, "w") as f:
                 f.write(f"{status}\n")
@@ -73,6 +68,7 @@ def _report_status(status: int) -> None:
 
 
 def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
+    # here, not at the top: `--help` and a bad flag answer without loading torch and megatron (seconds)
     from megafox.checkpoint.errors import CheckpointError, NoUsableCheckpoint
     from megafox.checkpoint.run_lock import RunLocked
     from megafox.checkpoint.saver import CheckpointSaveError
@@ -134,7 +130,7 @@ def _run(args: argparse.Namespace, callbacks: Sequence = ()) -> int:
 
 def _shutdown() -> None:
     try:
-        from megafox.parallel.process_groups import destroy_distributed
+        from megafox.parallel.process_groups import destroy_distributed  # loaded by _run already; kept off `--help`'s path
 
         destroy_distributed()
     except Exception:  # tearing down after a failure must not hide the exit status

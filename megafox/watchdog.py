@@ -41,7 +41,7 @@ from torch.distributed import TCPStore
 
 from megafox.config import WatchdogConfig
 from megafox.parallel.process_groups import dist_env_from_environ
-from megafox.signals import EXIT_HUNG
+from megafox.runtime.process import EXIT_HUNG
 
 PHASES = ("startup", "step", "save", "eval")
 _KEY = "megafox/watchdog/"

@@ -14,11 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from megafox.config import ConfigError, ParallelConfig
+from megafox.eval.report import build_report, markdown, write_report, write_samples
+from megafox.eval.runner import quiet_lm_eval, run_tasks, samples_records
+from megafox.eval.suites import parse_task_list, suite
+from megafox.eval.tasks import load_tasks, offline_environment, require_lm_eval, task_manager
+from megafox.checkpoint.errors import CheckpointError
+from megafox.runtime.cli import run_main
+from megafox.runtime.dist import free_port, rank, world_size
 
 EXIT_BAD_INPUT = 2
 
@@ -54,31 +62,16 @@ class EvalInputError(RuntimeError):
 
 
 def main(args: argparse.Namespace) -> int:
-    from megafox.eval.tasks import offline_environment
-
     if not args.allow_downloads:
         offline_environment()  # before datasets / lm_eval are imported: they read it at import time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|ShardedTensor).*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    try:
-        return _run(args)
-    except Exception as exc:
-        from megafox.checkpoint.errors import CheckpointError
-        from megafox.config import ConfigError
-
-        if isinstance(exc, (ConfigError, CheckpointError, EvalInputError)):
-            if _rank() == 0 and str(exc):
-                print(f"megafox eval: error: {exc}", file=sys.stderr, flush=True)
-            return EXIT_BAD_INPUT
-        raise
+    return run_main(_run, args, errors=(ConfigError, CheckpointError, EvalInputError), prefix="megafox eval: error: ",
+                    status=EXIT_BAD_INPUT, os_errors=False, interrupted=None, speak=lambda: rank() == 0)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from megafox.config import ConfigError
-    from megafox.eval.suites import parse_task_list, suite
-    from megafox.eval.tasks import require_lm_eval
-
     specs = (suite(args.suite) if args.suite else []) + parse_task_list((args.tasks or "").split(","))
     names = [s.name for s in specs]
     if not specs:
@@ -97,9 +90,7 @@ def _run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ --hf HF_DIR
 def _run_hf(args, specs, version: str) -> int:
-    import torch
-
-    from megafox.config import ConfigError
+    import torch  # here: `megafox info` and `megafox report` import this module and never load torch
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--hf runs in one process (lm_eval's `hf` model); launch it without torchrun")
@@ -121,8 +112,9 @@ def _run_hf(args, specs, version: str) -> int:
 
 # ------------------------------------------------------------------------------ --checkpoint CKPT
 def _run_checkpoint(args, specs, version: str) -> int:
+    # here: torch and megatron stay off `megafox info`'s path; eval.lm imports lm_eval, which reads
+    # offline_environment() at import time
     from megafox.checkpoint.layout import read_metadata
-    from megafox.config import ConfigError, ParallelConfig
     from megafox.eval.checkpoint_model import load_checkpoint_model, load_tokenizer_for, model_config
     from megafox.eval.lm import MegafoxLM
     from megafox.eval.scorer import CollectiveScorer, serve_while
@@ -141,21 +133,19 @@ def _run_checkpoint(args, specs, version: str) -> int:
     single_process_rendezvous()
     init_distributed(parallel)
     try:
-        import torch
-
         tm = tasks = None
         problem = None
-        if _rank() == 0:
+        if rank() == 0:
             try:
                 tm, tasks = _load_tasks(args, specs)
             except (ConfigError, EvalInputError) as exc:
                 problem = str(exc)
         problem = _agree(problem)
         if problem is not None:
-            raise EvalInputError(problem if _rank() == 0 else "")
+            raise EvalInputError(problem if rank() == 0 else "")
         loaded = load_checkpoint_model(args.checkpoint, meta["iteration"], parallel, args.dtype)
         scorer = CollectiveScorer(loaded.chunks, model.vocab_size, args.batch_size)
-        world = torch.distributed.get_world_size()
+        world = world_size()
         dtype = "bf16" if loaded.bf16 else "fp32"
         layout = f"TP{parallel.tp} PP{parallel.pp} DP{scorer.replicas} ({world} process{'es' if world > 1 else ''})"
 
@@ -178,9 +168,6 @@ def _run_checkpoint(args, specs, version: str) -> int:
 
 # ------------------------------------------------------------------------------------- shared
 def _load_tasks(args, specs):
-    from megafox.eval.runner import quiet_lm_eval
-    from megafox.eval.tasks import load_tasks, task_manager
-
     quiet_lm_eval()
     _say("indexing lm_eval tasks")
     tm = task_manager(specs, args.include_path)
@@ -190,9 +177,6 @@ def _load_tasks(args, specs):
 
 def _evaluate_and_write(args, lm, tm, tasks, model: Dict[str, Any], settings: Dict[str, Any], version: str,
                         label: str) -> None:
-    from megafox.eval.report import build_report, markdown, write_report, write_samples
-    from megafox.eval.runner import run_tasks, samples_records
-
     out = Path(args.output).expanduser()
     json_path, md_path = out / f"{label}.json", out / f"{label}.md"
     results, raw_by_task = [], {}
@@ -226,24 +210,11 @@ def _int(text: str, flag: str) -> int:
     try:
         return int(text)
     except ValueError:
-        from megafox.config import ConfigError
-
         raise ConfigError(f"{flag}: expected an integer or 'latest', got {text!r}") from None
 
 
-def _rank() -> int:
-    try:
-        import torch
-
-        if torch.distributed.is_initialized():
-            return torch.distributed.get_rank()
-    except ImportError:
-        pass
-    return int(os.environ.get("RANK", "0"))
-
-
 def _say(message: str) -> None:
-    if _rank() == 0:
+    if rank() == 0:
         print(f"megafox eval: {message}", flush=True)
 
 
@@ -252,7 +223,7 @@ def _agree(problem: Optional[str]) -> Optional[str]:
     import torch
 
     box = [problem]
-    if torch.distributed.get_world_size() > 1:
+    if world_size() > 1:
         torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -262,7 +233,4 @@ def single_process_rendezvous() -> None:
     other evaluation or training on the machine)."""
     if "RANK" in os.environ or "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

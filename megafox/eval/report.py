@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from megafox.eval.runner import TaskResult
 from megafox.eval.suites import PUBLISHED, SUITES
+from megafox.runtime.fs import atomic_write_bytes
 
 FORMAT = "megafox-eval-v1"
 
@@ -106,14 +106,6 @@ def _num(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside, then rename: a crash never leaves a half-written results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def json_safe(value):
     """Valid JSON: NaN/inf become null, anything else unknown becomes its string."""
     if isinstance(value, float):
@@ -128,12 +120,12 @@ def json_safe(value):
 
 
 def write_report(report: Dict[str, Any], json_path: Path, md_path: Optional[Path]) -> None:
-    write_atomic(json_path, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    atomic_write_bytes(str(json_path), (json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n").encode())
     if md_path is not None:
-        write_atomic(md_path, markdown(report))
+        atomic_write_bytes(str(md_path), markdown(report).encode())
 
 
 def write_samples(directory: Path, task: str, records: List[Dict[str, Any]]) -> Path:
     path = directory / f"{task}.jsonl"
-    write_atomic(path, "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in records))
+    atomic_write_bytes(str(path), "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in records).encode())
     return path

@@ -38,8 +38,11 @@ from functools import partial
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megafox.checkpoint.state import unwrap
+from megafox.model.attention import SDPAttention
+from megafox.runtime.dist import rank
 
 
 @dataclass
@@ -77,7 +80,7 @@ class CollectiveScorer:
         self.batch_size = batch_size
         self.config = self.models[0].config
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.rank = rank()
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.tp, self.tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
@@ -115,10 +118,6 @@ class CollectiveScorer:
     def prefills_ragged(self) -> bool:
         """Whether `generate_start` takes prompts of different lengths in one prefill: the core
         attention must apply a key mask while decoding (see the module docstring)."""
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-        from megafox.model.attention import SDPAttention
-
         core = self.models[0].decoder.layers[0].self_attention.core_attention
         return self.caches_kv and isinstance(core, (DotProductAttention, SDPAttention))
 

@@ -71,13 +71,7 @@ def previous_stage_specs(config: TrainConfig, stage_index: int) -> List[Dict[str
 def finish_stage(config: TrainConfig, stage: StageConfig, state, data) -> None:
     """Rank 0, after the stage's final save: record the documents it read (with every earlier
     stage's; once, so later stages never recompute them), then its .done, which names the record."""
-    from megafox.data.documents_read import record_dir, write_documents_read
-
-    documents = None
-    if stage.kind == "pretrain":
-        directory = record_dir(config.checkpoint.dir, stage.name)
-        write_documents_read(data, state.consumed_samples.get(stage.name, 0), directory)
-        documents = directory.name
+    documents = data.record_reads(config.checkpoint.dir, stage.name, state.consumed_samples.get(stage.name, 0))
     write_stage_done(config.checkpoint.dir, StageDone(
         stage=stage.name, iteration=state.iteration, consumed_tokens=state.consumed_tokens,
         stage_samples=state.consumed_samples.get(stage.name, 0), loss=state.last_loss, documents=documents))

@@ -24,7 +24,7 @@ from megafox.config import ConfigError, TrainConfig
 from megafox.records import RunState
 from megafox.checkpoint.run_lock import lock_for_run
 from megafox.runtime.dist import is_rank0
-from megafox.signals import EXIT_OK, EXIT_REQUEUE
+from megafox.runtime.process import EXIT_OK, EXIT_REQUEUE
 from megafox.training import curriculum
 from megafox.training.callbacks.base import Callback
 from megafox.training.callbacks.checkpointing import CheckpointCallback

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
+
+from megafox import watchdog
 
 PREFIX = "megafox/"
 
@@ -55,7 +57,12 @@ class PhaseTimers:
         return out
 
 
-def phase(owner, name: str):
-    """`owner.timers.phase(name)`, or nothing for an owner without timers (a test's stand-in trainer)."""
+@contextlib.contextmanager
+def phase(owner, name: str, watch: Optional[str] = None):
+    """The trainer is in phase `name`: timed in `owner.timers` (if it has any: a test's stand-in
+    trainer may not) and, with `watch`, held to the watchdog's limit for that phase
+    (megafox.watchdog.PHASES: "save", "eval")."""
     timers = getattr(owner, "timers", None)
-    return timers.phase(name) if timers is not None else contextlib.nullcontext()
+    with timers.phase(name) if timers is not None else contextlib.nullcontext():
+        with watchdog.phase(watch) if watch is not None else contextlib.nullcontext():
+            yield

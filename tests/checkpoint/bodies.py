@@ -1,4 +1,4 @@
-"""Bodies of the checkpoint tests, run on every rank by megafox.testing.distributed (not collected
+"""Bodies of the checkpoint tests, run on every rank by tests.support.distributed (not collected
 by pytest): train a tiny model a few steps through the trainer's own pieces, save and load
 training checkpoints, and report what the tests compare."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from megafox.checkpoint.saver import CheckpointSaver, save_training_checkpoint
 from megafox.checkpoint.state import layout_signature
 from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
 from megafox.records import CheckpointRecord, RunState
-from megafox.testing.layout import current_parallel
+from tests.support.layout import current_parallel
 from megafox.training.stack import build_training_stack
 from megafox.parallel.parallelize import params_gathered
 from megafox.training.step import train_step

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megafox.checkpoint.reader import DistCheckpoint
-from megafox.testing.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 pytestmark = pytest.mark.multirank
 BODIES = "tests/checkpoint/bodies.py"

@@ -1,4 +1,4 @@
-"""Multi-rank bodies for the checkpoint-tool tests (run by megafox.testing.distributed)."""
+"""Multi-rank bodies for the checkpoint-tool tests (run by tests.support.distributed)."""
 import torch
 
 from megafox.checkpoint.loader import load_model
@@ -6,7 +6,7 @@ from megafox.checkpoint.saver import save_training_checkpoint
 from megafox.checkpoint.state import layout_signature
 from megafox.config import BuildConfig, ModelConfig, OptimizerConfig
 from megafox.records import CheckpointRecord, RunState
-from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from tests.support.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.stack import build_training_stack
 from megafox.training.step import train_step
 

@@ -32,7 +32,7 @@ def tiny(tie: bool = True, **kw):
 
 
 def save_hf_dir(model, out_dir: Path, seed: int = 0, dtype=None) -> Path:
-    from megafox.testing.hf_reference import hf_llama
+    from tests.support.hf_reference import hf_llama
 
     hf = hf_llama(model, seed)
     if dtype is not None:

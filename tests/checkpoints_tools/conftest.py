@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from megafox.testing.distributed import run_distributed
+from tests.support.distributed import run_distributed
 from tests.checkpoints_tools.ckpt_tools_helpers import run_tool, save_hf_dir, tiny, train_sp
 
 
@@ -28,7 +28,7 @@ def tiny_converted(tmp_path_factory):
 @pytest.fixture(scope="session")
 def training_checkpoint(tmp_path_factory):
     """A real training checkpoint (model, optimizer, RNG state) saved by the trainer's save path."""
-    from megafox.testing.hf_reference import hf_state
+    from tests.support.hf_reference import hf_state
 
     tmp = tmp_path_factory.mktemp("train")
     model = tiny(tie=True)

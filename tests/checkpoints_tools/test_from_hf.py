@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from megafox.testing.distributed import run_distributed
+from tests.support.distributed import run_distributed
 from tests.checkpoints_tools.ckpt_tools_helpers import run_tool, save_hf_dir, tiny
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from megafox.testing.distributed import run_distributed
-from megafox.testing.hf_reference import hf_state
+from tests.support.distributed import run_distributed
+from tests.support.hf_reference import hf_state
 from tests.checkpoints_tools.ckpt_tools_helpers import run_tool, save_hf_dir, tiny
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""Bodies run on several ranks by megafox.testing.distributed.run_distributed."""
+"""Bodies run on several ranks by tests.support.distributed.run_distributed."""
 import torch
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megafox.data.stage_data import StageData
-from megafox.testing.distributed import run_distributed
+from tests.support.distributed import run_distributed
 from tests.data.data_helpers import gather
 from tests.support.indexed import write_blend
 from tests.support.processes import torchrun

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from megafox.testing.distributed import run_distributed
+from tests.support.distributed import run_distributed
 from tests.support.processes import REPO, clean_env, free_port, run_command
 from tests.support.text import stdlib_texts
 

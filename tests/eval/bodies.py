@@ -1,4 +1,4 @@
-"""Multi-rank bodies for the in-loop evaluator tests (run by megafox.testing.distributed)."""
+"""Multi-rank bodies for the in-loop evaluator tests (run by tests.support.distributed)."""
 import dataclasses
 from types import SimpleNamespace
 
@@ -6,9 +6,9 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
-from megafox.formats.tokenizer import load_tokenizer
 from megafox.config import EvalConfig
-from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from megafox.formats.tokenizer import load_tokenizer
+from tests.support.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.callbacks.downstream_eval import DownstreamEvalCallback
 from megafox.training.stack import build_training_stack
 from megafox.parallel.parallelize import params_gathered

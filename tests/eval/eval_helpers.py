@@ -165,7 +165,7 @@ def tiny_model(vocab_size: int = 1000):
 
 def peaked_hf_state(model, seed: int = 0):
     """A random Llama state dict whose logits spread over several nats (embeddings x 12)."""
-    from megafox.testing.hf_reference import hf_state
+    from tests.support.hf_reference import hf_state
 
     state = hf_state(model, seed)
     state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * 12.0
@@ -173,7 +173,7 @@ def peaked_hf_state(model, seed: int = 0):
 
 
 def save_hf_dir(model, out_dir: Path, seed: int = 0) -> Path:
-    from megafox.testing.hf_reference import hf_llama
+    from tests.support.hf_reference import hf_llama
 
     hf = hf_llama(model, seed)
     hf.load_state_dict(peaked_hf_state(model, seed))
@@ -194,7 +194,7 @@ def sharp_attention_state(model, seed: int = 6):
     depend on which positions a token attends to and how far away they are (a plain random model
     repeats one token whatever it attends to); seed 6's top-2 logits stay >= 2e-3 apart on
     test_ragged_generation's prompts, far above float32 noise."""
-    from megafox.testing.hf_reference import hf_state
+    from tests.support.hf_reference import hf_state
 
     state = hf_state(model, seed)
     for name, tensor in state.items():

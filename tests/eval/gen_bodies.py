@@ -1,4 +1,4 @@
-"""Rank bodies for the ragged-generation tests (run by megafox.testing.distributed): megafox's
+"""Rank bodies for the ragged-generation tests (run by tests.support.distributed): megafox's
 greedy generation over prompts of different lengths in one batch, with every model forward
 counted by wrapping the chunks' forward from here (production code has no counter)."""
 import dataclasses
@@ -11,7 +11,7 @@ from megafox.formats.tokenizer import load_tokenizer
 from megafox.eval.lm import MegafoxLM
 from megafox.eval.scorer import CollectiveScorer, serve_while
 from megafox.model.build import build_model
-from megafox.testing.layout import current_parallel, load_hf_weights
+from tests.support.layout import current_parallel, load_hf_weights
 from tests.eval.eval_helpers import sharp_attention_state, tiny_model
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megafox.testing.distributed import run_distributed
+from tests.support.distributed import run_distributed
 from tests.eval.eval_helpers import peaked_hf_state, run_eval, tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
@@ -69,7 +69,7 @@ def _hf_dir(weights, tokenizer, out: Path) -> Path:
     """The weights a run's evaluator scored, as a Hugging Face directory with its tokenizer."""
     from checkpoints_tools.hf_tokenizer import write_hf_tokenizer
     from megafox.config import fox1_tiny
-    from megafox.testing.hf_reference import hf_llama
+    from tests.support.hf_reference import hf_llama
 
     model = fox1_tiny()  # what bodies.py trains
     hf = hf_llama(model)

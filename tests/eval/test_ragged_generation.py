@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from megafox.formats.tokenizer import load_tokenizer
-from megafox.testing.distributed import run_distributed
-from megafox.testing.hf_reference import hf_llama
+from tests.support.distributed import run_distributed
+from tests.support.hf_reference import hf_llama
 from tests.eval.eval_helpers import sharp_attention_state, tiny_model
 from tests.support.text import stdlib_texts
 

@@ -1,4 +1,4 @@
-"""Bodies of the independent-claims tests, run on every rank by megafox.testing.distributed
+"""Bodies of the independent-claims tests, run on every rank by tests.support.distributed
 (not collected by pytest). They train through the trainer's own pieces (build_training_stack with
 the run's TrainConfig, so megatron-core's param groups get their weight decay from the LR
 scheduler as in the trainer; train_step; save/load_training_checkpoint) and hand back what the
@@ -16,7 +16,7 @@ from megafox.config import (BuildConfig, ModelConfig, OptimizerConfig, ScheduleC
                             fox1_tiny)
 from megafox.model.hf_mapping import megatron_to_hf
 from megafox.records import CheckpointRecord, RunState, config_mapping
-from megafox.testing.layout import current_parallel, gather_hf_weights, layout_of, load_hf_weights, my_key
+from tests.support.layout import current_parallel, gather_hf_weights, layout_of, load_hf_weights, my_key
 from megafox.training.stack import build_training_stack
 from megafox.parallel.parallelize import params_gathered
 from megafox.training.step import train_step

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from megafox.config import ModelConfig
-from megafox.testing.hf_reference import hf_llama
+from tests.support.hf_reference import hf_llama
 
 SEQ, GLOBAL_BATCH = 16, 8
 # Chosen so every path of the update is visible at 1e-5 (test_reference_settings_make_every_path_matter

@@ -9,8 +9,8 @@ optimizer steps; loss, grad norm and every weight agree to 1e-6 (observed: weigh
 import pytest
 import torch
 
-from megafox.testing.distributed import run_distributed
-from megafox.testing.hf_reference import hf_state
+from tests.support.distributed import run_distributed
+from tests.support.hf_reference import hf_state
 from tests.independent.bodies import tiny_model
 from tests.independent.reference import GLOBAL_BATCH, SETTINGS, make_batches
 

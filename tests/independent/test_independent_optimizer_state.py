@@ -18,8 +18,8 @@ the uninterrupted one; after a layout change it agrees to 1e-5.
 import pytest
 import torch
 
-from megafox.testing.distributed import run_distributed
-from megafox.testing.hf_reference import hf_state
+from tests.support.distributed import run_distributed
+from tests.support.hf_reference import hf_state
 from tests.independent.bodies import STATE_KEYS, tiny_model
 from tests.independent.reference import SETTINGS, make_batches
 

@@ -11,8 +11,8 @@ torch.nn.utils.clip_grad_norm_, torch.optim.AdamW with weight decay on the matri
 import pytest
 import torch
 
-from megafox.testing.distributed import run_distributed
-from megafox.testing.hf_reference import hf_state
+from tests.support.distributed import run_distributed
+from tests.support.hf_reference import hf_state
 from tests.independent.bodies import tiny_model
 from tests.independent.reference import SETTINGS, hf_train, hf_weights_padded, make_batches
 

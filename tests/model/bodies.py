@@ -4,8 +4,8 @@ import torch
 from megafox.config import fox1_1p6b, fox1_tiny
 from megafox.model.build import build_model
 from megafox.model.hf_mapping import RankKey, hf_to_megatron, load_rank_state, megatron_to_hf, rank_state
-from megafox.testing.hf_reference import hf_llama
-from megafox.testing.layout import current_parallel
+from tests.support.hf_reference import hf_llama
+from tests.support.layout import current_parallel
 
 
 def logits_vs_hf(impl, untied=False):

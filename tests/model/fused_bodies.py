@@ -1,4 +1,4 @@
-"""Rank bodies for the fused-loss and recompute tests (run by megafox.testing.distributed)."""
+"""Rank bodies for the fused-loss and recompute tests (run by tests.support.distributed)."""
 import dataclasses
 
 import torch
@@ -7,8 +7,8 @@ from megatron.core import parallel_state as ps
 from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
 from megafox.model.build import build_model
 from megafox.model.gpt import FoxGPTModel
-from megafox.testing.hf_reference import hf_llama
-from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from tests.support.hf_reference import hf_llama
+from tests.support.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.stack import build_training_stack
 from megafox.training.step import train_step
 

@@ -1,4 +1,4 @@
-"""Bodies of the packed-sequence tests, run under torchrun by megafox.testing.distributed (not
+"""Bodies of the packed-sequence tests, run under torchrun by tests.support.distributed (not
 collected by pytest). Packed batches are built here by hand from the conversations (not by
 SFTData) so the model tests do not lean on the loader they are meant to serve."""
 import torch
@@ -11,8 +11,8 @@ from megafox.model.attention import packed_seq_params
 from megafox.model.build import build_model, transformer_config
 from megafox.model.hf_mapping import RankKey, hf_to_megatron, load_rank_state
 from megafox.parallel.parallelize import build_optimizer, configure_schedule_hooks, params_gathered, wrap_ddp
-from megafox.testing.hf_reference import hf_llama
-from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from tests.support.hf_reference import hf_llama
+from tests.support.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.step import forward_step, train_step
 
 PAD = 3

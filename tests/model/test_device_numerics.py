@@ -9,8 +9,8 @@ from megafox.config import fox1_tiny
 from megafox.model import fused_loss
 from megafox.model.attention import SDPAttention
 from megafox.model.fused_loss import fused_linear_cross_entropy
-from megafox.testing.distributed import run_distributed
-from megafox.testing.hf_reference import hf_state
+from tests.support.distributed import run_distributed
+from tests.support.hf_reference import hf_state
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

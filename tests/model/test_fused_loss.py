@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from megafox.config import fox1_tiny
 from megafox.model.fused_loss import LOGITS_BUDGET_BYTES, chunk_size, fused_linear_cross_entropy
-from megafox.testing.distributed import run_distributed
-from megafox.testing.hf_reference import hf_state
+from tests.support.distributed import run_distributed
+from tests.support.hf_reference import hf_state
 from tests.support.compare import assert_same_step
 
 BATCH, SEQ = 4, 32

@@ -7,8 +7,8 @@ from megafox.info import parameter_count
 from megafox.model.hf_adapter import (LOCAL_LAYER, MCORE_EMBEDDING, MCORE_LAYER_PREFIX, TE_LAYER, local_to_te_names,
                                       megatron_global_shapes, megatron_layer_shapes)
 from megafox.model.hf_mapping import Layout, hf_config_dict, hf_to_megatron, megatron_to_hf
-from megafox.testing.distributed import run_distributed
-from megafox.testing.hf_reference import hf_state
+from tests.support.distributed import run_distributed
+from tests.support.hf_reference import hf_state
 
 
 @pytest.mark.parametrize("impl", ["local", "native"])

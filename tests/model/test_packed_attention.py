@@ -11,8 +11,8 @@ import torch
 from megafox.config import ConfigError, fox1_tiny
 from megafox.model.attention import SDPAttention, packed_seq_params
 from megafox.model.specs import layer_spec, require_packed_support
-from megafox.testing.distributed import run_distributed
-from megafox.testing.hf_reference import hf_state
+from tests.support.distributed import run_distributed
+from tests.support.hf_reference import hf_state
 from tests.support.compare import assert_same_step
 from tests.support.indexed import synthetic_conversations, write_sft_blend, write_sft_dataset
 from tests.support.text import stdlib_texts

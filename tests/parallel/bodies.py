@@ -1,11 +1,11 @@
-"""Test bodies run on several ranks by megafox.testing.distributed (not collected by pytest)."""
+"""Test bodies run on several ranks by tests.support.distributed (not collected by pytest)."""
 import dataclasses
 
 import torch
 from megatron.core import parallel_state as ps
 
 from megafox.config import BuildConfig, OptimizerConfig, fox1_tiny
-from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from tests.support.layout import current_parallel, gather_hf_weights, load_hf_weights
 from megafox.training.stack import build_training_stack
 from megafox.parallel.parallelize import params_gathered
 from megafox.training.step import train_step

@@ -5,7 +5,7 @@ from megafox.checkpoint.state import layout_signature
 from megafox.records import CheckpointRecord
 from megafox.config import fox1_tiny
 from megafox.model.build import build_model
-from megafox.testing.layout import current_parallel, gather_hf_weights, load_hf_weights
+from tests.support.layout import current_parallel, gather_hf_weights, load_hf_weights
 
 
 def save(hf_path, root):

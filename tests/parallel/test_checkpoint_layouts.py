@@ -5,8 +5,8 @@ import torch
 from megafox.checkpoint.errors import CheckpointError
 from megafox.checkpoint.layout import read_metadata
 from megafox.config import fox1_tiny
-from megafox.testing.distributed import run_distributed
-from megafox.testing.hf_reference import hf_state
+from tests.support.distributed import run_distributed
+from tests.support.hf_reference import hf_state
 
 pytestmark = pytest.mark.multirank
 

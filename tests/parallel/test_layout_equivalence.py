@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from megafox.config import fox1_tiny
-from megafox.testing.distributed import run_distributed
-from megafox.testing.hf_reference import hf_state
+from tests.support.distributed import run_distributed
+from tests.support.hf_reference import hf_state
 from tests.support.compare import assert_same_step
 
 pytestmark = pytest.mark.multirank

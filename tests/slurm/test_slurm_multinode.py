@@ -116,7 +116,7 @@ def test_every_fault_requeues_and_the_stage_ends_bit_identical(reference, tiny_d
     (tmp_path / "logs").mkdir()
     (tmp_path / "once").mkdir()
     ckpt = tmp_path / "ckpt"
-    faults = (f"{PYTHON} -m megafox.testing.faults --step-sleep 0.3 --once {tmp_path / 'once'} "
+    faults = (f"{PYTHON} -m tests.support.faults --step-sleep 0.3 --once {tmp_path / 'once'} "
               "--kill-at-step 12@3 --stop-at-step 18@1 --")
     job = sbatch("stage1.slurm", MULTINODE, env_for(ckpt, tiny_data, MEGAFOX_TRAIN_CMD=faults), tmp_path)
     killed = None

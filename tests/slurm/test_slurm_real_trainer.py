@@ -86,7 +86,7 @@ def test_real_time_limit_preemption_requeues_and_matches(stage1_ckpt, stage2_ref
     (tmp_path / "logs").mkdir()
     ckpt = copy_tree(stage1_ckpt, tmp_path / "ckpt")
     args = [a for a in CI_SBATCH if not a.startswith(("--time", "--signal"))] + ["--time=1", "--signal=B:USR1@30"]
-    job = sbatch("stage2.slurm", args, real_env(ckpt, tiny_run, MEGAFOX_TRAIN_CMD=f"{PYTHON} -m megafox.testing.faults --step-sleep {STEP_SLEEP} --"), tmp_path)
+    job = sbatch("stage2.slurm", args, real_env(ckpt, tiny_run, MEGAFOX_TRAIN_CMD=f"{PYTHON} -m tests.support.faults --step-sleep {STEP_SLEEP} --"), tmp_path)
     info = wait_job(job, 600)
     out = job_output(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), out[-5000:]

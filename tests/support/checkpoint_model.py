@@ -1,5 +1,5 @@
 """A megafox checkpoint run by megafox itself, for comparing with transformers on its export:
-one-rank bodies for megafox.testing.distributed.run_distributed (the model is built at TP1/PP1 and
+one-rank bodies for tests.support.distributed.run_distributed (the model is built at TP1/PP1 and
 loaded the way the trainer loads it, checkpoints_tools.hf_compare)."""
 from typing import List
 

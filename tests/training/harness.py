@@ -31,8 +31,8 @@ SMALL = [
 
 def faulty_trainer(*faults: str) -> Dict[str, str]:
     """The environment that makes the launcher run megafox-train with test-side fault callbacks
-    (megafox.testing.faults), e.g. faulty_trainer("--kill-at-step", "7")."""
-    return {"MEGAFOX_TRAIN_CMD": " ".join([sys.executable, "-m", "megafox.testing.faults", *faults, "--"])}
+    (tests.support.faults), e.g. faulty_trainer("--kill-at-step", "7")."""
+    return {"MEGAFOX_TRAIN_CMD": " ".join([sys.executable, "-m", "tests.support.faults", *faults, "--"])}
 
 
 def run_stage(stage: str, root: Path, data: Path, nproc: int = 2, overrides: List[str] = (),
@@ -169,7 +169,7 @@ def worker_with_rank(launcher_pid: int, rank: int):
     for child in psutil.Process(launcher_pid).children(recursive=True):
         try:
             line = " ".join(child.cmdline())
-            if ("megafox.train" in line or "megafox.testing.faults" in line) and child.environ().get("RANK") == str(rank):
+            if ("megafox.train" in line or "tests.support.faults" in line) and child.environ().get("RANK") == str(rank):
                 return child
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

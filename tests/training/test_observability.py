@@ -2,7 +2,7 @@
 ranks): W&B (offline) and MLflow (file store) read back through their own formats/APIs against
 metrics/<stage>.jsonl, one tracker run over a requeue and the next stage, per-phase timers, the
 on-demand profiler trace, ETA against its closed form, straggler detection with one rank slowed
-from the tests' side (megafox.testing.faults), and `megafox report` from the metrics files alone.
+from the tests' side (tests.support.faults), and `megafox report` from the metrics files alone.
 
 One run is shared by every assertion: stage1 with rank 1 slowed, requeued by SIGUSR1 after step 5;
 stage1 resumed to its end; stage2."""

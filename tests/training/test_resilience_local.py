@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from megafox.signals import EXIT_HUNG
+from megafox.runtime.process import EXIT_HUNG
 from tests.training.harness import faulty_trainer, run_stage
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megafox.checkpoint.layout import read_record
-from megafox.testing.distributed import run_distributed
+from tests.support.distributed import run_distributed
 from tests.support.processes import run_module
 from tests.training.harness import faulty_trainer, latest, losses, metrics, run_stage, sample_ids
 

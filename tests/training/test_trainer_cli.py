@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from megafox.checkpoint.layout import read_record, write_latest
 from megafox.records import METADATA_FILE
 from megafox.config import load_train_config
-from megafox.testing.hf_reference import hf_llama
+from tests.support.hf_reference import hf_llama
 from tests.support.processes import REPO, run_module
 from tests.training.harness import (adam_step, faulty_trainer, kill_session, latest, losses, metrics, model_tensors,
                                     run_stage, sample_ids, track, wait_for_line, worker_with_rank)

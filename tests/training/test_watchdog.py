@@ -1,4 +1,4 @@
-"""The per-rank watchdog (megafox/watchdog.py) and the rendezvous time limit (megafox/parallel.py),
+"""The per-rank watchdog (megafox/watchdog.py) and the rendezvous time limit (megafox/parallel/process_groups.py),
 in-process against a real c10d TCPStore; the multi-rank runs are in test_resilience_local.py
 (torchrun) and tests/slurm/test_slurm_multinode.py."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ from torch.distributed import TCPStore
 
 from megafox.config import ConfigError, WatchdogConfig, load_train_config
 from megafox.parallel.process_groups import DistEnv, RendezvousFailed, rendezvous_store
-from megafox.signals import EXIT_RENDEZVOUS
+from megafox.runtime.process import EXIT_RENDEZVOUS
+from megafox.training.timers import PhaseTimers, phase
 from megafox.watchdog import Watchdog, watched
 from tests.support.processes import REPO, clean_env, free_port, run_module
 
@@ -80,6 +81,28 @@ def test_step_times_exclude_saves_and_evaluations():
         assert len(w.step_times) == 1
     finally:
         w.stop()
+
+
+def test_one_phase_times_the_block_and_holds_it_to_the_watchdog_limit():
+    """training.timers.phase(trainer, name, watch=...) drives both: the timers' exclusive seconds
+    under `name` and the watchdog's phase `watch` (the step clock paused, as for @watched)."""
+    class Trainer:
+        timers = PhaseTimers()
+
+    w = dog().start()
+    try:
+        w.step_begins(1)
+        with phase(Trainer, "validation", watch="eval"):
+            assert w._phase == "eval"
+            time.sleep(0.05)
+        assert w._phase == "step"
+        w.step_begins(2)
+        assert w.step_times == []  # the validation between steps 1 and 2 is not a step time
+        with phase(object(), "eval", watch="save"):  # a stand-in trainer without timers: the watchdog still sees it
+            assert w._phase == "save"
+    finally:
+        w.stop()
+    assert Trainer.timers.take()["validation"] >= 0.05
 
 
 def test_heartbeats_name_a_silent_peer_and_every_rank_gets_the_abort(tmp_path):

@@ -20,16 +20,20 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from megafox.config import EvalConfig
+from megafox.checkpoint.state import get_rng_state, set_rng_state
+from megafox.config import ConfigError, EvalConfig
+from megafox.eval.runner import quiet_lm_eval, run_tasks
+from megafox.eval.scorer import CollectiveScorer, serve_while
+from megafox.eval.suites import parse_task_list
+from megafox.eval.tasks import load_tasks, offline_environment, require_lm_eval, task_manager
+from megafox.runtime.dist import rank, world_size
 from megafox.training.callbacks.base import Callback
+from megafox.parallel.parallelize import params_gathered
 from megafox.training.timers import phase
-from megafox.watchdog import watched
 
 
 class DownstreamEvalCallback(Callback):
     def __init__(self, config: EvalConfig):
-        from megafox.eval.suites import parse_task_list
-
         self.config = config.validate()
         parse_task_list(self.config.tasks, where="eval.tasks")  # syntax, at start-up; names and data in on_start
         self.scorer = None
@@ -40,11 +44,8 @@ class DownstreamEvalCallback(Callback):
     def on_start(self, trainer) -> None:
         if not self.config.interval:
             return
-        from megafox.config import ConfigError
-        from megafox.eval.scorer import CollectiveScorer
-
         problem = None
-        if _rank() == 0:
+        if rank() == 0:
             try:
                 self.tm, self.tasks = self._load_tasks(trainer)
             except ConfigError as exc:
@@ -55,10 +56,6 @@ class DownstreamEvalCallback(Callback):
         self.scorer = CollectiveScorer(trainer.model, trainer.config.model.vocab_size, self.config.batch_size)
 
     def _load_tasks(self, trainer):
-        from megafox.eval.runner import quiet_lm_eval
-        from megafox.eval.suites import parse_task_list
-        from megafox.eval.tasks import load_tasks, offline_environment, require_lm_eval, task_manager
-
         offline_environment()
         require_lm_eval()
         quiet_lm_eval()
@@ -72,16 +69,11 @@ class DownstreamEvalCallback(Callback):
     # -------------------------------------------------------------------------------- each step
     def post_step(self, trainer, result) -> None:
         if self.config.interval and trainer.state.iteration % self.config.interval == 0:
-            with phase(trainer, "eval"):
+            with phase(trainer, "eval", watch="eval"):
                 self.evaluate(trainer)
 
-    @watched("eval")
     def evaluate(self, trainer) -> Optional[Dict[str, float]]:
         """Scores on rank 0 (None elsewhere); every rank must call it at the same step."""
-        from megafox.checkpoint.state import get_rng_state, set_rng_state
-        from megafox.eval.scorer import serve_while
-        from megafox.parallel.parallelize import params_gathered
-
         start = time.monotonic()
         rng = get_rng_state()
         modes = [chunk.training for chunk in trainer.model]
@@ -107,8 +99,7 @@ class DownstreamEvalCallback(Callback):
         return values
 
     def _drive(self, trainer) -> Dict[str, float]:
-        from megafox.eval.lm import MegafoxLM
-        from megafox.eval.runner import run_tasks
+        from megafox.eval.lm import MegafoxLM  # imports lm_eval: only after offline_environment() (on_start)
 
         max_length = self.config.max_length or trainer.config.model.max_position_embeddings
         lm = MegafoxLM(self.scorer, trainer.tokenizer, max_length, name=f"step {trainer.state.iteration}",
@@ -119,12 +110,8 @@ class DownstreamEvalCallback(Callback):
                 for r in results if r.value is not None}
 
 
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def _broadcast(value):
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+    if world_size() == 1:
         return value
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)

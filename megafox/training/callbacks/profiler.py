@@ -22,7 +22,7 @@ import torch
 from megafox.config import TrainConfig
 from megafox.training.callbacks.base import Callback
 
-TRACE_SIGNAL = signal.SIGUSR2  # SIGUSR1 and SIGTERM are the stop signals (megafox.signals)
+TRACE_SIGNAL = signal.SIGUSR2  # SIGUSR1 and SIGTERM are the stop signals (megafox.runtime.process)
 
 
 def _always_record(step: int) -> torch.profiler.ProfilerAction:

@@ -1,7 +1,7 @@
 """Stop requests: SIGUSR1/SIGTERM (SLURM's time-limit warning, preemption, scancel) and
 --exit-after-minutes. A signal only sets a flag; after each step every rank all-reduces the
 flag (so all ranks agree even when the scheduler signalled only some of them), then the trainer
-saves and exits 75 (megafox.signals).
+saves and exits 75 (megafox.runtime.process).
 
 The stop signals are held (blocked) from process start (megafox.train) until `install` puts the
 handler in place; a signal that came meanwhile is delivered to it then, so a rank that is still
@@ -13,7 +13,9 @@ import signal
 import time
 from typing import Optional
 
-from megafox.signals import STOP_SIGNALS, release_stop_signals
+import torch
+
+from megafox.runtime.process import STOP_SIGNALS, release_stop_signals
 from megafox.training.callbacks.base import Callback
 
 _TIME_LIMIT, _SIGNAL = 1, 2  # the larger wins in the all-reduce
@@ -54,8 +56,6 @@ class StopCallback(Callback):
     def agreed(self, signals_only: bool = False) -> int:
         """The largest reason over all ranks (0: keep going); every rank gets the same answer.
         `signals_only`: before the first step, where the time limit does not apply yet."""
-        import torch  # not at import time: megafox.train imports this before torch
-
         flag = torch.tensor([self.local_reason(signals_only)], dtype=torch.int32,
                             device="cuda" if torch.cuda.is_available() else "cpu")
         if torch.distributed.is_initialized():

@@ -9,22 +9,19 @@ from __future__ import annotations
 import torch
 
 from megafox.training.callbacks.base import Callback
+from megafox.training.step import train_step
 from megafox.training.timers import phase
-from megafox.watchdog import watched
 
 
 class ValidationCallback(Callback):
     def post_step(self, trainer, report) -> None:
         interval = trainer.config.validation.interval
         if interval and (report.iteration % interval == 0 or trainer.stage_finished):
-            with phase(trainer, "validation"):
+            with phase(trainer, "validation", watch="eval"):
                 self.validate(trainer)
 
     @staticmethod
-    @watched("eval")
     def validate(trainer) -> None:
-        from megafox.training.step import train_step
-
         total, tokens = 0.0, 0
         for b in range(trainer.config.validation.batches):
             batches = list(trainer.data.valid_micro_batches(b * trainer.gbs, trainer.mbs, trainer.dp_rank,

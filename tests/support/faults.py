@@ -1,6 +1,6 @@
 """Fault injection for tests, from the tests' side: `megafox-train` with extra callbacks.
 
-    python -m megafox.testing.faults [--kill-at-step K] [--crash-in-save N] [--nan-at-step K]
+    python -m tests.support.faults [--kill-at-step K] [--crash-in-save N] [--nan-at-step K]
                                      [--step-sleep S] [--slow-rank R --slow-seconds S]
                                      [--signal-at-step K] [--stop-at-step K@R] [--hang-at-step K@R]
                                      [--once DIR] -- <megafox-train arguments>
@@ -10,7 +10,7 @@ makes each of those faults fire in one run only (the first to create DIR/<fault>
 or restarted job trains on undisturbed.
 
 The launchers run it in place of the trainer through MEGAFOX_TRAIN_CMD (e.g.
-`MEGAFOX_TRAIN_CMD="python -m megafox.testing.faults --kill-at-step 7 --" launch/local.sh stage1`),
+`MEGAFOX_TRAIN_CMD="python -m tests.support.faults --kill-at-step 7 --" launch/local.sh stage1`),
 so production code reads no test-only variables: a real run can never be killed or slowed by one
 left in a user's environment.
 """
@@ -23,10 +23,15 @@ import sys
 import threading
 import time
 
-from megafox.signals import hold_stop_signals
+from megafox.runtime.process import hold_stop_signals
 
 hold_stop_signals()  # as megafox.train does, before the slow imports
 
+import torch  # noqa: E402
+
+from megafox.checkpoint.state import unwrap  # noqa: E402
+from megafox.runtime.dist import rank as global_rank  # noqa: E402
+from megafox.train import main as train_main  # noqa: E402
 from megafox.training.callbacks.base import Callback  # noqa: E402
 
 
@@ -40,10 +45,6 @@ class KillAtStep(Callback):
         if trainer.state.iteration + 1 == self.step:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def _claim(once) -> bool:
@@ -66,12 +67,13 @@ class RankFault(Callback):
         self.what, self.step, self.rank, self.once = what, step, rank, once
 
     def pre_step(self, trainer, batches) -> None:
-        if trainer.state.iteration + 1 != self.step or (self.rank is not None and _rank() != self.rank):
+        if trainer.state.iteration + 1 != self.step or (self.rank is not None and global_rank() != self.rank):
             return
         if not _claim(self.once):
             return
         # the wall-clock time, comparable with the launchers' log lines: how fast the job ends
-        print(f"[test fault] rank {_rank()}: {self.what} at step {self.step} ({time.strftime('%F %T')})", flush=True)
+        print(f"[test fault] rank {global_rank()}: {self.what} at step {self.step} ({time.strftime('%F %T')})",
+              flush=True)
         if self.what == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.what == "stop":
@@ -101,8 +103,6 @@ class NanAtStep(Callback):
         self.step, self.handles = step, []
 
     def pre_step(self, trainer, batches) -> None:
-        from megafox.checkpoint.state import unwrap
-
         if trainer.state.iteration + 1 != self.step:
             return
         for chunk in trainer.model:
@@ -123,8 +123,6 @@ class SlowRank(Callback):
         self.rank, self.seconds = rank, seconds
 
     def on_start(self, trainer) -> None:
-        import torch
-
         if torch.distributed.get_rank() != self.rank:
             return
         for chunk in trainer.model:
@@ -139,8 +137,6 @@ class SignalAtStep(Callback):
         self.step = step
 
     def post_step(self, trainer, report) -> None:
-        import torch
-
         if report.iteration == self.step and torch.distributed.get_rank() == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
 
@@ -158,7 +154,7 @@ class StepSleep(Callback):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    parser = argparse.ArgumentParser(prog="python -m megafox.testing.faults")
+    parser = argparse.ArgumentParser(prog="python -m tests.support.faults")
     parser.add_argument("--kill-at-step")
     parser.add_argument("--crash-in-save", type=int)
     parser.add_argument("--nan-at-step", type=int)
@@ -191,8 +187,6 @@ def main(argv=None) -> int:
         callbacks.append(SlowRank(faults.slow_rank, faults.slow_seconds))
     if faults.step_sleep:
         callbacks.append(StepSleep(faults.step_sleep))
-    from megafox.train import main as train_main
-
     return train_main(argv[split + 1:], callbacks=callbacks)
 
 

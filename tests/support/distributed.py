@@ -6,16 +6,20 @@ megatron-core's parallel state is set up for the requested layout, and rank 0's 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
+from megafox.config import ParallelConfig
+from megafox.parallel.process_groups import destroy_distributed, init_distributed
 from megafox.runtime.dist import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +38,7 @@ def run_distributed(body: str, nproc: int, layout: Optional[Dict[str, Any]] = No
         env.setdefault("OMP_NUM_THREADS", "1")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               "-m", "megafox.testing.distributed", str(spec_file)]
+               "-m", "tests.support.distributed", str(spec_file)]
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{body} on {nproc} ranks failed (exit {proc.returncode}):\n"
@@ -43,13 +47,7 @@ def run_distributed(body: str, nproc: int, layout: Optional[Dict[str, Any]] = No
 
 
 def _main(spec_file: str) -> None:
-    import importlib.util
-    import warnings
-
     warnings.filterwarnings("ignore")
-    from megafox.config import ParallelConfig
-    from megafox.parallel.process_groups import destroy_distributed, init_distributed
-
     spec = json.loads(Path(spec_file).read_text())
     init_distributed(ParallelConfig(**spec["layout"]))
     path, name = spec["body"].rsplit(":", 1)
