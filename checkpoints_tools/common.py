@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from typing import Callable, List, Optional
 
 from megafox.checkpoint.errors import CheckpointError
 from megafox.config import ConfigError, ParallelConfig
+from megafox.runtime.cli import run_main
 from megafox.runtime.dist import free_port
 
 # Exit codes: 2 = bad input (not a checkpoint, missing shards, shape mismatch, unsupported model);
@@ -25,14 +25,8 @@ def run_cli(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]
     # first: megatron-core warns at import time that TE/apex are absent, which is no news to a tool user
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return main(argv)
-    except (ToolError, CheckpointError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_main(main, argv, errors=(ToolError, CheckpointError, ConfigError), status=EXIT_BAD_INPUT,
+                    os_errors=False, interrupted="error: interrupted")
 
 
 def parse_dtype(name: str):
@@ -75,7 +69,6 @@ def parse_size(text: str) -> int:
 
 def init_single_process():
     """One-rank megatron-core parallel state (gloo, CPU shim when there is no GPU), TP1/PP1."""
-    from megafox.config import ParallelConfig
     from megafox.parallel.process_groups import init_distributed  # megatron-core: only for the commands that build a model
 
     if "RANK" not in os.environ:

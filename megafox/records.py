@@ -23,13 +23,15 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from megafox.checkpoint.errors import CheckpointError
-from megafox.config import ConfigError, ModelConfig, from_dict
+from megafox.config import ConfigError, ModelConfig, from_dict, load_train_config
+from megafox.runtime.cli import run_main
 
 FORMAT = "megafox-dist-v2"
 READABLE_FORMATS = ("megafox-dist-v1", FORMAT)
@@ -330,10 +332,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     `python -m megafox.records stage-done --checkpoint-dir D --stage S` exits 0 when S is complete,
     1 when not; `python -m megafox.records show DIR` prints an iteration directory's record.
     Exit 2 with one line on a bad config or a malformed record."""
-    import shlex
-
-    from megafox.config import load_train_config
-
     parser = argparse.ArgumentParser(prog="python -m megafox.records", description=main.__doc__.split(";")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("checkpoint-dir")
@@ -345,24 +343,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("show")
     p.add_argument("directory")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "checkpoint-dir":
-            config = load_train_config(args.config, shlex.split(os.environ.get("MEGAFOX_OVERRIDES", "")))
-            for stage in args.stage:
-                config.stage(stage)
-            print(os.path.abspath(os.path.expanduser(config.checkpoint.dir)))
-            return 0
-        if args.command == "stage-done":
-            done = read_stage_done(args.checkpoint_dir, args.stage)
-            if done is None:
-                return 1
-            print(f"{done.stage} complete at iteration {done.iteration} ({done.consumed_tokens} tokens)")
-            return 0
-        print(read_checkpoint_record(args.directory).to_json(), end="")
+    return run_main(_run_command, args, errors=(ConfigError, CheckpointError), prefix="megafox.records: error: ",
+                    os_errors=False, interrupted=None)
+
+
+def _run_command(args) -> int:
+    if args.command == "checkpoint-dir":
+        config = load_train_config(args.config, shlex.split(os.environ.get("MEGAFOX_OVERRIDES", "")))
+        for stage in args.stage:
+            config.stage(stage)
+        print(os.path.abspath(os.path.expanduser(config.checkpoint.dir)))
         return 0
-    except (ConfigError, CheckpointError) as exc:
-        print(f"megafox.records: error: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "stage-done":
+        done = read_stage_done(args.checkpoint_dir, args.stage)
+        if done is None:
+            return 1
+        print(f"{done.stage} complete at iteration {done.iteration} ({done.consumed_tokens} tokens)")
+        return 0
+    print(read_checkpoint_record(args.directory).to_json(), end="")
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import functools
 import json
 import os
 import socket
@@ -69,17 +68,6 @@ def phase(name: str):
     finally:
         dog.enter(previous)
         dog.pause_step_clock()
-
-
-def watched(name: str):
-    """Decorator: the function runs under phase `name` (checkpoint saves, evaluations)."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            with phase(name):
-                return fn(*args, **kwargs)
-        return inner
-    return wrap
 
 
 def _exit_file_status(status: int) -> None:

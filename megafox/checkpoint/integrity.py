@@ -26,6 +26,7 @@ from megafox.checkpoint.errors import CheckpointError, NoUsableCheckpoint
 from megafox.checkpoint.layout import iteration_dir, list_checkpoints, resolve_iteration
 from megafox.checkpoint.safe_load import read_dcp_metadata, safe_torch_load
 from megafox.records import CheckpointRecord, read_checkpoint_record
+from megafox.runtime.dist import is_rank0
 
 ALGORITHM = "crc32"
 _CHUNK = 8 << 20
@@ -142,19 +143,11 @@ def check_digests(directory: Path, files: Optional[Dict[str, Dict[str, object]]]
     up: each rank checks its share of the files; every rank gets the same answer (the first
     problem found, or None)."""
     if files is None:
-        problem = check_index(directory) if _rank() == 0 else None
+        problem = check_index(directory) if is_rank0() else None
         return agree(problem)
     names = sorted(files)
-    share = names[_rank()::_world()]
+    share = names[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else names
     return agree(check_files(directory, files, share))
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def agree(problem: Optional[str]) -> Optional[str]:
@@ -173,7 +166,7 @@ def check_usable(directory: Union[str, Path], files: Optional[Dict[str, Dict[str
     and never run."""
     problem = check_digests(Path(directory), files)
     if problem is None:
-        problem = agree(check_loads_without_code(Path(directory)) if _rank() == 0 else None)
+        problem = agree(check_loads_without_code(Path(directory)) if is_rank0() else None)
     return problem
 
 

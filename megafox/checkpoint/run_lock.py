@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from megafox.checkpoint.errors import CheckpointError
+from megafox.runtime.dist import is_rank0
 
 LOCK_FILE = ".megafox.lock"
 
@@ -69,7 +70,7 @@ def lock_for_run(directory: Path) -> CheckpointDirLock:
     import torch.distributed as dist
 
     lock, problem = CheckpointDirLock(directory), None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         try:
             lock.acquire()
         except (RunLocked, OSError) as exc:

@@ -30,7 +30,7 @@ from megafox.checkpoint.state import layout_signature, model_sharded_state_dict,
 from megafox.checkpoint.writer import ThreadCallsQueue, WriteDigests, in_threads
 from megafox.compat import megatron_core as mcore_compat
 from megafox.records import METADATA_FILE, CheckpointRecord, write_checkpoint_record
-from megafox.runtime.dist import is_rank0
+from megafox.runtime.dist import barrier, is_rank0
 
 # Called by every rank once a save's shards are on disk and before its record is written.
 BeforeCommit = Callable[[Path], None]
@@ -69,11 +69,6 @@ def _disk_full(root: Path, last: Optional[int]) -> Optional[str]:
     if last is not None:
         need = max(need // 64, sum(f.stat().st_size for f in iteration_dir(root, last).iterdir() if f.is_file()))
     return f"{free / 2**20:.1f} MiB free, a save needs {need / 2**20:.1f} MiB" if free < need else None
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 @dataclass
@@ -187,7 +182,7 @@ def _prepare_iteration_dir(root: Path, iteration: int) -> Path:
         elif path.exists():
             shutil.rmtree(path)  # leftovers of a crashed save (no record): start clean
         path.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     return path
 
 
@@ -213,7 +208,7 @@ def _commit(pending: _PendingSave) -> None:
             write_latest(pending.root, pending.iteration)
         if pending.keep_last is not None:
             rotate_checkpoints(pending.root, pending.keep_last)
-    _barrier()
+    barrier()
 
 
 def _stage_on_host(state: Dict[str, Any], everything: bool) -> None:

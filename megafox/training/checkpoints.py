@@ -23,7 +23,7 @@ from megafox.checkpoint.saver import CheckpointSaver, SaveReport
 from megafox.checkpoint.state import layout_signature, saves_by_range, training_state
 from megafox.records import CheckpointRecord, config_mapping
 from megafox.parallel.parallelize import params_gathered
-from megafox.watchdog import watched
+from megafox import watchdog
 
 
 class TrainerCheckpoints:
@@ -50,14 +50,17 @@ class TrainerCheckpoints:
         else:
             self.finish_pending(trainer)
 
-    @watched("save")
     def finish_pending(self, trainer) -> None:
         if self.saver is not None:
-            self._committed(trainer, self.saver.wait())
+            with watchdog.phase("save"):
+                self._committed(trainer, self.saver.wait())
 
-    @watched("save")
     def save(self, trainer, stage_end: bool, wait: bool = True) -> Optional[Path]:
         """Save this iteration; with `wait` (or a synchronous saver) return once it is committed."""
+        with watchdog.phase("save"):  # held to watchdog.save_seconds, not to the step limit
+            return self._save(trainer, stage_end, wait)
+
+    def _save(self, trainer, stage_end: bool, wait: bool) -> Optional[Path]:
         self.finish_pending(trainer)
         cfg = trainer.config
         record = CheckpointRecord(

@@ -16,7 +16,8 @@ from megafox.config import ConfigError, WatchdogConfig, load_train_config
 from megafox.parallel.process_groups import DistEnv, RendezvousFailed, rendezvous_store
 from megafox.runtime.process import EXIT_RENDEZVOUS
 from megafox.training.timers import PhaseTimers, phase
-from megafox.watchdog import Watchdog, watched
+from megafox import watchdog
+from megafox.watchdog import Watchdog
 from tests.support.processes import REPO, clean_env, free_port, run_module
 
 TINY = REPO / "configs" / "train" / "tiny.yaml"
@@ -70,12 +71,9 @@ def test_step_times_exclude_saves_and_evaluations():
         w.step_begins(2)
         assert len(w.step_times) == 1 and w.step_times[0] >= 0.05
 
-        @watched("eval")
-        def evaluate():
+        with watchdog.phase("eval"):
             assert w._phase == "eval"
             time.sleep(0.2)
-
-        evaluate()
         assert w._phase == "step"
         w.step_begins(3)  # the evaluation between steps 2 and 3 is not a step time
         assert len(w.step_times) == 1
@@ -85,7 +83,7 @@ def test_step_times_exclude_saves_and_evaluations():
 
 def test_one_phase_times_the_block_and_holds_it_to_the_watchdog_limit():
     """training.timers.phase(trainer, name, watch=...) drives both: the timers' exclusive seconds
-    under `name` and the watchdog's phase `watch` (the step clock paused, as for @watched)."""
+    under `name` and the watchdog's phase `watch` (the step clock paused, as for watchdog.phase)."""
     class Trainer:
         timers = PhaseTimers()
 
