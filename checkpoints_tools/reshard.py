@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from checkpoints_tools.common import ToolError, parse_iteration, run_cli
-from megafox.checkpoint.reader import DistCheckpoint, EMBEDDING
+from checkpoints_tools.from_hf import model_only_record, save_model_only
+from checkpoints_tools.streams import groups_from_checkpoint
 from checkpoints_tools.output_dir import StagedCheckpoint, refuse_checkpoint_output
+from megafox.checkpoint.reader import EMBEDDING, DistCheckpoint
 from megafox.config import ConfigError, ParallelConfig
 
 
@@ -30,9 +32,6 @@ def needs_rewrite(ckpt: DistCheckpoint, tp: int) -> bool:
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
-    from checkpoints_tools.from_hf import model_only_record, save_model_only
-    from checkpoints_tools.streams import groups_from_checkpoint
-
     p = argparse.ArgumentParser(prog="megafox-ckpt reshard", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--iteration", default="latest")

@@ -23,12 +23,15 @@ import torch
 
 from checkpoints_tools import hf_compare
 from checkpoints_tools.common import EXIT_VERIFY_FAILED, ToolError, parse_dtype, parse_iteration, parse_size, run_cli
+from checkpoints_tools.hf_tokenizer import resolve_model_file, write_hf_tokenizer
 from checkpoints_tools.output_dir import StagedExport
-from megafox.formats.dtypes import dtype_name
 from checkpoints_tools.safetensors_stream import StreamingSafetensorsWriter, is_weights_file
 from checkpoints_tools.streams import groups_from_checkpoint, prefetch
+from data_prep.chat_template import load_chat_template
+from data_prep.common import DataPrepError
 from megafox.checkpoint.layout import describe_checkpoint, holds_checkpoint
 from megafox.checkpoint.reader import DistCheckpoint
+from megafox.formats.dtypes import dtype_name
 from megafox.model.hf_adapter import MCORE_EMBEDDING, hf_plan
 from megafox.model.hf_mapping import hf_config_dict
 
@@ -56,9 +59,6 @@ def chat_template_source(arg: Optional[str], meta: dict) -> Optional[str]:
     """--chat-template (a built-in name or a .jinja file), else the one the checkpoint's SFT data
     was rendered with (recorded by the trainer), else none (a base model)."""
     if arg:
-        from data_prep.chat_template import load_chat_template
-        from data_prep.common import DataPrepError
-
         try:
             return load_chat_template(arg).text
         except DataPrepError as exc:
@@ -70,8 +70,6 @@ def chat_template_source(arg: Optional[str], meta: dict) -> Optional[str]:
 def convert(ckpt: DistCheckpoint, out_dir: Path, dtype: torch.dtype = torch.bfloat16,
             max_shard_bytes: int = 5 * 10**9, tokenizer: Optional[str] = None, progress: bool = True,
             chat_template: Optional[str] = None) -> Dict:
-    from checkpoints_tools.hf_tokenizer import resolve_model_file, write_hf_tokenizer
-
     """Write the export into `out_dir` (a fresh directory: the caller stages it)."""
     ckpt.validate()
     model = ckpt.model

@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import torch
+from megatron.core.transformer.module import Float16Module
 
-from megafox.config import ConfigError, ModelConfig, ParallelConfig
+from megafox.checkpoint.layout import read_metadata
+from megafox.checkpoint.loader import load_model
+from megafox.config import BuildConfig, ConfigError, ModelConfig, ParallelConfig
+from megafox.formats.tokenizer import load_tokenizer
+from megafox.model.build import build_model, uses_bf16
 
 
 @dataclass
@@ -43,8 +48,6 @@ def recorded_tokenizer(meta: Dict[str, Any]) -> Optional[str]:
 
 
 def load_tokenizer_for(meta: Dict[str, Any], override: Optional[str]):
-    from megafox.formats.tokenizer import load_tokenizer
-
     path = override or recorded_tokenizer(meta)
     if path is None:
         raise ConfigError(f"{meta.get('path')}: the checkpoint records no tokenizer; pass --tokenizer "
@@ -55,13 +58,6 @@ def load_tokenizer_for(meta: Dict[str, Any], override: Optional[str]):
 def load_checkpoint_model(root: Union[str, Path], iteration, parallel: ParallelConfig,
                           precision: str = "auto") -> CheckpointModel:
     """Every rank calls this after `init_distributed(parallel)`."""
-    from megatron.core.transformer.module import Float16Module
-
-    from megafox.checkpoint.layout import read_metadata
-    from megafox.checkpoint.loader import load_model
-    from megafox.config import BuildConfig
-    from megafox.model.build import build_model, uses_bf16
-
     meta = read_metadata(root, iteration)
     model = model_config(meta)
     parallel.validate(model)

@@ -17,23 +17,29 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
+from megatron.core import parallel_state as ps
 
 from megafox.checkpoint.errors import CheckpointError
 from megafox.checkpoint.layout import resolve_iteration
-from megafox.config import ConfigError, TrainConfig
-from megafox.records import RunState
 from megafox.checkpoint.run_lock import lock_for_run
+from megafox.config import ConfigError, TrainConfig
+from megafox.parallel.process_groups import init_distributed
+from megafox.records import RunState
 from megafox.runtime.dist import is_rank0
 from megafox.runtime.process import EXIT_OK, EXIT_REQUEUE
 from megafox.training import curriculum
 from megafox.training.callbacks.base import Callback
 from megafox.training.callbacks.checkpointing import CheckpointCallback
+from megafox.training.callbacks.metrics import Metrics
 from megafox.training.callbacks.profiler import ProfilerCallback
 from megafox.training.callbacks.sample_log import SampleLogCallback
 from megafox.training.callbacks.stop import StopCallback
 from megafox.training.callbacks.validation import ValidationCallback
 from megafox.training.checkpoints import TrainerCheckpoints
+from megafox.training.schedule import current_lr
+from megafox.training.stack import build_training_stack
 from megafox.training.stage_inputs import build_stage_data
+from megafox.training.step import train_step
 from megafox.training.timers import PhaseTimers
 from megafox.watchdog import Watchdog, start_watchdog
 
@@ -88,12 +94,6 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from megatron.core import parallel_state as ps
-
-        from megafox.parallel.process_groups import init_distributed
-        from megafox.training.callbacks.metrics import Metrics
-        from megafox.training.stack import build_training_stack
-
         cfg = self.config
         self.stop.install()  # before the slow parts, so an early signal is not lost
         self.watchdog = start_watchdog(cfg)
@@ -151,8 +151,6 @@ class Trainer:
 
     @property
     def lr(self) -> float:
-        from megafox.training.schedule import current_lr
-
         return current_lr(self.scheduler)
 
     # ----------------------------------------------------------------------------------- loop
@@ -205,8 +203,6 @@ class Trainer:
         return [iter(batches) for _ in self.model] if len(self.model) > 1 else iter(batches)
 
     def step(self) -> StepReport:
-        from megafox.training.step import train_step
-
         cfg, stage = self.config, self.stage
         if self.watchdog is not None:
             self.watchdog.step_begins(self.state.iteration + 1)
