@@ -23,9 +23,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch.distributed as dist
 
 from megafox.checkpoint.errors import CheckpointError, NoUsableCheckpoint
-from megafox.checkpoint.layout import iteration_dir, list_checkpoints, resolve_iteration
+from megafox.checkpoint.layout import LATEST_FILE, iteration_dir, list_checkpoints, resolve_iteration
 from megafox.checkpoint.safe_load import read_dcp_metadata, safe_torch_load
-from megafox.records import CheckpointRecord, read_checkpoint_record
+from megafox.records import METADATA_FILE, CheckpointRecord, read_checkpoint_record
 from megafox.runtime.dist import is_rank0
 
 ALGORITHM = "crc32"
@@ -173,10 +173,16 @@ def check_usable(directory: Union[str, Path], files: Optional[Dict[str, Dict[str
 def find_usable_checkpoint(root: Union[str, Path]) -> Tuple[CheckpointRecord, List[str]]:
     """The newest checkpoint under `root` (from `latest` down) whose record reads and whose files
     verify against the digests the save recorded; also the reasons the newer ones were skipped
-    (each one line naming the bad file). Nothing is deleted. Collective when distributed: every
-    rank verifies its share of the files and all get the same answer.
-    Raises NoUsableCheckpoint when none verifies."""
+    (each one line naming the bad file). `root` may also be one iteration directory: that one or
+    none. Nothing is deleted. Collective when distributed: every rank verifies its share of the
+    files and all get the same answer. Raises NoUsableCheckpoint when none verifies."""
     root = Path(root)
+    if not (root / LATEST_FILE).is_file() and (root / METADATA_FILE).is_file():
+        record = read_checkpoint_record(root)
+        problem = check_usable(root, record.files)
+        if problem:
+            raise NoUsableCheckpoint(f"{root}: not usable: {problem}")
+        return record, []
     skipped: List[str] = []
     complete = list(reversed(list_checkpoints(root)))
     try:

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from megafox.checkpoint.errors import CheckpointError, NoUsableCheckpoint
-from megafox.checkpoint.integrity import check_usable, find_usable_checkpoint
-from megafox.checkpoint.layout import LATEST_FILE, read_record
+from megafox.checkpoint.errors import CheckpointError
+from megafox.checkpoint.integrity import find_usable_checkpoint
+from megafox.checkpoint.layout import LATEST_FILE
 from megafox.checkpoint.loader import load_model, load_training_checkpoint
 from megafox.checkpoint.state import layout_signature
 from megafox.config import ConfigError, StageConfig, TrainConfig
-from megafox.records import (METADATA_FILE, CheckpointRecord, StageDone, config_mapping, done_path, flatten,
+from megafox.records import (CheckpointRecord, StageDone, config_mapping, done_path, flatten,
                              read_stage_done, same_value, write_stage_done)
 
 # What fixes the shapes of the model's tensors: a checkpoint cannot continue into another value.
@@ -183,12 +182,6 @@ def resume(trainer) -> None:
 def _usable_checkpoint(trainer, source: str) -> CheckpointRecord:
     """The newest checkpoint of `source` that verifies (its files against the digests its save
     recorded); each newer one that does not is reported in one line and left on disk."""
-    if not (Path(source) / LATEST_FILE).is_file() and (Path(source) / METADATA_FILE).is_file():
-        record = read_record(source)  # pointed at one iteration directory: that one or nothing
-        problem = check_usable(Path(source), record.files)
-        if problem:
-            raise NoUsableCheckpoint(f"{source}: not usable: {problem}")
-        return record
     record, skipped = find_usable_checkpoint(source)
     for reason in skipped:
         trainer.log(f"skipping an unusable checkpoint: {reason}")

@@ -15,6 +15,7 @@ import pytest
 
 from megafox.checkpoint.errors import NoUsableCheckpoint
 from megafox.checkpoint.integrity import find_usable_checkpoint
+from megafox.checkpoint.layout import read_record
 from tests.support.processes import assert_one_line_error
 from tests.training.harness import (faulty_trainer, kill_session, latest, losses, run_stage, track, wait_for_line,
                                     worker_with_rank)
@@ -105,6 +106,16 @@ def test_nothing_usable_names_every_checkpoint(killed, tmp_path):
     with pytest.raises(NoUsableCheckpoint) as err:
         find_usable_checkpoint(root)
     assert "iteration 4:" in str(err.value) and "iteration 2:" in str(err.value)
+
+
+def test_one_iteration_directory_is_that_checkpoint_or_none(killed, tmp_path):
+    """`checkpoint.load: DIR/iter_N` (e.g. another run's stage end): that checkpoint, verified, never
+    a fallback to a sibling."""
+    root = _copy(killed, tmp_path)
+    assert find_usable_checkpoint(root / "iter_0000002") == (read_record(root, 2), [])
+    _flip_byte(root / "iter_0000004" / "__0_1.distcp")
+    with pytest.raises(NoUsableCheckpoint, match=r"iter_0000004: not usable: .*__0_1.distcp: checksum mismatch"):
+        find_usable_checkpoint(root / "iter_0000004")
 
 
 def test_checkpoints_without_digests_are_checked_against_their_index(killed, tmp_path):
