@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 from megafox.checkpoint.errors import CheckpointError
 from megafox.config import ConfigError, ModelConfig, from_dict, load_train_config
 from megafox.runtime.cli import run_main
+from megafox.runtime.fs import atomic_write_bytes
 
 FORMAT = "megafox-dist-v2"
 READABLE_FORMATS = ("megafox-dist-v1", FORMAT)
@@ -138,14 +139,8 @@ class TrackerRuns:
 # files
 
 def write_json_atomic(path: Union[str, Path], text: str) -> None:
-    """Write, fsync, rename: readers see the old file or the new one, never a part of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Readers see the old file or the new one, never a part of one."""
+    atomic_write_bytes(str(path), text.encode())
 
 
 def _load_json(path: Path, what: str) -> Dict[str, Any]:

@@ -11,13 +11,13 @@ Old checkpoints are rotated: the newest `keep_last` plus every stage end are kep
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
 from megafox.checkpoint.errors import CheckpointError
 from megafox.records import METADATA_FILE, CheckpointRecord, read_checkpoint_record
+from megafox.runtime.fs import atomic_write_bytes
 
 LATEST_FILE = "latest"
 
@@ -27,14 +27,8 @@ def iteration_dir(root: Union[str, Path], iteration: int) -> Path:
 
 
 def write_latest(root: Union[str, Path], iteration: int) -> None:
-    """Point `latest` at `iteration` atomically (write a temp file, fsync, rename)."""
-    root = Path(root)
-    tmp = root / f".{LATEST_FILE}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST_FILE)
+    """Point `latest` at `iteration` atomically."""
+    atomic_write_bytes(str(Path(root) / LATEST_FILE), f"{iteration}\n".encode())
 
 
 def resolve_iteration(root: Union[str, Path], iteration: Union[int, str, None] = "latest") -> int:

@@ -50,6 +50,7 @@ from megatron.core.datasets.blended_dataset import BlendedDataset
 from megafox.data.blend import DataError
 from megafox.data.index_cache import open_npy
 from megafox.formats.indexed import HEADER_BYTES, sequence_count
+from megafox.runtime.fs import atomic_write_bytes
 
 FORMAT = "megafox.documents_read"
 VERSION = 1
@@ -236,12 +237,7 @@ def save_document_set(docs: DocumentSet, directory: Union[str, Path]) -> Documen
         prefixes[prefix] = {"file": name, "num_documents": int(e.num_documents), "read": e.count, "idx": e.idx}
     stage = docs.stages[-1]["stage"] if docs.stages else None
     record = {"format": FORMAT, "version": VERSION, "stage": stage, "stages": docs.stages, "prefixes": prefixes}
-    tmp = os.path.join(directory, f".{RECORD_FILE}.{token}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, RECORD_FILE))
+    atomic_write_bytes(os.path.join(directory, RECORD_FILE), json.dumps(record, indent=1).encode())
     keep = {p["file"] for p in prefixes.values()} | {RECORD_FILE}
     for name in os.listdir(directory):  # the replaced record's bitmaps, and leftovers of killed writes
         if name not in keep and (name.endswith(".bits.npy") or name.endswith(".tmp")):

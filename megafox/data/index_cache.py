@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from megafox.data.blend import DataError
+from megafox.runtime.fs import atomic_write_bytes
 
 from megatron.core.datasets import blended_dataset
 from megatron.core.datasets.blended_dataset import BlendedDataset
@@ -260,10 +261,7 @@ T = TypeVar("T")
 
 
 def _write_flag(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 class _Heartbeat:
