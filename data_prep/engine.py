@@ -102,7 +102,7 @@ def _pool_worker_init(spill_dir: str, init: Callable, *args) -> None:
     held SIGTERM would never stop, leaving the parent waiting for it forever on a failed run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # SIGINT: held by the fork
     _SPILL.update(dir=spill_dir, n=0)
     init(*args)
 
@@ -572,8 +572,14 @@ class Run:
                 spill_dir = _spill_dir(opts.output_prefix)
             except OSError as e:
                 raise DataPrepError(f"{e.filename or opts.output_prefix + '.shards'}: {os_error_reason(e)}") from None
-            pool = ctx.Pool(nworkers, initializer=_pool_worker_init,
-                            initargs=(spill_dir, codec.init) + codec.init_args)
+            # Ctrl-C held while the workers fork: one arriving before a worker's initializer ignores it
+            # would print that worker's KeyboardInterrupt traceback; the parent gets it once unblocked
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                pool = ctx.Pool(nworkers, initializer=_pool_worker_init,
+                                initargs=(spill_dir, codec.init) + codec.init_args)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         else:
             codec.init(*codec.init_args)
 
