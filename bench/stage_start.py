@@ -121,6 +121,9 @@ def prepare(root: Path, size: float) -> dict:
 
 
 # ------------------------------------------------------------------------------- the measured calls
+MOVED_SINCE = {"megafox.data.tokenizer": "megafox.formats.tokenizer"}  # module -> where it lives now
+
+
 def _before_module(root: Path):
     """megafox/data/stage_data.py as it was before the documents-read record (from git history)."""
     import importlib.util
@@ -129,6 +132,8 @@ def _before_module(root: Path):
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     source = subprocess.run(["git", "show", f"{added[-1]}^:megafox/data/stage_data.py"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout
+    for moved, home in MOVED_SINCE.items():  # its imports, at today's paths
+        source = source.replace(f"from {moved} import", f"from {home} import")
     path = root / "stage_data_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("stage_data_before", path)
