@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from tests.data_prep.dp_helpers import lock_held_elsewhere, pp, same_files, write_jsonl, write_jsonl_gz
-from tests.support.processes import REPO, clean_env, python_command, run_command
+from tests.support.processes import REPO, clean_env, ctrl_c_reaches_it, python_command, run_command
 
 
 def _files(tmp_path, corpus, n=6):
@@ -263,6 +263,11 @@ def test_merge_refuses_while_another_writer_holds_the_lock(tmp_path, corpus, tok
     assert same_files(tmp_path / "ref", out) and _leftovers(out.parent) == []
 
 
+def _as_under_a_launcher() -> None:
+    ctrl_c_reaches_it()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
 def _interrupt_when_a_shard_is_done(cmd, shard_dir):
     """Start cmd in a session of its own and Ctrl-C it (SIGINT to the whole process group, as a
     terminal does) once the first shard is finished and more remain."""
@@ -270,7 +275,7 @@ def _interrupt_when_a_shard_is_done(cmd, shard_dir):
     # inherit the mask and must still stop when the interrupted parent terminates them
     p = subprocess.Popen(cmd, env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True,
-                         preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
+                         preexec_fn=_as_under_a_launcher)
     deadline = time.time() + 120
     while p.poll() is None and time.time() < deadline:
         if os.path.isdir(shard_dir) and any(f.endswith(".json") for f in os.listdir(shard_dir)):

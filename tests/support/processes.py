@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,13 @@ from megafox.runtime.dist import free_port  # noqa: F401  (re-exported for the t
 REPO = Path(__file__).resolve().parents[2]
 # set by torchrun in a multi-rank test body; a command started from there is not one of its ranks
 _RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def ctrl_c_reaches_it() -> None:
+    """preexec_fn for a command a test will Ctrl-C: SIGINT back to its default, as a terminal starts
+    a program. A test runner started in the background of a shell script ignores SIGINT, every
+    child inherits that, and a shell script can never trap a signal it was started ignoring."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def clean_env(**extra) -> Dict[str, str]:

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from tests.support.processes import REPO, free_port
+from tests.support.processes import REPO, ctrl_c_reaches_it, free_port
 
 LOCAL_SH = REPO / "launch" / "local.sh"
 
@@ -49,7 +49,7 @@ def run_stage(stage: str, root: Path, data: Path, nproc: int = 2, overrides: Lis
     cmd = ["bash", str(LOCAL_SH), stage]
     if popen:
         return subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True, preexec_fn=ctrl_c_reaches_it)
     # Output goes to a file, not a pipe: after a crash or kill -9, the checkpoint writer's helper
     # processes outlive the ranks and would hold a pipe open.
     with tempfile.TemporaryFile("w+") as log:
