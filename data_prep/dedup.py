@@ -207,7 +207,7 @@ _S: Dict[str, object] = {}
 def _sig_init(settings: dict, index_path: Optional[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pool (see preprocess)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _sig_setup(settings, index_path)
 
 
@@ -536,7 +536,7 @@ def _digest(obj) -> str:
 def _plain_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _merge_unit(job) -> str:
@@ -606,7 +606,11 @@ def _run_pool(fn, jobs: list, workers: int, init, init_args: tuple) -> list:
             _sig_setup(*init_args)
         return [fn(j) for j in jobs]
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    pool = ctx.Pool(workers, initializer=init, initargs=init_args)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # as the engine: no Ctrl-C mid-fork
+    try:
+        pool = ctx.Pool(workers, initializer=init, initargs=init_args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     try:
         out = list(pool.imap_unordered(fn, jobs))
     except BaseException:
