@@ -20,6 +20,7 @@ import sys
 import tempfile
 from typing import Dict, Iterator, List, Sequence, Tuple
 
+from megafox.formats import FormatError
 from megafox.runtime import cli as runtime_cli
 from megafox.runtime.fs import unlink_quiet
 
@@ -271,10 +272,10 @@ INTERRUPTED = "interrupted; rerun to continue: finished shards are kept"
 
 def run_main(fn, argv=None, interrupted: str = INTERRUPTED) -> int:
     """Run a data_prep CLI body under megafox's one CLI error contract: DataPrepError, or an OSError
-    that escaped (disk full, permissions), -> one line on stderr and exit status 2; Ctrl-C -> one
-    line and 130. Writers only ever put complete files under final names, so either way nothing is
+    that escaped (disk full, permissions), or a FormatError of the files it reads (megafox.formats) ->
+    one line on stderr and exit status 2; Ctrl-C -> one line and 130. Writers only ever put complete files under final names, so either way nothing is
     half-written."""
-    return runtime_cli.run_main(fn, argv, errors=DataPrepError, interrupted=interrupted)
+    return runtime_cli.run_main(fn, argv, errors=(DataPrepError, FormatError), interrupted=interrupted)
 
 
 def command_parser(module: str, doc: str) -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ from typing import List, Sequence
 import numpy as np
 
 from .common import DataPrepError, os_error_reason, output_lock, tmp_name
-from megafox.formats import FormatError
 from megafox.formats.dtypes import dtype_name
 from megafox.formats.indexed import optimal_dtype, read_idx, write_idx
 
@@ -65,8 +64,6 @@ def _merge(prefixes: Sequence[str], out_prefix: str, dtype) -> dict:
         where = e.filename if e.filename and e.filename not in (bin_tmp, idx_tmp) else writing
         raise DataPrepError(f"{where}: {os_error_reason(e)} while merging into {out_prefix}.bin/.idx "
                             "(nothing was replaced; rerun to retry)") from None
-    except FormatError as e:
-        raise DataPrepError(str(e)) from None
     finally:
         for t in (bin_tmp, idx_tmp):
             if os.path.exists(t):

@@ -59,7 +59,6 @@ from .chat_template import ChatTemplate, check_template, load_chat_template
 from .common import DataPrepError, cli_main, command_parser, expand_inputs, read_json
 from .engine import RunOptions, add_engine_arguments, add_run_arguments, run_options
 from .tokenizer import load_tokenizer
-from megafox.formats import FormatError
 from megafox.formats.indexed import mask_prefix, read_idx
 
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -152,10 +151,7 @@ def show(prefix: str, tokenizer: Optional[str], index: int = 0, out=None) -> Non
     for p in (prefix, mask_prefix(prefix)):
         if not (os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx")):
             raise DataPrepError(f"{p}.bin/.idx: not found")
-        try:
-            dt, lengths, _ = read_idx(p + ".idx")
-        except FormatError as e:
-            raise DataPrepError(str(e)) from None
+        dt, lengths, _ = read_idx(p + ".idx")
         if not 0 <= index < len(lengths):
             raise DataPrepError(f"--index {index}: {prefix} holds {len(lengths)} conversations")
         start = int(lengths[:index].astype(np.int64).sum())

@@ -7,7 +7,7 @@ import signal
 
 from tests.data_prep.dp_helpers import pp, same_files, write_jsonl
 from tests.support.indexed import read_indexed
-from tests.support.processes import assert_one_line_error
+from tests.support.processes import assert_one_line_error, run_module
 from tests.support.tokenizers import encode_documents
 
 
@@ -238,3 +238,14 @@ def test_disk_full_mid_shard_or_mid_merge_keeps_everything(tmp_path, corpus, tok
     assert "4 of 4 shards already complete" in r.stderr
     assert same_files(tmp_path / "ref", out)
     assert not [f for f in os.listdir(out.parent) if ".tmp" in f or f.endswith(".lock")]
+
+
+def test_a_corrupt_index_is_one_line_naming_it(tmp_path):
+    """A FormatError from the one .idx reader (megafox/formats) reaches the user as data_prep's
+    other bad input does: one line naming the file, exit status 2."""
+    for name in ("chat", "chat.mask"):
+        (tmp_path / f"{name}.idx").write_bytes(b"not an index at all")
+        (tmp_path / f"{name}.bin").write_bytes(b"")
+    r = run_module("data_prep.sft", "--show", str(tmp_path / "chat"), "--tokenizer", str(tmp_path / "none.model"),
+                   check=False)
+    assert_one_line_error(r, f"{tmp_path / 'chat.idx'} is not a readable Megatron index")
